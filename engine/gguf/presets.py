@@ -1,0 +1,92 @@
+"""Named random-weight models with real shapes, written once as real GGUF files.
+
+A preset is built on first use into the user cache (``$KVBENCH_CACHE`` or the platform cache
+dir), under a name that includes a hash of its recipe, so changing a recipe builds a new file
+and the same recipe always gives the same bytes. It is then loaded through the same reader as
+any user model. ``llama-7b`` is shape-only: full metadata and tokenizer, no tensors (like
+llama.cpp's vocab-only files), for memory-only runs that never materialise 13 GB of weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from platformdirs import user_cache_dir
+
+from engine.errors import ConfigError
+from engine.gguf.vocab import bpe_vocab, spm_vocab
+from engine.gguf.writer import ModelShape, hf_to_gguf_tensors, random_hf_weights, write_gguf
+
+RECIPE_VERSION = 1  # bump when the writer or vocab recipe changes what a preset's bytes are
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    shape: ModelShape
+    tokenizer: str  # "llama" (SentencePiece) or "gpt2" (byte-level BPE)
+    seed: int = 0
+    shape_only: bool = False
+    description: str = ""
+
+    def recipe_hash(self) -> str:
+        blob = json.dumps([RECIPE_VERSION, asdict(self)], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+_TINY = dict(n_embd=256, n_layer=4, n_head=8, n_head_kv=2, n_ff=688, n_vocab=1000)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("llama-tiny", ModelShape("llama", n_ctx=2048, **_TINY), "llama", seed=1,
+               description="default; 3.3M params, GQA 8/2, seconds to build"),
+        Preset("llama-small", ModelShape("llama", n_vocab=8000, n_embd=1024, n_layer=8, n_head=16, n_head_kv=4,
+                                         n_ff=2816, n_ctx=4096), "llama", seed=2,
+               description="106.6M params; speed and seed-claims runs"),
+        Preset("qwen2-tiny", ModelShape("qwen2", n_ctx=2048, rope_theta=1_000_000.0, rms_eps=1e-6, tied=True,
+                                        attn_bias=True, **_TINY), "gpt2", seed=3,
+               description="qwen2: q/k/v biases, NEOX rope, tied embeddings, byte-level BPE"),
+        Preset("mistral-swa-tiny", ModelShape("llama", n_ctx=2048, n_swa=64, **_TINY), "llama", seed=4,
+               description="mistral-style sliding-window attention, window 64"),
+        Preset("llama-7b", ModelShape("llama", n_vocab=32000, n_embd=4096, n_layer=32, n_head=32, n_head_kv=32,
+                                      n_ff=11008, n_ctx=4096), "llama", seed=5, shape_only=True,
+               description="LLaMA-7B shape, no weights: memory-only runs"),
+    ]
+}
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("KVBENCH_CACHE")
+    return Path(env) if env else Path(user_cache_dir("kvbench"))
+
+
+def preset_path(name: str) -> Path:
+    p = get_preset(name)
+    return cache_dir() / "presets" / f"{name}-{p.recipe_hash()}.gguf"
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def build_preset(p: Preset, path: str | os.PathLike, file_type: str = "f32") -> Path:
+    """Write preset p to path (deterministic: same recipe, same bytes)."""
+    s = p.shape
+    vocab = spm_vocab(s.n_vocab, p.seed) if p.tokenizer == "llama" else bpe_vocab(s.n_vocab, p.seed)
+    tensors = None if p.shape_only else hf_to_gguf_tensors(s, random_hf_weights(s, p.seed))
+    return write_gguf(path, s, tensors, vocab, name=p.name, file_type=file_type)
+
+
+def ensure_preset(name: str) -> Path:
+    """Path of the preset's GGUF, building it first if the cache does not hold it yet."""
+    path = preset_path(name)
+    if not path.exists():
+        build_preset(get_preset(name), path)
+    return path

@@ -1,0 +1,99 @@
+"""The engine's public factory: a model name or path in, a ready model, memory and engine out.
+
+The harness and the CLI build everything through here, so a sweep point and a
+``kvbench generate`` run construct exactly the same objects.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from engine.errors import ConfigError, DeviceError
+from engine.gguf.reader import GGUFFile, open_gguf
+from engine.memory.kv_cache import KVCache
+from engine.model.config import ModelConfig
+from engine.model.llama import Transformer
+from engine.runtime.engine import Engine
+from engine.tokenizer import GGUFTokenizer
+
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device {device!r}: CUDA is not available to this torch ({torch.__version__}); "
+                "install a CUDA build of torch or use --device cpu"
+            )
+        return torch.device(device)
+    raise ConfigError(f"device {device!r}: expected cpu or cuda[:N]")
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A preset name (built into the cache on first use) or a path to a .gguf file."""
+    from engine.gguf import presets
+
+    name = str(model)
+    if name in presets.PRESETS:
+        return presets.ensure_preset(name)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"model {name!r}: no such file and not a preset; presets: {', '.join(presets.PRESETS)}"
+        )
+    return path
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    file: GGUFFile
+    config: ModelConfig
+    model: Transformer
+    device: torch.device
+    dtype: torch.dtype
+
+    @cached_property
+    def tokenizer(self) -> GGUFTokenizer:
+        return GGUFTokenizer(self.file.tokenizer_metadata(), str(self.path))
+
+    def weight_bytes(self) -> int:
+        seen, n = set(), 0
+        for p in self.model.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                n += p.numel() * p.element_size()
+        return n
+
+
+def load_model(model: str | os.PathLike, device: str = "cpu", dtype: str = "f32", mmap: bool = False) -> LoadedModel:
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    dev = resolve_device(device)
+    path = resolve_model_path(model)
+    f = open_gguf(path)
+    cfg = f.config()
+    weights = f.load_weights(cfg, DTYPES[dtype], mmap=mmap)
+    net = Transformer.from_weights(cfg, weights, dev)
+    return LoadedModel(path, f, cfg, net, dev, DTYPES[dtype])
+
+
+def create_memory(lm: LoadedModel, cache_size: int | None = None, n_seq_max: int = 1, cache_dtype: str = "f32") -> KVCache:
+    size = cache_size if cache_size is not None else lm.config.n_ctx_train
+    if size <= 0:
+        raise ConfigError(f"cache size must be positive (got {size})")
+    if n_seq_max <= 0:
+        raise ConfigError(f"n_seq_max must be positive (got {n_seq_max})")
+    return KVCache(lm.config, size, n_seq_max, DTYPES[cache_dtype], lm.device, rope=lm.model.rope)
+
+
+def create_engine(lm: LoadedModel, memory: KVCache, n_ubatch: int = 512) -> Engine:
+    return Engine(lm.model, memory, n_ubatch)

@@ -1,0 +1,81 @@
+"""The Memory protocol: what the engine asks of KV caches and recurrent state (llama_memory_i).
+
+Contract, as in llama.cpp:
+- Position ranges are half-open ``[p0, p1)``; a negative p0 means 0, a negative p1 means +inf.
+- ``init_batch`` splits a batch into ubatches and reserves room for all of them as a dry run.
+  It either returns a context with status SUCCESS, or FAILED_PREPARE with the memory unchanged.
+  Each ubatch is committed by ``ctx.apply()`` just before its forward pass.
+- ``seq_rm`` returns False when the memory cannot remove that range (recurrent memory refuses
+  partial removals); nothing is changed then.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass
+from typing import BinaryIO, Protocol, runtime_checkable
+
+import torch
+
+from engine.model.layers import AttnInput
+from engine.runtime.batch import Batch, UBatch
+
+
+class MemoryStatus(enum.Enum):
+    SUCCESS = "success"
+    NO_UPDATE = "no_update"
+    FAILED_PREPARE = "failed_prepare"  # no room: nothing was changed
+    FAILED_COMPUTE = "failed_compute"
+
+
+@dataclass
+class MemoryStats:
+    """A snapshot of memory state; every field is read from live bookkeeping, never estimated."""
+
+    reserved_bytes: int  # bytes the store holds from its allocator (all tiers)
+    live_bytes: int  # bytes of the tokens currently held (used cells x bytes per cell)
+    n_cells: int  # capacity in cells (tokens); for paged: n_blocks * block_size
+    used_cells: int  # cells holding at least one sequence's token
+    n_kv: int  # cells attention spans in the next step: [0, n_kv)
+    free_cells: int
+    largest_free_run: int  # longest run of consecutive free cells
+    n_seqs: int  # sequences with at least one cell
+    alloc_calls: int  # storage allocations since creation (torch or system)
+    alloc_calls_last_step: int  # storage allocations during the last committed ubatch
+    preemptions: int = 0  # filled in by the scheduler
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class MemoryContext(Protocol):
+    """Per-batch view handed to the model: where this ubatch's K/V go and what it attends to."""
+
+    status: MemoryStatus
+    ubatch: UBatch
+
+    def apply(self) -> None: ...
+    def next(self) -> bool: ...
+    def store(self, il: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+    def attn_inputs(self, il: int) -> list[AttnInput]: ...
+
+
+@runtime_checkable
+class Memory(Protocol):
+    def init_batch(self, batch: Batch, n_ubatch: int) -> MemoryContext: ...
+    def clear(self, data: bool = True) -> None: ...
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool: ...
+    def seq_cp(self, seq_src: int, seq_dst: int, p0: int = -1, p1: int = -1) -> None: ...
+    def seq_keep(self, seq_id: int) -> None: ...
+    def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None: ...
+    def seq_pos_min(self, seq_id: int) -> int: ...
+    def seq_pos_max(self, seq_id: int) -> int: ...
+    def state_write(self, f: BinaryIO, seq_id: int | None = None) -> None: ...
+    def state_read(self, f: BinaryIO, seq_id: int | None = None) -> None: ...
+    def memory_breakdown(self) -> dict[str, int]: ...
+    def stats(self) -> MemoryStats: ...
+
+
+def norm_range(p0: int, p1: int) -> tuple[int, int]:
+    """llama.cpp's convention: p0 < 0 -> 0, p1 < 0 -> +inf."""
+    return (0 if p0 < 0 else p0), (2**62 if p1 < 0 else p1)

@@ -1,0 +1,111 @@
+"""ModelConfig: the typed view of a model's hyper-parameters, read from GGUF metadata.
+
+Names follow llama.cpp's ``llama_hparams`` (n_embd, n_head_kv, n_rot, n_swa ...), so a reader
+of both code bases sees the same words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.errors import ModelFileError
+
+ROPE_NORM = "norm"  # rotate adjacent pairs (x[2i], x[2i+1]); llama.cpp's default, Q/K rows permuted
+ROPE_NEOX = "neox"  # rotate halves (x[i], x[i + n_rot/2]); GPT-NeoX / HF rotate_half layout
+
+
+# ModelConfig field -> GGUF metadata key (after "{arch}."), so errors name what a user can see.
+GGUF_KEYS = {
+    "n_vocab": "vocab_size", "n_embd": "embedding_length", "n_layer": "block_count",
+    "n_head": "attention.head_count", "n_head_kv": "attention.head_count_kv", "n_ff": "feed_forward_length",
+    "n_embd_head_k": "attention.key_length", "n_rot": "rope.dimension_count",
+}
+
+
+@dataclass
+class ModelConfig:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_ctx_train: int = 2048
+    n_embd_head_k: int = 0  # 0: n_embd // n_head
+    n_embd_head_v: int = 0  # 0: n_embd_head_k
+    n_rot: int = 0  # rotary dims; 0: n_embd_head_k
+    rope_type: str = ROPE_NORM
+    rope_freq_base: float = 10000.0
+    rope_freq_scale: float = 1.0  # linear scaling: theta = pos * freq_scale * base^(-2i/n_rot)
+    rms_eps: float = 1e-5
+    n_swa: int = 0  # sliding window in tokens; 0 = full attention on every layer
+    swa_layers: tuple[bool, ...] = ()  # per layer: does the window apply (derived when empty)
+    attn_bias: bool = False  # q/k/v projections carry biases (qwen2)
+    tied_output: bool = False  # no output.weight: logits use token_embd
+    name: str = ""
+    bos_id: int | None = None
+    eos_id: int | None = None
+    weights_present: bool = True  # False for shape-only files (e.g. the llama-7b preset)
+
+    # derived
+    n_gqa: int = field(init=False)
+    n_embd_k_gqa: int = field(init=False)
+    n_embd_v_gqa: int = field(init=False)
+
+    def _k(self, field_name: str) -> str:
+        """'n_head 8 (llama.attention.head_count)': the value and the key it came from."""
+        key = GGUF_KEYS.get(field_name)
+        v = getattr(self, field_name)
+        return f"{field_name} {v} ({self.arch}.{key})" if key else f"{field_name} {v}"
+
+    def __post_init__(self) -> None:
+        for key in ("n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "n_ff"):
+            if getattr(self, key) <= 0:
+                raise ModelFileError(f"model config: {self._k(key)} must be positive")
+        if self.n_embd_head_k == 0:
+            if self.n_embd % self.n_head:
+                raise ModelFileError(
+                    f"model config: {self._k('n_embd')} is not divisible by {self._k('n_head')}; "
+                    f"the file must set {self.arch}.attention.key_length"
+                )
+            self.n_embd_head_k = self.n_embd // self.n_head
+        if self.n_embd_head_v == 0:
+            self.n_embd_head_v = self.n_embd_head_k
+        if self.n_rot == 0:
+            self.n_rot = self.n_embd_head_k
+        if self.n_head % self.n_head_kv:
+            raise ModelFileError(f"model config: {self._k('n_head')} is not a multiple of {self._k('n_head_kv')}")
+        if self.n_rot > self.n_embd_head_k or self.n_rot % 2:
+            raise ModelFileError(
+                f"model config: {self._k('n_rot')} must be even and at most the head size {self.n_embd_head_k}"
+            )
+        if self.rope_type not in (ROPE_NORM, ROPE_NEOX):
+            raise ModelFileError(f"model config: unknown rope type {self.rope_type!r}")
+        if not self.swa_layers:
+            self.swa_layers = tuple(self.n_swa > 0 for _ in range(self.n_layer))
+        if len(self.swa_layers) != self.n_layer:
+            raise ModelFileError(
+                f"model config: swa_layers has {len(self.swa_layers)} entries for {self.n_layer} layers"
+            )
+        self.n_gqa = self.n_head // self.n_head_kv
+        self.n_embd_k_gqa = self.n_embd_head_k * self.n_head_kv
+        self.n_embd_v_gqa = self.n_embd_head_v * self.n_head_kv
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count implied by the shapes (what the weights would hold)."""
+        attn = self.n_embd * (self.n_embd_head_k * self.n_head) + 2 * self.n_embd * self.n_embd_k_gqa
+        attn += self.n_embd_head_v * self.n_head * self.n_embd
+        if self.attn_bias:
+            attn += self.n_embd_head_k * self.n_head + self.n_embd_k_gqa + self.n_embd_v_gqa
+        ffn = 3 * self.n_embd * self.n_ff
+        norms = 2 * self.n_embd
+        per_layer = attn + ffn + norms
+        emb = self.n_vocab * self.n_embd
+        out = 0 if self.tied_output else self.n_vocab * self.n_embd
+        return self.n_layer * per_layer + emb + out + self.n_embd
+
+    def kv_bytes_per_token(self, bytes_per_k: float = 4.0, bytes_per_v: float = 4.0) -> float:
+        """Bytes one token occupies in the KV cache over all layers, for a given element size."""
+        return self.n_layer * (self.n_embd_k_gqa * bytes_per_k + self.n_embd_v_gqa * bytes_per_v)

@@ -1,0 +1,99 @@
+"""LLaMA-family transformer (llama, mistral-style SWA, qwen2) over a pluggable memory.
+
+The forward takes a ubatch of tokens that may mix sequences and positions; which cached
+keys and values each token sees is the memory's business (``mctx``), so the same code runs
+over a pooled cell cache, paged blocks or per-sequence tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.model.config import ModelConfig
+from engine.model.layers import FeedForward, Linear, RMSNorm, Rope, attend, linear
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, il: int) -> None:
+        super().__init__()
+        self.il = il
+        self.n_head, self.n_head_kv = cfg.n_head, cfg.n_head_kv
+        self.d_k, self.d_v = cfg.n_embd_head_k, cfg.n_embd_head_v
+        self.sizes = [self.n_head * self.d_k, self.n_head_kv * self.d_k, self.n_head_kv * self.d_v]
+        # q, k and v fused: one matmul (one pass over the weights) per layer.
+        self.wqkv = Linear(cfg.n_embd, sum(self.sizes), bias=cfg.attn_bias)
+        self.wo = Linear(self.n_head * self.d_v, cfg.n_embd)
+        self.scale = self.d_k**-0.5
+
+    def forward(self, x: torch.Tensor, rope: Rope, cs, mctx) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.wqkv(x).split(self.sizes, dim=-1)
+        q = rope.apply(q.view(T, self.n_head, self.d_k), cs)  # (T, n_head, d_k)
+        k = rope.apply(k.view(T, self.n_head_kv, self.d_k), cs)  # (T, n_head_kv, d_k)
+        v = v.view(T, self.n_head_kv, self.d_v)
+        mctx.store(self.il, k, v)
+        groups = mctx.attn_inputs(self.il)
+        if len(groups) == 1 and groups[0].rows is None:
+            y = attend(q, groups[0], self.scale)
+        else:
+            y = q.new_empty(T, self.n_head * self.d_v)
+            for g in groups:
+                y[g.rows] = attend(q[g.rows], g, self.scale)
+        return self.wo(y)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, il: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.n_embd, cfg.rms_eps)
+        self.attention = Attention(cfg, il)
+        self.ffn_norm = RMSNorm(cfg.n_embd, cfg.rms_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, rope, cs, mctx):
+        h = x + self.attention(self.attention_norm(x), rope, cs, mctx)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.n_vocab, cfg.n_embd)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, il) for il in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.rms_eps)
+        self.output = None if cfg.tied_output else Linear(cfg.n_embd, cfg.n_vocab)
+        self.rope = Rope(cfg)
+
+    def forward(self, token: torch.Tensor, pos: torch.Tensor, mctx, out_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """token, pos: (T,) -> logits (n_out, n_vocab) float32 for ``out_rows`` (default all)."""
+        x = self.tok_embeddings(token)  # (T, n_embd)
+        cs = self.rope.angles(pos, x.dtype)
+        for layer in self.layers:
+            x = layer(x, self.rope, cs, mctx)
+        if out_rows is not None:
+            x = x[out_rows]
+        x = self.norm(x)
+        w = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return linear(x, w).float()
+
+    @classmethod
+    def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> Transformer:
+        """Build from kvbench-named parameters (engine.gguf.keymap); fuses q, k and v."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        sd = dict(weights)
+        for il in range(cfg.n_layer):
+            a, f = f"layers.{il}.attention.", f"layers.{il}.feed_forward."
+            sd[a + "wqkv.weight"] = torch.cat([sd.pop(a + n + ".weight") for n in ("wq", "wk", "wv")])
+            if cfg.attn_bias:
+                sd[a + "wqkv.bias"] = torch.cat([sd.pop(a + n + ".bias") for n in ("wq", "wk", "wv")])
+        freq_factors = sd.pop("rope_freqs", None)
+        model.load_state_dict(sd, strict=True, assign=True)
+        model.rope = Rope(cfg)
+        if freq_factors is not None:
+            model.rope.set_freq_factors(freq_factors)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.to(device).eval()

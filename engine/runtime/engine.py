@@ -1,0 +1,176 @@
+"""The decode loop: batches in, logits out, memory in between (llama_decode), and generation.
+
+``decode`` is the one entry point to the model: it asks the memory for room (a dry run over
+all ubatches), then commits and runs one ubatch at a time. ``prefill`` and ``decode_step``
+build the two kinds of batches generation needs; ``generate`` is the whole loop with
+sampling and timing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.errors import ConfigError, MemoryFullError
+from engine.memory.base import Memory, MemoryStatus
+from engine.runtime.batch import Batch
+from engine.runtime.sampling import Sampler, SamplingParams
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class GenerateResult:
+    prompts: list[list[int]]
+    tokens: list[list[int]]  # generated ids per sequence (the first one comes from prefill)
+    n_prefill_tokens: int
+    n_decode_tokens: int  # tokens fed through decode steps
+    prefill_s: float
+    decode_s: float
+    step_s: list[float] = field(default_factory=list)  # wall time of every decode step
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.n_prefill_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tps(self) -> float:
+        return self.n_decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, memory: Memory, n_ubatch: int = 512) -> None:
+        if n_ubatch <= 0:
+            raise ConfigError(f"n_ubatch must be positive (got {n_ubatch})")
+        self.model = model
+        self.memory = memory
+        self.n_ubatch = n_ubatch
+        self.device = next(model.parameters()).device
+
+    # -- llama_decode --------------------------------------------------------------------------
+    def _check_batch(self, batch: Batch) -> None:
+        """Token ids in the vocabulary; each sequence continues at seq_pos_max + 1, without gaps."""
+        n_vocab = self.model.config.n_vocab
+        bad = [t for t in batch.token if not 0 <= t < n_vocab]
+        if bad:
+            raise ConfigError(f"batch: token id {bad[0]} is outside the vocabulary [0, {n_vocab})")
+        seen: dict[int, int] = {}
+        for p, s in zip(batch.pos, batch.seq_id):
+            want = seen.get(s)
+            if want is None:
+                want = self.memory.seq_pos_max(s) + 1
+            if p != want:
+                raise ConfigError(
+                    f"batch: sequence {s} has a token at position {p} where {want} was expected; "
+                    "positions must continue the sequence without gaps"
+                )
+            seen[s] = p + 1
+
+    @torch.inference_mode()
+    def decode(self, batch: Batch) -> torch.Tensor:
+        """Run a batch; returns float32 logits (n_outputs, n_vocab) in batch order."""
+        if len(batch) == 0:
+            raise ConfigError("batch: empty batch")
+        self._check_batch(batch)
+        mctx = self.memory.init_batch(batch, self.n_ubatch)
+        if mctx.status is not MemoryStatus.SUCCESS:
+            st = self.memory.stats()
+            raise MemoryFullError(
+                f"memory full: no room for a batch of {len(batch)} tokens "
+                f"({st.used_cells}/{st.n_cells} cells used); raise the cache size or run fewer sequences"
+            )
+        outs = []
+        while True:
+            mctx.apply()
+            ub = mctx.ubatch
+            if ub.n_out:
+                outs.append(self.model(ub.token, ub.pos, mctx, ub.out_rows))
+            else:
+                self.model(ub.token, ub.pos, mctx, ub.token[:0])
+            if not mctx.next():
+                break
+        return torch.cat(outs) if outs else torch.empty(0)
+
+    # -- generation ----------------------------------------------------------------------------
+    def prefill(self, prompts: dict[int, list[int]]) -> torch.Tensor:
+        """Prompts (seq_id -> tokens) in one batch; logits of each prompt's last token, in dict order."""
+        batch = Batch()
+        for s, toks in prompts.items():
+            batch.add_sequence(toks, s, pos0=self.memory.seq_pos_max(s) + 1)
+        return self.decode(batch)
+
+    def decode_step(self, tokens: dict[int, int]) -> torch.Tensor:
+        """One token per sequence (seq_id -> token); (n_seqs, n_vocab) logits in dict order."""
+        batch = Batch()
+        for s, t in tokens.items():
+            batch.add(t, self.memory.seq_pos_max(s) + 1, s, output=True)
+        return self.decode(batch)
+
+    def warmup(self, n_tokens: int = 8) -> None:
+        """One short prefill and decode step on a scratch sequence, then memory cleared."""
+        n_tokens = max(1, min(n_tokens, self.memory.stats().n_cells - 1))
+        self.prefill({0: [0] * n_tokens})
+        self.decode_step({0: 0})
+        self.memory.clear()
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n_predict: int,
+        sampling: SamplingParams = SamplingParams(),
+        eos_id: int | None = None,
+    ) -> GenerateResult:
+        """Generate up to n_predict tokens for each prompt (sequence i = prompt i), decoded together."""
+        if n_predict <= 0:
+            raise ConfigError(f"n_predict must be positive (got {n_predict})")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ConfigError("generate: every prompt needs at least one token")
+        samplers = [Sampler(sampling, seed_offset=i) for i in range(len(prompts))]
+        history = [list(p) for p in prompts]
+        out: list[list[int]] = [[] for _ in prompts]
+
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        logits = self.prefill({s: p for s, p in enumerate(prompts)})
+        synchronize(self.device)
+        prefill_s = time.perf_counter() - t0
+
+        active = {}
+        for s, row in enumerate(logits):
+            tok = samplers[s](row, history[s])
+            out[s].append(tok)
+            history[s].append(tok)
+            if len(out[s]) < n_predict and tok != eos_id:
+                active[s] = tok
+        n_decode, steps = 0, []
+        t_dec = time.perf_counter()
+        while active:
+            t_step = time.perf_counter()
+            logits = self.decode_step(active)
+            n_decode += len(active)
+            nxt = {}
+            for (s, _), row in zip(active.items(), logits):
+                tok = samplers[s](row, history[s])
+                out[s].append(tok)
+                history[s].append(tok)
+                if len(out[s]) < n_predict and tok != eos_id:
+                    nxt[s] = tok
+            active = nxt
+            synchronize(self.device)
+            steps.append(time.perf_counter() - t_step)
+        decode_s = time.perf_counter() - t_dec
+        return GenerateResult(
+            prompts=[list(p) for p in prompts],
+            tokens=out,
+            n_prefill_tokens=int(np.sum([len(p) for p in prompts])),
+            n_decode_tokens=n_decode,
+            prefill_s=prefill_s,
+            decode_s=decode_s,
+            step_s=steps,
+        )

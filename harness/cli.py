@@ -1,0 +1,240 @@
+"""``kvbench`` command line: generate, logits, tokenize, info.
+
+Every subcommand builds the engine through ``engine.loader`` (the same factory the sweeps
+use). Errors of the kvbench family print as one line and exit non-zero; a traceback means a
+bug in kvbench, not bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.errors import ConfigError, KvbenchError
+from engine.gguf.presets import PRESETS
+from engine.loader import create_engine, create_memory, load_model
+from engine.runtime.batch import Batch
+from engine.runtime.sampling import SamplingParams
+
+DEFAULT_MODEL = "llama-tiny"
+
+
+def _parse_tokens(s: str) -> list[int]:
+    try:
+        ids = [int(x) for x in s.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise ConfigError(f"--tokens {s!r}: expected comma-separated integers, e.g. --tokens 1,2,3") from None
+    if not ids:
+        raise ConfigError("--tokens: no token ids given")
+    return ids
+
+
+def _add_model_args(p: argparse.ArgumentParser, memory: bool = True) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"GGUF path or preset ({', '.join(PRESETS)}); default {DEFAULT_MODEL}")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"], help="weight/compute dtype")
+    p.add_argument("--threads", "-t", type=int, default=None, help="torch CPU threads")
+    if memory:
+        p.add_argument("--cache-size", "-c", type=int, default=None, help="KV cells (tokens); default n_ctx_train")
+        p.add_argument("--ubatch", "-ub", type=int, default=512, help="tokens per forward pass")
+
+
+def _setup(args) -> None:
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise ConfigError(f"--threads {args.threads}: must be positive")
+        torch.set_num_threads(args.threads)
+
+
+def _prompt_tokens(args, lm) -> list[int]:
+    if args.tokens is not None:
+        return _parse_tokens(args.tokens)
+    return lm.tokenizer.encode(args.prompt)
+
+
+def cmd_generate(args) -> dict:
+    _setup(args)
+    sampling = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
+    )
+    lm = load_model(args.model, args.device, args.dtype)
+    prompt = _prompt_tokens(args, lm)
+    size = args.cache_size if args.cache_size is not None else min(lm.config.n_ctx_train, len(prompt) + args.n_predict)
+    mem = create_memory(lm, size)
+    eng = create_engine(lm, mem, args.ubatch)
+    if not args.no_warmup:
+        eng.warmup()
+    eos = None if args.ignore_eos else lm.config.eos_id
+    res = eng.generate([prompt], args.n_predict, sampling, eos_id=eos)
+    gen = res.tokens[0]
+    return {
+        "model": str(lm.path),
+        "text": lm.tokenizer.continuation(prompt, gen),
+        "prompt_tokens": prompt,
+        "tokens": gen,
+        "n_prefill_tokens": res.n_prefill_tokens,
+        "n_decode_tokens": res.n_decode_tokens,
+        "prefill_s": res.prefill_s,
+        "decode_s": res.decode_s,
+        "prefill_tps": res.prefill_tps,
+        "decode_tps": res.decode_tps,
+        "threads": torch.get_num_threads(),
+        "device": str(lm.device),
+    }
+
+
+def cmd_logits(args) -> dict:
+    _setup(args)
+    tokens = _parse_tokens(args.tokens)
+    lm = load_model(args.model, args.device, args.dtype)
+    mem = create_memory(lm, args.cache_size if args.cache_size is not None else len(tokens))
+    eng = create_engine(lm, mem, args.ubatch)
+    b = Batch()
+    b.add_sequence(tokens, 0, output="all")
+    logits = eng.decode(b).cpu().numpy().astype(np.float32)  # (n_tokens, n_vocab)
+    out = Path(args.out)
+    _atomic_save_npy(out, logits)
+    return {"out": str(out), "shape": list(logits.shape), "dtype": "float32"}
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def cmd_tokenize(args) -> dict:
+    from engine.gguf.reader import open_gguf
+    from engine.loader import resolve_model_path
+    from engine.tokenizer import GGUFTokenizer
+
+    path = resolve_model_path(args.model)
+    tok = GGUFTokenizer(open_gguf(path).tokenizer_metadata(), str(path))
+    ids = tok.encode(args.text)
+    return {"tokens": ids, "pieces": [tok.tokens[i] for i in ids]}
+
+
+def cmd_info(args) -> dict:
+    from engine.gguf.reader import open_gguf
+    from engine.loader import resolve_model_path
+    from engine.memory.codecs import CACHE_TYPES, bytes_per_value
+
+    path = resolve_model_path(args.model)
+    f = open_gguf(path)
+    cfg = f.config()
+    f.check_tensors(cfg)
+    types = Counter(f.tensor_types().values())
+    return {
+        "path": str(path),
+        "file_bytes": path.stat().st_size,
+        "gguf_version": f.header.version,
+        "architecture": cfg.arch,
+        "name": cfg.name,
+        "n_params": cfg.n_params,
+        "weights_present": cfg.weights_present,
+        "shapes": {k: getattr(cfg, k) for k in (
+            "n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "n_ff", "n_ctx_train",
+            "n_embd_head_k", "n_embd_head_v", "n_rot", "n_swa")},
+        "rope": {"type": cfg.rope_type, "freq_base": cfg.rope_freq_base, "freq_scale": cfg.rope_freq_scale,
+                 "freq_factors": "rope_freqs.weight" in f.tensors},
+        "tied_output": cfg.tied_output,
+        "tensor_types": dict(sorted(types.items())),
+        "kv_bytes_per_token": {t: cfg.kv_bytes_per_token(bytes_per_value(t), bytes_per_value(t)) for t in CACHE_TYPES},
+    }
+
+
+def _print_human(cmd: str, r: dict) -> None:
+    if cmd == "generate":
+        print(r["text"])
+        print(
+            f"prefill {r['n_prefill_tokens']} tok in {r['prefill_s'] * 1e3:.1f} ms ({r['prefill_tps']:.1f} t/s), "
+            f"decode {r['n_decode_tokens']} tok in {r['decode_s'] * 1e3:.1f} ms ({r['decode_tps']:.1f} t/s), "
+            f"{r['threads']} threads, {r['device']}",
+            file=sys.stderr,
+        )
+    elif cmd == "tokenize":
+        print(",".join(map(str, r["tokens"])))
+    elif cmd == "logits":
+        print(f"wrote {r['out']}: float32 {r['shape']}")
+    else:
+        w = max(len(k) for k in r)
+        for k, v in r.items():
+            print(f"{k:<{w}}  {v}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvbench", description="Benchmark the memory side of LLM inference.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text; prints prefill and decode tokens/s")
+    _add_model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", "-p", help="prompt text (tokenized with the model's tokenizer)")
+    src.add_argument("--tokens", help="prompt token ids, comma-separated")
+    g.add_argument("-n", "--n-predict", type=int, default=32, help="tokens to generate")
+    g.add_argument("--temperature", "--temp", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repeat-penalty", type=float, default=1.0)
+    g.add_argument("--repeat-last-n", type=int, default=64)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    g.add_argument("--no-warmup", action="store_true", help="skip the warm-up pass before timing")
+    g.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    lg = sub.add_parser("logits", help="write float32 logits [n_tokens, n_vocab] to a .npy file")
+    _add_model_args(lg)
+    lg.add_argument("--tokens", required=True, help="token ids, comma-separated")
+    lg.add_argument("--out", "-o", required=True, help="output .npy path")
+    lg.add_argument("--json", action="store_true")
+
+    t = sub.add_parser("tokenize", help="token ids of a text, as the model's tokenizer gives them")
+    t.add_argument("--model", "-m", default=DEFAULT_MODEL)
+    t.add_argument("--text", required=True)
+    t.add_argument("--json", action="store_true")
+
+    i = sub.add_parser("info", help="architecture, shapes, tensor types, KV bytes per token")
+    i.add_argument("--model", "-m", default=DEFAULT_MODEL)
+    i.add_argument("--json", action="store_true")
+    return ap
+
+
+COMMANDS = {"generate": cmd_generate, "logits": cmd_logits, "tokenize": cmd_tokenize, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = COMMANDS[args.cmd](args)
+    except KvbenchError as e:
+        print(f"kvbench {args.cmd}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("kvbench: interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(result))
+    else:
+        _print_human(args.cmd, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

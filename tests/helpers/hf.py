@@ -1,0 +1,58 @@
+"""HF transformers reference models built from the same HF-layout weights a preset is written from.
+
+The preset writer converts these weights to GGUF with llama.cpp's rules (Q/K permutation,
+rope_freqs); HF runs them untouched. Equal logits therefore check the conversion, the reader
+and the engine together against an implementation nobody here wrote.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.gguf.writer import ModelShape, random_hf_weights
+
+
+def hf_config(shape: ModelShape):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=shape.n_vocab, hidden_size=shape.n_embd, intermediate_size=shape.n_ff,
+        num_hidden_layers=shape.n_layer, num_attention_heads=shape.n_head, num_key_value_heads=shape.n_head_kv,
+        max_position_embeddings=shape.n_ctx, rms_norm_eps=shape.rms_eps, tie_word_embeddings=shape.tied,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    rope = {"rope_type": "default", "rope_theta": shape.rope_theta}
+    if shape.llama3_rope is not None:
+        f, lo, hi, orig = shape.llama3_rope
+        rope = {"rope_type": "llama3", "rope_theta": shape.rope_theta, "factor": f, "low_freq_factor": lo,
+                "high_freq_factor": hi, "original_max_position_embeddings": orig}
+    elif shape.rope_linear_factor is not None:
+        rope = {"rope_type": "linear", "rope_theta": shape.rope_theta, "factor": shape.rope_linear_factor}
+    if shape.arch == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=False, rope_parameters=rope)
+    if shape.n_swa:
+        return MistralConfig(**common, sliding_window=shape.n_swa, rope_parameters=rope)
+    return LlamaConfig(**common, attention_bias=shape.attn_bias, rope_parameters=rope)
+
+
+def hf_model(shape: ModelShape, seed: int, attn: str = "eager"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(hf_config(shape), dtype=torch.float32, attn_implementation=attn)
+    sd = {k: torch.from_numpy(v) for k, v in random_hf_weights(shape, seed).items()}
+    if shape.tied:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+@torch.inference_mode()
+def hf_logits(model, tokens: list[int]) -> torch.Tensor:
+    return model(torch.tensor([tokens])).logits[0].float()
+
+
+@torch.inference_mode()
+def hf_greedy(model, tokens: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([tokens]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, attention_mask=torch.ones(1, len(tokens), dtype=torch.long))
+    return out[0, len(tokens):].tolist()

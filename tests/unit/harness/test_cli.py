@@ -1,0 +1,69 @@
+"""kvbench subcommands: JSON shapes, files written, errors as one line with exit status 2."""
+
+import json
+
+import numpy as np
+import pytest
+
+from harness.cli import main
+
+
+def _json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_generate_json(capsys):
+    r = _json(capsys, ["generate", "--tokens", "1,5,9", "-n", "6", "--json", "--ignore-eos"])
+    assert r["prompt_tokens"] == [1, 5, 9] and len(r["tokens"]) == 6
+    assert r["n_prefill_tokens"] == 3 and r["n_decode_tokens"] == 5
+    assert r["prefill_tps"] > 0 and r["decode_tps"] > 0 and isinstance(r["text"], str)
+
+
+def test_generate_prompt_text_and_sampling_seeded(capsys):
+    argv = ["generate", "-p", "the memory", "-n", "8", "--temperature", "0.9", "--top-k", "20", "--seed", "3",
+            "--json", "--ignore-eos"]
+    a, b = _json(capsys, argv), _json(capsys, argv)
+    assert a["tokens"] == b["tokens"]
+    assert a["prompt_tokens"][0] == 1  # BOS, as the GGUF says
+
+
+def test_logits_writes_npy(tmp_path, capsys, load):
+    out = tmp_path / "l.npy"
+    r = _json(capsys, ["logits", "--tokens", "1,2,3,4", "--out", str(out), "--json"])
+    arr = np.load(out)
+    assert arr.dtype == np.float32 and arr.shape == (4, 1000) and r["shape"] == [4, 1000]
+
+
+def test_tokenize(capsys):
+    r = _json(capsys, ["tokenize", "--text", "Hello world", "--json"])
+    assert r["tokens"][0] == 1 and r["pieces"][0] == "<s>" and len(r["tokens"]) == len(r["pieces"])
+
+
+def test_info(capsys):
+    r = _json(capsys, ["info", "--model", "qwen2-tiny", "--json"])
+    assert r["architecture"] == "qwen2" and r["tied_output"] and r["rope"]["type"] == "neox"
+    # 4 layers x (64 K + 64 V values) x 4 bytes for f32; q8_0 packs 32 values in 34 bytes
+    assert r["kv_bytes_per_token"]["f32"] == 2048 and r["kv_bytes_per_token"]["q8_0"] == 4 * 128 * 34 / 32
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["generate", "--model", "nope", "-p", "x"], ["nope", "preset"]),
+    (["generate", "--tokens", "1,x"], ["--tokens"]),
+    (["generate", "--tokens", "1,99999"], ["99999", "vocabulary"]),
+    (["generate", "--tokens", "1", "--device", "cuda:0"], ["cuda"]),
+    (["generate", "--tokens", "1", "--temperature", "-1"], ["temperature"]),
+    (["generate", "--tokens", "1", "--threads", "0"], ["--threads"]),
+    (["generate", "--tokens", "1,2,3,4,5", "-n", "8", "--cache-size", "4", "--no-warmup"], ["memory full", "cache size"]),
+    (["generate", "--model", "llama-7b", "--tokens", "1"], ["shape-only"]),
+])
+def test_errors_are_one_line(capsys, argv, words):
+    import torch
+
+    if "cuda:0" in argv and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")  # the error path needs a machine without CUDA
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("kvbench generate: error:")
+    for w in words:
+        assert w in err, err

@@ -111,3 +111,9 @@ def test_not_a_file(tmp_path):
         load_model(tmp_path / "nope.gguf")
     with pytest.raises(ModelFileError, match="directory"):
         load_model(tmp_path)
+
+
+def test_gguf_v2_loads(good, tmp_path):
+    """v2 and v3 share the layout kvbench reads (v3 only added big-endian files)."""
+    lm = load_model(ed.patch(good, tmp_path / "v2.gguf", 4, "I", 2))
+    assert lm.file.header.version == 2 and lm.config.n_layer == 4

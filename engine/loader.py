@@ -15,7 +15,8 @@ import torch
 
 from engine.errors import ConfigError, DeviceError
 from engine.gguf.reader import GGUFFile, open_gguf
-from engine.memory.kv_cache import KVCache
+from engine.alloc import create_kv_cache
+from engine.memory.kv_cache import CacheSpec, KVCache
 from engine.model.config import ModelConfig
 from engine.model.llama import Transformer
 from engine.runtime.engine import Engine
@@ -86,13 +87,13 @@ def load_model(model: str | os.PathLike, device: str = "cpu", dtype: str = "f32"
     return LoadedModel(path, f, cfg, net, dev, DTYPES[dtype])
 
 
-def create_memory(lm: LoadedModel, cache_size: int | None = None, n_seq_max: int = 1, cache_dtype: str = "f32") -> KVCache:
-    size = cache_size if cache_size is not None else lm.config.n_ctx_train
-    if size <= 0:
-        raise ConfigError(f"cache size must be positive (got {size})")
-    if n_seq_max <= 0:
-        raise ConfigError(f"n_seq_max must be positive (got {n_seq_max})")
-    return KVCache(lm.config, size, n_seq_max, DTYPES[cache_dtype], lm.device, rope=lm.model.rope)
+def create_memory(lm: LoadedModel, spec: CacheSpec | None = None, **overrides) -> KVCache:
+    """A KV memory for the model: ``spec`` fields (allocator, size, block_size, type_k, type_v,
+    offload, offload_layers, n_seq_max, growth) or keyword overrides of the defaults."""
+    from dataclasses import replace
+
+    spec = replace(spec or CacheSpec(), **overrides)
+    return create_kv_cache(lm.config, spec, lm.device, lm.dtype, lm.model.rope)
 
 
 def create_engine(lm: LoadedModel, memory: KVCache, n_ubatch: int = 512) -> Engine:

@@ -18,11 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.errors import ConfigError, KvbenchError
+from engine.errors import ConfigError, KvbenchError, MemoryFullError
 from engine.gguf.presets import PRESETS
 from engine.loader import create_engine, create_memory, load_model
+from engine.memory.codecs import CACHE_TYPES
+from engine.memory.kv_cache import ALLOCATORS, CacheSpec
+from engine.memory.tiers import TIER_NAMES
 from engine.runtime.batch import Batch
 from engine.runtime.sampling import SamplingParams
+from engine.runtime.scheduler import Request, Scheduler
 
 DEFAULT_MODEL = "llama-tiny"
 
@@ -44,7 +48,16 @@ def _add_model_args(p: argparse.ArgumentParser, memory: bool = True) -> None:
     p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"], help="weight/compute dtype")
     p.add_argument("--threads", "-t", type=int, default=None, help="torch CPU threads")
     if memory:
-        p.add_argument("--cache-size", "-c", type=int, default=None, help="KV cells (tokens); default n_ctx_train")
+        p.add_argument("--allocator", default="pooled", choices=list(ALLOCATORS), help="KV allocator")
+        p.add_argument("--cache-size", "-c", type=int, default=None,
+                       help="KV cells (tokens) in total; default: what the run needs, at most n_ctx_train")
+        p.add_argument("--block-size", type=int, default=16, help="paged: tokens per block")
+        p.add_argument("--type-k", "-ctk", default="f32", choices=list(CACHE_TYPES), help="K cache type")
+        p.add_argument("--type-v", "-ctv", default="f32", choices=list(CACHE_TYPES), help="V cache type")
+        p.add_argument("--offload", default="device", choices=list(TIER_NAMES), help="where KV lives")
+        p.add_argument("--offload-layers", type=int, default=0,
+                       help="with --offload host|disk: the first N layers stay on the device")
+        p.add_argument("--growth", default="cat", choices=["cat", "double"], help="naive: growth policy")
         p.add_argument("--ubatch", "-ub", type=int, default=512, help="tokens per forward pass")
 
 
@@ -53,6 +66,16 @@ def _setup(args) -> None:
         if args.threads <= 0:
             raise ConfigError(f"--threads {args.threads}: must be positive")
         torch.set_num_threads(args.threads)
+
+
+def _cache_spec(args, n_tokens: int, n_seq: int, n_ctx: int) -> CacheSpec:
+    size = args.cache_size
+    if size is None:  # what the run needs (whole blocks per sequence), capped by the model
+        per_seq = -(-n_tokens // args.block_size) * args.block_size
+        size = min(-(-n_ctx // args.block_size) * args.block_size, n_seq * per_seq)
+    return CacheSpec(allocator=args.allocator, size=size, block_size=args.block_size, type_k=args.type_k,
+                     type_v=args.type_v, offload=args.offload, offload_layers=args.offload_layers,
+                     n_seq_max=n_seq, growth=args.growth)
 
 
 def _prompt_tokens(args, lm) -> list[int]:
@@ -67,27 +90,53 @@ def cmd_generate(args) -> dict:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
     )
+    if args.parallel <= 0:
+        raise ConfigError(f"--parallel {args.parallel}: must be positive")
     lm = load_model(args.model, args.device, args.dtype)
     prompt = _prompt_tokens(args, lm)
-    size = args.cache_size if args.cache_size is not None else min(lm.config.n_ctx_train, len(prompt) + args.n_predict)
-    mem = create_memory(lm, size)
+    mem = create_memory(lm, _cache_spec(args, len(prompt) + args.n_predict, args.parallel, lm.config.n_ctx_train))
     eng = create_engine(lm, mem, args.ubatch)
     if not args.no_warmup:
         eng.warmup()
     eos = None if args.ignore_eos else lm.config.eos_id
-    res = eng.generate([prompt], args.n_predict, sampling, eos_id=eos)
-    gen = res.tokens[0]
+    sched = Scheduler(eng, args.parallel, sampling, eos, share_prefix=not args.no_share_prefix)
+    for i in range(args.parallel):
+        sched.submit(Request(i, prompt, args.n_predict, seed_offset=i))
+    steps, peak, breakdown = [], mem.stats(), mem.memory_breakdown()
+    while (info := sched.step()) is not None:
+        steps.append(info)
+        st = mem.stats()
+        if st.reserved_bytes + st.live_bytes >= peak.reserved_bytes + peak.live_bytes:
+            peak, breakdown = st, mem.memory_breakdown()
+    peak.preemptions = sched.preemptions
+    failed = [r for r in sched.results.values() if r.status == "failed"]
+    if failed:
+        raise MemoryFullError(f"{len(failed)} of {args.parallel} sequences failed: {failed[0].error}")
+    pre = [x for x in steps if x.n_prefill and not x.n_decode]
+    dec = [x for x in steps if x.n_decode and not x.n_prefill]
+    pre_s, dec_s = sum(x.seconds for x in pre), sum(x.seconds for x in dec)
+    n_pre, n_dec = sum(x.n_prefill for x in pre), sum(x.n_decode for x in dec)
+    seqs = [{"id": r.id, "status": r.status, "error": r.error, "tokens": r.tokens, "preemptions": r.preemptions,
+             "shared_prefix": r.shared_prefix, "text": lm.tokenizer.continuation(prompt, r.tokens)}
+            for r in (sched.results[i] for i in range(args.parallel))]
+    breakdown = {"weights": lm.weight_bytes(), **breakdown}  # KV buffers at peak
     return {
         "model": str(lm.path),
-        "text": lm.tokenizer.continuation(prompt, gen),
+        "allocator": mem.kind,
+        "text": seqs[0]["text"],
+        "tokens": seqs[0]["tokens"],
         "prompt_tokens": prompt,
-        "tokens": gen,
-        "n_prefill_tokens": res.n_prefill_tokens,
-        "n_decode_tokens": res.n_decode_tokens,
-        "prefill_s": res.prefill_s,
-        "decode_s": res.decode_s,
-        "prefill_tps": res.prefill_tps,
-        "decode_tps": res.decode_tps,
+        "sequences": seqs,
+        "n_prefill_tokens": n_pre,
+        "n_decode_tokens": n_dec,
+        "prefill_s": pre_s,
+        "decode_s": dec_s,
+        "prefill_tps": n_pre / pre_s if pre_s else float("nan"),
+        "decode_tps": n_dec / dec_s if dec_s else float("nan"),
+        "steps": len(steps),
+        "memory_breakdown": breakdown,
+        "stats": peak.as_dict(),
+        "prefix_saved_bytes": (peak.seq_tokens - peak.used_cells) * mem.bytes_per_token,
         "threads": torch.get_num_threads(),
         "device": str(lm.device),
     }
@@ -97,7 +146,7 @@ def cmd_logits(args) -> dict:
     _setup(args)
     tokens = _parse_tokens(args.tokens)
     lm = load_model(args.model, args.device, args.dtype)
-    mem = create_memory(lm, args.cache_size if args.cache_size is not None else len(tokens))
+    mem = create_memory(lm, _cache_spec(args, len(tokens), 1, max(lm.config.n_ctx_train, len(tokens))))
     eng = create_engine(lm, mem, args.ubatch)
     b = Batch()
     b.add_sequence(tokens, 0, output="all")
@@ -161,11 +210,13 @@ def cmd_info(args) -> dict:
 
 def _print_human(cmd: str, r: dict) -> None:
     if cmd == "generate":
-        print(r["text"])
+        for seq in r["sequences"]:
+            print(seq["text"] if len(r["sequences"]) == 1 else f"[{seq['id']}] {seq['text']}")
         print(
             f"prefill {r['n_prefill_tokens']} tok in {r['prefill_s'] * 1e3:.1f} ms ({r['prefill_tps']:.1f} t/s), "
             f"decode {r['n_decode_tokens']} tok in {r['decode_s'] * 1e3:.1f} ms ({r['decode_tps']:.1f} t/s), "
-            f"{r['threads']} threads, {r['device']}",
+            f"{r['threads']} threads, {r['device']}, {r['allocator']} KV "
+            f"peak {r['stats']['live_bytes'] / 2**20:.2f} MiB live of {r['stats']['reserved_bytes'] / 2**20:.2f} MiB",
             file=sys.stderr,
         )
     elif cmd == "tokenize":
@@ -195,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeat-penalty", type=float, default=1.0)
     g.add_argument("--repeat-last-n", type=int, default=64)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--parallel", "-np", type=int, default=1,
+                   help="decode P copies of the prompt together (distinct seeds when sampling)")
+    g.add_argument("--no-share-prefix", action="store_true", help="prefill every copy instead of seq_cp")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     g.add_argument("--no-warmup", action="store_true", help="skip the warm-up pass before timing")
     g.add_argument("--json", action="store_true", help="one JSON object on stdout")

@@ -33,15 +33,20 @@ class MemoryStats:
     """A snapshot of memory state; every field is read from live bookkeeping, never estimated."""
 
     reserved_bytes: int  # bytes the store holds from its allocator (all tiers)
-    live_bytes: int  # bytes of the tokens currently held (used cells x bytes per cell)
-    n_cells: int  # capacity in cells (tokens); for paged: n_blocks * block_size
-    used_cells: int  # cells holding at least one sequence's token
-    n_kv: int  # cells attention spans in the next step: [0, n_kv)
-    free_cells: int
-    largest_free_run: int  # longest run of consecutive free cells
-    n_seqs: int  # sequences with at least one cell
-    alloc_calls: int  # storage allocations since creation (torch or system)
-    alloc_calls_last_step: int  # storage allocations during the last committed ubatch
+    live_bytes: int  # bytes of the tokens currently held (unique rows x bytes per token)
+    n_cells: int  # capacity in tokens (pooled: cells; paged: blocks x block_size; naive: the cap)
+    used_cells: int  # tokens held (a cell shared by several sequences counts once)
+    seq_tokens: int  # tokens held summed over sequences (a shared cell counts once per owner)
+    n_kv: int  # rows attention read in the last ubatch (pooled: [0, n_kv) incl. holes)
+    free_cells: int  # tokens that could still be placed
+    largest_free_run: int  # longest run of consecutive free cells (pooled); free capacity otherwise
+    n_seqs: int  # sequences holding at least one token
+    alloc_calls: int  # storage allocations since creation (tensors created on a tier)
+    alloc_calls_last_step: int  # storage allocations while committing the last ubatch
+    n_blocks: int = 0  # paged only
+    used_blocks: int = 0
+    free_blocks: int = 0
+    block_size: int = 0
     preemptions: int = 0  # filled in by the scheduler
 
     def as_dict(self) -> dict:

@@ -1,265 +1,351 @@
-"""llama.cpp's unified KV cache: one pre-allocated K and one V tensor per layer, ``size`` cells.
+"""KV memory: what every allocator shares, whatever the place its rows live.
 
-Design (after src/llama-kv-cache.cpp):
-- ``find_slot`` collects free cells for a ubatch scanning from a head pointer (restarting at 0
-  when plenty of cells below the head are free, to keep the used range compact). Slots need
-  not be contiguous: tokens are scattered into cells by index.
-- On sliding-window models a cell owned by one sequence whose position the sequence's next
-  token can no longer see is reusable; overwriting it also drops that sequence's older
-  positions, so each sequence stays gap-free.
-- Attention spans cells ``[0, n_kv)``, ``n_kv`` = highest used cell + 1 (padded to ``n_pad``):
-  holes below it cost compute as well as memory. A mask hides other sequences' cells, future
-  positions and, on SWA layers, positions outside the window.
-- ``init_batch`` is a dry run over all ubatches (snapshot, place, restore): a batch that does
-  not fit leaves the cache exactly as it was.
+``KVCache`` implements the ``Memory`` protocol for attention layers. Subclasses decide where a
+token's K/V rows live and how attention finds them:
+
+- ``engine.alloc.pooled.PooledKV``: llama.cpp's cell pool (one tensor per layer, find_slot).
+- ``engine.alloc.paged.PagedKV``: vLLM's blocks (free-block queue, block tables, ref counts).
+- ``engine.alloc.naive.NaiveKV``: per-sequence tensors that grow as tokens arrive.
+
+Shared here: cache element types (codecs), storage tiers, the batch protocol (``init_batch`` is
+a dry run over every ubatch; ``apply`` commits one), the state file, stats and breakdowns.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
-from engine.memory.base import MemoryStats, MemoryStatus, norm_range
-from engine.memory.cells import KVCells
+from engine.errors import ConfigError, MemoryFullError, StateFileError, UnsupportedError
+from engine.memory.base import MemoryStats, MemoryStatus
+from engine.memory.codecs import check_row, get_codec
+from engine.memory.state import read_state, write_state
+from engine.memory.tiers import make_tier, tier_of_layer
 from engine.model.config import ModelConfig
 from engine.model.layers import AttnInput, Rope
 from engine.runtime.batch import Batch, UBatch
 
+ALLOCATORS = ("naive", "pooled", "paged")
+GROWTH = ("cat", "double")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """How a KV memory is laid out. Field names are the harness's ``cache.*`` keys."""
+
+    allocator: str = "pooled"
+    size: int = 0  # cells (tokens) in total; 0 = the model's n_ctx_train
+    block_size: int = 16  # paged: tokens per block
+    type_k: str = "f32"
+    type_v: str = "f32"
+    offload: str = "device"  # device | host | disk
+    offload_layers: int = 0  # with host/disk: the first N layers stay on the device
+    n_seq_max: int = 1  # sequence ids must be in [0, n_seq_max)
+    growth: str = "cat"  # naive: cat (HF DynamicCache) | double (capacity doubling)
+    n_pad: int = 1  # pooled: n_kv padded to a multiple of this
+
+    def resolve(self, cfg: ModelConfig) -> CacheSpec:
+        """Fill defaults from the model and validate; errors name the config key."""
+        s = self if self.size else replace(self, size=cfg.n_ctx_train)
+        if s.allocator not in ALLOCATORS:
+            raise ConfigError(f"cache.allocator {s.allocator!r}: expected one of {', '.join(ALLOCATORS)}")
+        if s.size <= 0:
+            raise ConfigError(f"cache.size {s.size}: must be positive")
+        if s.n_seq_max <= 0:
+            raise ConfigError(f"parallel / n_seq_max {s.n_seq_max}: must be positive")
+        if s.allocator == "paged":
+            if s.block_size <= 0:
+                raise ConfigError(f"cache.block_size {s.block_size}: must be positive")
+            if s.size % s.block_size:
+                raise ConfigError(f"cache.block_size {s.block_size} does not divide cache.size {s.size}; "
+                                  f"use a size that is a multiple of the block size")
+        if s.growth not in GROWTH:
+            raise ConfigError(f"cache.growth {s.growth!r}: expected one of {', '.join(GROWTH)}")
+        if s.n_pad <= 0:
+            raise ConfigError(f"cache.n_pad {s.n_pad}: must be positive")
+        for key in ("type_k", "type_v"):
+            codec = get_codec(getattr(s, key))
+            n = cfg.n_embd_k_gqa if key == "type_k" else cfg.n_embd_v_gqa
+            check_row(codec, n, f"cache.{key}")
+        tier_of_layer(0, s.offload, s.offload_layers)  # validates offload and offload_layers
+        return s
+
 
 class KVCache:
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        size: int,
-        n_seq_max: int = 1,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        rope: Rope | None = None,
-        n_pad: int = 1,
-    ) -> None:
-        assert size > 0 and n_seq_max > 0 and n_pad > 0
-        self.cfg = cfg
-        self.size = size
-        self.n_pad = n_pad
-        self.dtype = dtype
+    kind = "base"
+
+    def __init__(self, cfg: ModelConfig, spec: CacheSpec, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, rope: Rope | None = None) -> None:
+        spec = spec.resolve(cfg)
+        if any(cfg.swa_layers) and not all(cfg.swa_layers):
+            raise UnsupportedError("models that mix sliding-window and full-attention layers are not supported yet")
+        self.cfg, self.spec = cfg, spec
+        self.size = spec.size
         self.device = torch.device(device)
-        self.rope = rope  # needed only for K-shift (seq_add)
-        # One window for the whole cache: kvbench's SWA architectures window every layer.
-        self.n_swa = cfg.n_swa if all(cfg.swa_layers) else 0
-        self.cells = KVCells(size, n_seq_max)
-        self.head = 0
-        self.k = [torch.zeros(size, cfg.n_embd_k_gqa, dtype=dtype, device=self.device) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(size, cfg.n_embd_v_gqa, dtype=dtype, device=self.device) for _ in range(cfg.n_layer)]
-        self.alloc_calls = 2 * cfg.n_layer
+        self.dtype = dtype  # compute dtype: what attention reads
+        self.rope = rope  # for K-shift (seq_add)
+        self.n_seq_max = spec.n_seq_max
+        self.n_swa = cfg.n_swa if cfg.swa_layers and all(cfg.swa_layers) else 0
+        self.codec_k, self.codec_v = get_codec(spec.type_k), get_codec(spec.type_v)
+        self.row_bytes_k = self.codec_k.row_bytes(cfg.n_embd_k_gqa)
+        self.row_bytes_v = self.codec_v.row_bytes(cfg.n_embd_v_gqa)
+        self.layer_tier = [tier_of_layer(il, spec.offload, spec.offload_layers) for il in range(cfg.n_layer)]
+        self.tiers = {name: make_tier(name, self.device) for name in dict.fromkeys(self.layer_tier)}
         self.alloc_calls_last_step = 0
+        self.n_kv_last = 0  # cells attention read in the last applied ubatch
 
-    # -- slots ---------------------------------------------------------------------------------
-    def _usable(self) -> np.ndarray:
-        c = self.cells
-        usable = c.pos < 0
-        if self.n_swa > 0:
-            n_owner = c.seq.sum(axis=1)
-            owner = c.seq.argmax(axis=1)
-            nxt = c.seq_pos_max_all()[owner] + 1
-            # is_masked_swa(p0 = cell pos, p1 = owner's next pos), standard window
-            usable |= (n_owner == 1) & (nxt - c.pos >= self.n_swa)
-        return usable
+    # -- shared helpers ------------------------------------------------------------------------
+    def tier(self, il: int):
+        return self.tiers[self.layer_tier[il]]
 
-    def find_slot(self, ub: UBatch) -> np.ndarray | None:
-        """Cells for the ubatch's tokens, in scan order from head; None if they do not fit."""
-        n = ub.n_tokens
-        if n > self.size:
-            return None
-        head = self.head
-        if head > self.cells.used + 2 * n:
-            head = 0
-        order = np.concatenate((np.arange(head, self.size), np.arange(0, head)))
-        cand = order[self._usable()[order]]
-        return cand[:n] if len(cand) >= n else None
+    def empty_rows(self, il: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Storage for n K rows and n V rows of layer il, on that layer's tier (one allocation each)."""
+        t = self.tier(il)
+        k = t.empty((n, self.codec_k.row_elems(self.cfg.n_embd_k_gqa)), self.codec_k.storage_dtype)
+        v = t.empty((n, self.codec_v.row_elems(self.cfg.n_embd_v_gqa)), self.codec_v.storage_dtype)
+        return k, v
 
-    def apply_ubatch(self, idxs: np.ndarray, ub: UBatch) -> None:
-        c = self.cells
-        taken = idxs[c.pos[idxs] >= 0]  # only SWA-masked cells can be occupied here
-        max_rm: dict[int, int] = {}
-        for i in taken:
-            s = int(c.seq[i].argmax())
-            max_rm[s] = max(max_rm.get(s, -1), int(c.pos[i]))
-        c.rm(taken)
-        c.set_tokens(idxs, ub.pos_host, ub.seq_host)
-        for s, pmax in max_rm.items():
-            pmin = c.seq_pos_min(s)
-            if 0 <= pmin <= pmax:
-                c.seq_rm(s, pmin, pmax + 1)
-        self.head = int(idxs[-1]) + 1
-        if self.head >= self.size:
-            self.head = 0
+    @property
+    def bytes_per_token(self) -> int:
+        return self.cfg.n_layer * (self.row_bytes_k + self.row_bytes_v)
 
-    def n_kv(self) -> int:
-        p = self.n_pad
-        return min(self.size, max(p, -(-self.cells.used_max_p1() // p) * p))
+    @property
+    def alloc_calls(self) -> int:
+        return sum(t.n_allocs for t in self.tiers.values())
 
-    def init_batch(self, batch: Batch, n_ubatch: int) -> KVCacheContext:
-        self.update()
-        ubatches = batch.split(n_ubatch, self.device)
-        snap, head = self.cells.snapshot(), self.head
-        slots = []
-        for ub in ubatches:
-            idxs = self.find_slot(ub)
-            if idxs is None:
-                break
-            self.apply_ubatch(idxs, ub)
-            slots.append(idxs)
-        self.cells.restore(snap)
-        self.head = head
-        if len(slots) < len(ubatches):
-            return KVCacheContext(self, [], [], MemoryStatus.FAILED_PREPARE)
-        return KVCacheContext(self, ubatches, slots, MemoryStatus.SUCCESS)
+    def encode(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, n_head_kv, d) K and V -> storage rows (T, row_elems)."""
+        T = k.shape[0]
+        return self.codec_k.encode(k.reshape(T, -1)), self.codec_v.encode(v.reshape(T, -1))
 
-    def build_mask(self, ub: UBatch, n_kv: int) -> torch.Tensor:
-        """(T, n_kv) bool, True where token t may attend cell j."""
-        c = self.cells
-        pos = c.pos[:n_kv]
-        vis = c.seq[:n_kv][:, ub.seq_host].T  # cell belongs to the token's sequence (T, n_kv)
-        vis &= pos[None, :] <= ub.pos_host[:, None]  # causal; empty cells have no sequence
-        if self.n_swa > 0:
-            vis &= (ub.pos_host[:, None] - pos[None, :]) < self.n_swa
-        return torch.from_numpy(vis).to(self.device)
+    def decode(self, ks: torch.Tensor, vs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Storage rows -> (n, n_head_kv, d) K and V in the compute dtype, on the compute device."""
+        c = self.cfg
+        k = self.codec_k.decode(ks.to(self.device, non_blocking=True), self.dtype)
+        v = self.codec_v.decode(vs.to(self.device, non_blocking=True), self.dtype)
+        return k.view(-1, c.n_head_kv, c.n_embd_head_k), v.view(-1, c.n_head_kv, c.n_embd_head_v)
 
-    # -- K-shift -------------------------------------------------------------------------------
-    def update(self) -> None:
-        """Re-rotate cached K of shifted cells (llama.cpp's K-shift): rope(p) then rope(d) = rope(p+d)."""
-        c = self.cells
-        if not c.has_shift:
-            return
+    def rotate_rows(self, ks: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """K storage rows re-rotated by position deltas (K-shift): rope(p) then rope(d) = rope(p + d)."""
         assert self.rope is not None, "K-shift needs the model's rope"
-        idx = np.flatnonzero((c.shift != 0) & (c.pos >= 0))
-        if len(idx):
-            it = torch.from_numpy(idx).to(self.device)
-            cs = self.rope.angles(torch.from_numpy(c.shift[idx]).to(self.device), torch.float32)
-            hk, d = self.cfg.n_head_kv, self.cfg.n_embd_head_k
-            for k in self.k:
-                rows = k.index_select(0, it).view(len(idx), hk, d).float()
-                k.index_copy_(0, it, self.rope.apply(rows, cs).reshape(len(idx), -1).to(k.dtype))
-        c.reset_shift()
+        c = self.cfg
+        k = self.codec_k.decode(ks.to(self.device), torch.float32).view(-1, c.n_head_kv, c.n_embd_head_k)
+        cs = self.rope.angles(delta.to(self.device), torch.float32)
+        k = self.rope.apply(k, cs).reshape(len(k), -1)
+        return self.codec_k.encode(k).to(ks.device)
 
-    # -- sequence operations -------------------------------------------------------------------
-    def _lower_head(self, freed: np.ndarray) -> None:
-        nz = np.flatnonzero(freed)
-        if len(nz) and nz[0] < self.head:
-            self.head = int(nz[0])
+    def _check_seq_ids(self, seq_ids) -> None:
+        bad = [s for s in seq_ids if not 0 <= s < self.n_seq_max]
+        if bad:
+            raise ConfigError(f"sequence id {bad[0]} is outside [0, {self.n_seq_max}); "
+                              "raise parallel / n_seq_max")
 
-    def clear(self, data: bool = True) -> None:
-        self.cells = KVCells(self.size, self.cells.n_seq_max)
-        self.head = 0
-        if data:
-            for t in self.k + self.v:
-                t.zero_()
+    # -- the batch protocol --------------------------------------------------------------------
+    def init_batch(self, batch: Batch, n_ubatch: int) -> KVContext:
+        self._check_seq_ids(set(batch.seq_id))
+        self.update()
+        ubs = batch.split(n_ubatch, self.device)
+        plans = self._prepare(ubs)
+        if plans is None:
+            return KVContext(self, [], [], MemoryStatus.FAILED_PREPARE)
+        return KVContext(self, ubs, plans, MemoryStatus.SUCCESS)
 
-    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
-        p0, p1 = norm_range(p0, p1)
-        self._lower_head(self.cells.seq_rm(seq_id, p0, p1))
-        return True
+    def update(self) -> None:
+        """Pending work before a batch (K-shift in cell caches)."""
 
-    def seq_cp(self, seq_src: int, seq_dst: int, p0: int = -1, p1: int = -1) -> None:
-        if seq_src == seq_dst:
-            return
-        p0, p1 = norm_range(p0, p1)
-        self.cells.seq_cp(seq_src, seq_dst, p0, p1)
+    # Subclass hooks: _prepare (dry run of every ubatch, None if one does not fit), _apply
+    # (commit one planned ubatch, return what store/attn need), _store, _attn_inputs.
+    def _prepare(self, ubs: list[UBatch]) -> list | None:
+        raise NotImplementedError
 
-    def seq_keep(self, seq_id: int) -> None:
-        self._lower_head(self.cells.seq_keep(seq_id))
+    def _apply(self, plan, ub: UBatch):
+        raise NotImplementedError
 
-    def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
-        p0, p1 = norm_range(p0, p1)
-        if shift == 0 or p0 == p1:
-            return
-        freed = self.cells.seq_add(seq_id, p0, p1, shift)
-        nz = np.flatnonzero(freed)
-        self.head = int(nz[0]) if len(nz) else 0
+    def _store(self, il: int, view, k: torch.Tensor, v: torch.Tensor) -> None:
+        raise NotImplementedError
 
-    def seq_pos_min(self, seq_id: int) -> int:
-        return self.cells.seq_pos_min(seq_id)
-
-    def seq_pos_max(self, seq_id: int) -> int:
-        return self.cells.seq_pos_max(seq_id)
+    def _attn_inputs(self, il: int, view) -> list[AttnInput]:
+        raise NotImplementedError
 
     # -- accounting ----------------------------------------------------------------------------
-    @property
-    def bytes_per_cell(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in self.k + self.v)
-
     def memory_breakdown(self) -> dict[str, int]:
-        tier = "device" if self.device.type != "cpu" else "host"
-        return {
-            f"k.{tier}": sum(t.numel() * t.element_size() for t in self.k),
-            f"v.{tier}": sum(t.numel() * t.element_size() for t in self.v),
-        }
+        """Bytes the KV store holds from its allocator, by buffer and tier ("k.device", "v.disk", ...)."""
+        out: dict[str, int] = {}
+        for il, (kb, vb) in enumerate(self._reserved_rows_by_layer()):
+            t = self.layer_tier[il]
+            out[f"k.{t}"] = out.get(f"k.{t}", 0) + kb * self.row_bytes_k
+            out[f"v.{t}"] = out.get(f"v.{t}", 0) + vb * self.row_bytes_v
+        return out
+
+    def _reserved_rows_by_layer(self) -> list[tuple[int, int]]:
+        """(K rows, V rows) reserved per layer."""
+        raise NotImplementedError
 
     def stats(self) -> MemoryStats:
-        c = self.cells
-        used = c.used
-        n_free, run = c.free_runs()
-        return MemoryStats(
-            reserved_bytes=sum(self.memory_breakdown().values()),
-            live_bytes=used * self.bytes_per_cell,
-            n_cells=self.size,
-            used_cells=used,
-            n_kv=self.n_kv(),
-            free_cells=n_free,
-            largest_free_run=run,
-            n_seqs=int(c.seq.any(axis=0).sum()),
-            alloc_calls=self.alloc_calls,
-            alloc_calls_last_step=self.alloc_calls_last_step,
-        )
+        raise NotImplementedError
+
+    # -- state ---------------------------------------------------------------------------------
+    def _state_header(self, seq_id: int | None) -> dict:
+        c = self.cfg
+        return {
+            "arch": c.arch, "model": c.name, "n_layer": c.n_layer, "n_embd_k_gqa": c.n_embd_k_gqa,
+            "n_embd_v_gqa": c.n_embd_v_gqa, "type_k": self.spec.type_k, "type_v": self.spec.type_v,
+            "row_bytes_k": self.row_bytes_k, "row_bytes_v": self.row_bytes_v, "seq_id": seq_id,
+            "written_by": self.kind,
+        }
+
+    def state_write(self, f: BinaryIO, seq_id: int | None = None) -> None:
+        """Write the whole memory (seq_id None) or one sequence's tokens."""
+        pos, seqs, k, v = self._export(seq_id)
+        if seq_id is not None:
+            seqs = [np.asarray([seq_id], np.int32) for _ in seqs]
+        write_state(f, self._state_header(seq_id), pos, seqs, k, v)
+
+    def state_read(self, f: BinaryIO, seq_id: int | None = None, source: str = "state") -> None:
+        """Restore the whole memory (seq_id None) or one sequence into seq_id.
+
+        Everything is checked before anything changes; a failure raises StateFileError and
+        leaves the memory as it was.
+        """
+        st = read_state(f, source)
+        h = st.header
+        mine = self._state_header(None)
+        for key in ("arch", "n_layer", "n_embd_k_gqa", "n_embd_v_gqa", "type_k", "type_v", "row_bytes_k",
+                    "row_bytes_v"):
+            if h.get(key) != mine[key]:
+                raise StateFileError(
+                    f"{source}: saved with {key} = {h.get(key)!r}, this memory has {mine[key]!r}; "
+                    "restore into a memory of the same model and cache types"
+                )
+        if seq_id is None:
+            ids = np.concatenate(st.seqs) if st.seqs else np.zeros(0, np.int32)
+            if len(ids) and ids.max() >= self.n_seq_max:
+                raise StateFileError(f"{source}: holds sequence id {int(ids.max())}, this memory allows "
+                                     f"[0, {self.n_seq_max}); raise parallel / n_seq_max")
+        else:
+            self._check_seq_ids([seq_id])
+            if any(len(s) != 1 for s in st.seqs):
+                raise StateFileError(f"{source}: a single-sequence restore needs a single-sequence state")
+        snap = self._snapshot()
+        try:
+            if seq_id is None:
+                self.clear(data=False)
+            else:
+                self.seq_rm(seq_id, -1, -1)
+            self._import(st, seq_id)
+        except MemoryFullError as e:
+            self._restore(snap)
+            raise StateFileError(f"{source}: does not fit: {e}") from None
+
+    def save_state(self, path: str | os.PathLike, seq_id: int | None = None) -> None:
+        """state_write to path atomically (temp file + rename)."""
+        import tempfile
+        from pathlib import Path
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                self.state_write(f, seq_id)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def load_state(self, path: str | os.PathLike, seq_id: int | None = None) -> None:
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise StateFileError(f"{path}: cannot open ({e.strerror})") from None
+        with f:
+            self.state_read(f, seq_id, source=str(path))
+
+    def _import(self, st, seq_id: int | None) -> None:
+        """Place the state's tokens and write their rows: each token under its lowest owner,
+        then shared with the other owners through seq_cp (so sharing survives a round trip)."""
+        owners = [int(s.min()) if seq_id is None else seq_id for s in st.seqs]
+        order = np.lexsort((st.pos, np.asarray(owners))) if len(owners) else np.zeros(0, np.int64)
+        rows_k = [self._rows_from_bytes(b, self.codec_k, self.cfg.n_embd_k_gqa) for b in st.k]
+        rows_v = [self._rows_from_bytes(b, self.codec_v, self.cfg.n_embd_v_gqa) for b in st.v]
+        i = 0
+        while i < len(order):
+            s = owners[order[i]]
+            j = i
+            while j < len(order) and owners[order[j]] == s:
+                j += 1
+            idx = order[i:j]
+            b = Batch()
+            for t in idx:
+                b.add(0, int(st.pos[t]), s)
+            self._place_rows(b, [rk[idx] for rk in rows_k], [rv[idx] for rv in rows_v])
+            i = j
+        if seq_id is None:
+            for t, owner_set in enumerate(st.seqs):
+                for o in owner_set:
+                    if o != owners[t]:
+                        self.seq_cp(owners[t], int(o), int(st.pos[t]), int(st.pos[t]) + 1)
+
+    @staticmethod
+    def _rows_from_bytes(b: bytes, codec, n_values: int) -> torch.Tensor:
+        elems = codec.row_elems(n_values)
+        t = torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.zeros(0, dtype=torch.uint8)
+        return t.view(codec.storage_dtype).view(-1, elems) if len(t) else torch.zeros(0, elems, dtype=codec.storage_dtype)
+
+    def _place_rows(self, batch: Batch, rows_k: list[torch.Tensor], rows_v: list[torch.Tensor]) -> None:
+        """Reserve room for batch's tokens (one ubatch) and write given storage rows instead of computing them."""
+        ctx = self.init_batch(batch, max(len(batch), 1))
+        if ctx.status is not MemoryStatus.SUCCESS:
+            raise MemoryFullError(f"no room for {len(batch)} tokens of sequence {batch.seq_id[0]}")
+        ctx.apply()
+        for il in range(self.cfg.n_layer):
+            self._store_rows(il, ctx.view, rows_k[il], rows_v[il])
+
+    def _store_rows(self, il: int, view, ks: torch.Tensor, vs: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _export(self, seq_id: int | None) -> tuple[np.ndarray, list[np.ndarray], list[bytes], list[bytes]]:
+        raise NotImplementedError
+
+    def _snapshot(self):
+        raise NotImplementedError
+
+    def _restore(self, snap) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        for t in self.tiers.values():
+            t.close()
 
 
-@dataclass
-class KVCacheContext:
-    cache: KVCache
-    ubatches: list[UBatch]
-    slots: list[np.ndarray]
-    status: MemoryStatus
-    i: int = 0
-    n_kv: int = 0
-    mask: torch.Tensor | None = None
-    idx: torch.Tensor | None = None
-    span: slice | None = None  # set when the slot is one contiguous run: a plain copy
+class KVContext:
+    """One batch's view of a KV memory: ubatches, their planned slots, and the applied one's view."""
+
+    def __init__(self, cache: KVCache, ubatches: list[UBatch], plans: list, status: MemoryStatus) -> None:
+        self.cache, self.ubatches, self.plans, self.status = cache, ubatches, plans, status
+        self.i = 0
+        self.view = None
 
     @property
     def ubatch(self) -> UBatch:
         return self.ubatches[self.i]
 
     def apply(self) -> None:
-        cache, ub, idxs = self.cache, self.ubatch, self.slots[self.i]
-        cache.apply_ubatch(idxs, ub)
-        cache.alloc_calls_last_step = 0
-        self.n_kv = cache.n_kv()
-        self.mask = cache.build_mask(ub, self.n_kv)
-        i0 = int(idxs[0])
-        if len(idxs) == 1 or (np.diff(idxs) == 1).all():
-            self.span, self.idx = slice(i0, i0 + len(idxs)), None
-        else:
-            self.span, self.idx = None, torch.from_numpy(idxs).to(cache.device)
+        c = self.cache
+        n0 = c.alloc_calls
+        self.view = c._apply(self.plans[self.i], self.ubatch)
+        c.alloc_calls_last_step = c.alloc_calls - n0
 
     def next(self) -> bool:
         self.i += 1
         return self.i < len(self.ubatches)
 
     def store(self, il: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k: (T, n_head_kv, d_k), v: (T, n_head_kv, d_v) -> the ubatch's cells of layer il."""
-        T = k.shape[0]
-        kc, vc = self.cache.k[il], self.cache.v[il]
-        if self.span is not None:
-            kc[self.span] = k.reshape(T, -1)
-            vc[self.span] = v.reshape(T, -1)
-        else:
-            kc.index_copy_(0, self.idx, k.reshape(T, -1).to(kc.dtype))
-            vc.index_copy_(0, self.idx, v.reshape(T, -1).to(vc.dtype))
+        self.cache._store(il, self.view, k, v)
 
     def attn_inputs(self, il: int) -> list[AttnInput]:
-        cfg, n = self.cache.cfg, self.n_kv
-        k = self.cache.k[il][:n].view(n, cfg.n_head_kv, cfg.n_embd_head_k)
-        v = self.cache.v[il][:n].view(n, cfg.n_head_kv, cfg.n_embd_head_v)
-        return [AttnInput(None, k, v, self.mask)]
+        return self.cache._attn_inputs(il, self.view)

@@ -26,7 +26,7 @@ def impls():
 
     torch.set_num_threads(BENCH_THREADS)
     lm = load_model("llama-small")
-    eng = create_engine(lm, create_memory(lm, N_PROMPT + N_DECODE + 8))
+    eng = create_engine(lm, create_memory(lm, size=N_PROMPT + N_DECODE + 8))
     eng.warmup()
     preset = PRESETS["llama-small"]
     hf = hf_model(preset.shape, preset.seed, attn="sdpa")

@@ -13,7 +13,7 @@ def test_logits_match_llamacpp(conformance_dir, load, i, n_ubatch):
     ref = np.load(conformance_dir / "llama-tiny-F32.llamacpp.npz")
     lm = load(conformance_dir / "llama-tiny-F32.gguf")
     tokens = ref[f"tokens_{i}"].tolist()
-    eng = create_engine(lm, create_memory(lm, 256), n_ubatch=n_ubatch)
+    eng = create_engine(lm, create_memory(lm, size=256), n_ubatch=n_ubatch)
     b = Batch()
     b.add_sequence(tokens, 0, output="all")
     logits = eng.decode(b).numpy()
@@ -26,7 +26,7 @@ def test_greedy_matches_llamacpp(conformance_dir, load, i):
     ref = np.load(conformance_dir / "llama-tiny-F32.llamacpp.npz")
     lm = load(conformance_dir / "llama-tiny-F32.gguf")
     tokens = ref[f"tokens_{i}"].tolist()
-    eng = create_engine(lm, create_memory(lm, 256))
+    eng = create_engine(lm, create_memory(lm, size=256))
     res = eng.generate([tokens], 32)
     assert res.tokens[0] == ref[f"greedy_{i}"].tolist()
 
@@ -35,7 +35,7 @@ def test_hf_reference_agrees_too(conformance_dir, load):
     """The fixture's HF logits (original model, before conversion) are within the same bound."""
     ref = np.load(conformance_dir / "llama-tiny.hf.npz")
     lm = load(conformance_dir / "llama-tiny-F32.gguf")
-    eng = create_engine(lm, create_memory(lm, 256))
+    eng = create_engine(lm, create_memory(lm, size=256))
     b = Batch()
     b.add_sequence(ref["tokens_2"].tolist(), 0, output="all")
     assert np.abs(eng.decode(b).numpy() - ref["logits_2"]).max() < 1e-4

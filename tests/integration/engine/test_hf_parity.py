@@ -46,7 +46,7 @@ def test_logits_equal_hf(name, tmp_path_factory):
     # 200 tokens: longer than the mistral window (64) and than llama3-rope's original context (64)
     for n in (16, 200):
         tokens = _prompt(n, shape.n_vocab, n)
-        eng = create_engine(lm, create_memory(lm, 256), n_ubatch=64)
+        eng = create_engine(lm, create_memory(lm, size=256), n_ubatch=64)
         b = Batch()
         b.add_sequence(tokens, 0, output="all")
         ours = eng.decode(b)
@@ -60,6 +60,6 @@ def test_greedy_equals_hf(name, tmp_path_factory):
     lm, shape, seed = _engine_for(name, tmp_path_factory)
     ref = hf_model(shape, seed)
     tokens = _prompt(60, shape.n_vocab, 7)  # 60 + 32 crosses the 64-token window during decode
-    eng = create_engine(lm, create_memory(lm, 128))
+    eng = create_engine(lm, create_memory(lm, size=128))
     ours = eng.generate([tokens], 32).tokens[0]
     assert ours == hf_greedy(ref, tokens, 32)

@@ -12,7 +12,7 @@ def _run(lm, prompts, n_steps, together: bool):
     out = {s: [] for s in range(len(prompts))}
     groups = [list(range(len(prompts)))] if together else [[s] for s in range(len(prompts))]
     for group in groups:
-        eng = create_engine(lm, create_memory(lm, 512, n_seq_max=len(prompts)), n_ubatch=32)
+        eng = create_engine(lm, create_memory(lm, size=512, n_seq_max=len(prompts)), n_ubatch=32)
         logits = eng.prefill({s: prompts[s] for s in group})
         nxt = {}
         for s, row in zip(group, logits):

@@ -54,7 +54,7 @@ def test_info(capsys):
     (["generate", "--tokens", "1", "--device", "cuda:0"], ["cuda"]),
     (["generate", "--tokens", "1", "--temperature", "-1"], ["temperature"]),
     (["generate", "--tokens", "1", "--threads", "0"], ["--threads"]),
-    (["generate", "--tokens", "1,2,3,4,5", "-n", "8", "--cache-size", "4", "--no-warmup"], ["memory full", "cache size"]),
+    (["generate", "--tokens", "1,2,3,4,5", "-n", "8", "--cache-size", "4", "--no-warmup"], ["failed", "raise cache.size"]),
     (["generate", "--model", "llama-7b", "--tokens", "1"], ["shape-only"]),
 ])
 def test_errors_are_one_line(capsys, argv, words):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from engine.memory.base import MemoryStatus
-from engine.memory.kv_cache import KVCache
+from engine.alloc.pooled import PooledKV
+from engine.memory.kv_cache import CacheSpec
 from engine.model.config import ModelConfig
 from engine.runtime.batch import Batch
 
@@ -36,7 +37,7 @@ def _pos(cache):
 
 
 def test_places_from_head_and_tracks_sequences():
-    c = KVCache(CFG, 8, n_seq_max=2)
+    c = PooledKV(CFG, CacheSpec(size=8, n_seq_max=2))
     _commit(c, _batch((0, 0, 3)))
     assert _pos(c) == [0, 1, 2, -1, -1, -1, -1, -1] and c.head == 3
     _commit(c, _batch((1, 0, 2)))
@@ -44,11 +45,11 @@ def test_places_from_head_and_tracks_sequences():
     assert c.seq_pos_max(0) == 2 and c.seq_pos_max(1) == 1 and c.seq_pos_min(1) == 0
     st = c.stats()
     assert (st.used_cells, st.free_cells, st.largest_free_run, st.n_kv, st.n_seqs) == (5, 3, 3, 5, 2)
-    assert st.live_bytes == 5 * c.bytes_per_cell and st.reserved_bytes == 8 * c.bytes_per_cell
+    assert st.live_bytes == 5 * c.bytes_per_token and st.reserved_bytes == 8 * c.bytes_per_token
 
 
 def test_seq_rm_makes_holes_and_lowers_head():
-    c = KVCache(CFG, 8, n_seq_max=2)
+    c = PooledKV(CFG, CacheSpec(size=8, n_seq_max=2))
     _commit(c, _batch((0, 0, 3), (1, 0, 3)))
     assert c.seq_rm(0, 1, -1)  # drop seq 0's positions [1, inf)
     assert _pos(c) == [0, -1, -1, 0, 1, 2, -1, -1] and c.head == 1
@@ -61,7 +62,7 @@ def test_seq_rm_makes_holes_and_lowers_head():
 
 
 def test_seq_cp_shares_cells_without_copying():
-    c = KVCache(CFG, 8, n_seq_max=3)
+    c = PooledKV(CFG, CacheSpec(size=8, n_seq_max=3))
     _commit(c, _batch((0, 0, 4)))
     c.seq_cp(0, 1, 0, 3)
     assert c.stats().used_cells == 4
@@ -72,14 +73,14 @@ def test_seq_cp_shares_cells_without_copying():
 
 
 def test_seq_keep():
-    c = KVCache(CFG, 8, n_seq_max=3)
+    c = PooledKV(CFG, CacheSpec(size=8, n_seq_max=3))
     _commit(c, _batch((0, 0, 2), (1, 0, 2), (2, 0, 2)))
     c.seq_keep(1)
     assert _pos(c) == [-1, -1, 0, 1, -1, -1, -1, -1] and c.head == 0
 
 
 def test_failed_prepare_changes_nothing():
-    c = KVCache(CFG, 6, n_seq_max=2)
+    c = PooledKV(CFG, CacheSpec(size=6, n_seq_max=2))
     _commit(c, _batch((0, 0, 4)))
     before = (c.cells.pos.copy(), c.cells.seq.copy(), c.head)
     ctx = c.init_batch(_batch((1, 0, 2), (0, 4, 2)), n_ubatch=2)  # needs 4 cells, 2 are free
@@ -88,21 +89,22 @@ def test_failed_prepare_changes_nothing():
 
 
 def test_mask_matches_definition():
-    c = KVCache(CFG, 8, n_seq_max=2)
+    c = PooledKV(CFG, CacheSpec(size=8, n_seq_max=2))
     _commit(c, _batch((0, 0, 3), (1, 0, 2)))
     ctx = c.init_batch(_batch((0, 3, 1), (1, 2, 1)), 512)
     ctx.apply()
     pos, seq = c.cells.pos, c.cells.seq
-    want = np.zeros((2, ctx.n_kv), bool)
+    n_kv = ctx.cache.n_kv_last
+    want = np.zeros((2, n_kv), bool)
     for t, (s, p) in enumerate([(0, 3), (1, 2)]):
-        for j in range(ctx.n_kv):
+        for j in range(n_kv):
             want[t, j] = pos[j] >= 0 and seq[j, s] and pos[j] <= p
-    assert (ctx.mask.numpy() == want).all()
+    assert (ctx.view.mask.numpy() == want).all()
 
 
 def test_swa_reuses_cells_outside_the_window():
     cfg = dataclasses.replace(CFG, n_swa=4, swa_layers=())
-    c = KVCache(cfg, 6, n_seq_max=1)
+    c = PooledKV(cfg, CacheSpec(size=6, n_seq_max=1))
     _commit(c, _batch((0, 0, 6)))  # full
     _commit(c, _batch((0, 6, 2)))  # next pos 6 cannot see pos <= 2: cells of pos 0, 1 are reused
     assert sorted(p for p in _pos(c)) == [2, 3, 4, 5, 6, 7]
@@ -112,7 +114,7 @@ def test_swa_reuses_cells_outside_the_window():
 
 
 def test_no_swa_no_reuse():
-    c = KVCache(CFG, 4)
+    c = PooledKV(CFG, CacheSpec(size=4))
     _commit(c, _batch((0, 0, 4)))
     assert c.init_batch(_batch((0, 4, 1)), 512).status is MemoryStatus.FAILED_PREPARE
 
@@ -123,12 +125,12 @@ def test_k_shift_equals_prefill_at_shifted_positions(load):
 
     lm = load("llama-tiny")
     toks = list(range(5, 25))
-    a = create_engine(lm, create_memory(lm, 64))
+    a = create_engine(lm, create_memory(lm, size=64))
     a.prefill({0: toks})
     a.memory.seq_add(0, 0, -1, 7)
     assert a.memory.seq_pos_min(0) == 7 and a.memory.cells.has_shift
     la = a.decode_step({0: 3})
-    b = create_engine(lm, create_memory(lm, 64))
+    b = create_engine(lm, create_memory(lm, size=64))
     bb = Batch()
     bb.add_sequence(toks, 0, pos0=7)
     # positions 0..6 of seq 0 are absent in b; place the prompt at 7.. directly through the memory

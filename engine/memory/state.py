@@ -1,0 +1,113 @@
+"""The memory state file format: versioned, self-checking, allocator-agnostic, no pickle.
+
+Layout (little-endian)::
+
+    magic      8 bytes   b"KVBSTATE"
+    version    u32       FORMAT_VERSION
+    hdr_len    u32       length of the JSON header
+    header     JSON      arch, n_layer, row sizes, cache types, n_tokens, n_seq_ids, seq_id, kind, ...
+    pos        i32[n_tokens]
+    n_seq      u32[n_tokens]      how many sequences own each token (1 unless a prefix is shared)
+    seq_ids    i32[n_seq_ids]     the owners, token after token
+    per layer  K rows (n_tokens x row_bytes_k), then V rows (n_tokens x row_bytes_v), in the cache
+               type's storage layout (ggml blocks for q8_0 / q4_0)
+    crc32      u32       of everything above
+
+A token is a (position, owner set) and its K/V rows; nothing says which cell or block held it,
+so a state written by one allocator restores into another of the same model and cache types.
+``read_state`` checks everything (sizes against the file length before allocating, CRC,
+field types) and raises ``StateFileError``; callers compare the header with their memory
+before changing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+
+from engine.errors import StateFileError
+
+MAGIC = b"KVBSTATE"
+FORMAT_VERSION = 1
+_MAX_HEADER = 1 << 20
+
+
+@dataclass
+class StateData:
+    header: dict
+    pos: np.ndarray  # (n_tokens,) int32
+    seqs: list[np.ndarray]  # per token: owner seq ids (int32)
+    k: list[bytes]  # per layer: n_tokens * row_bytes_k
+    v: list[bytes]
+
+
+def write_state(f: BinaryIO, header: dict, pos: np.ndarray, seqs: list[np.ndarray],
+                k_rows: list[bytes], v_rows: list[bytes]) -> None:
+    n = len(pos)
+    counts = np.asarray([len(s) for s in seqs], dtype="<u4")
+    ids = np.concatenate(seqs).astype("<i4") if n else np.zeros(0, "<i4")
+    header = dict(header, n_tokens=n, n_seq_ids=int(len(ids)), format="kvbench-state")
+    hdr = json.dumps(header, sort_keys=True).encode()
+    parts = [MAGIC, struct.pack("<II", FORMAT_VERSION, len(hdr)), hdr,
+             np.asarray(pos, dtype="<i4").tobytes(), counts.tobytes(), ids.tobytes()]
+    for k, v in zip(k_rows, v_rows):
+        parts += [k, v]
+    crc = 0
+    for p in parts:
+        crc = zlib.crc32(p, crc)
+        f.write(p)
+    f.write(struct.pack("<I", crc))
+
+
+def read_state(f: BinaryIO, source: str = "state") -> StateData:
+    blob = f.read()
+
+    def bad(what: str) -> StateFileError:
+        return StateFileError(f"{source}: {what}; the state file is damaged or not a kvbench state")
+
+    if len(blob) < 20 or blob[:8] != MAGIC:
+        raise bad("wrong magic (expected b'KVBSTATE')")
+    version, hdr_len = struct.unpack_from("<II", blob, 8)
+    if version != FORMAT_VERSION:
+        raise StateFileError(f"{source}: state format version {version} is not supported (this kvbench reads "
+                             f"{FORMAT_VERSION}); save the state again with this version")
+    if hdr_len > _MAX_HEADER or 16 + hdr_len + 4 > len(blob):
+        raise bad(f"truncated header (declares {hdr_len} bytes)")
+    crc_want = struct.unpack_from("<I", blob, len(blob) - 4)[0]
+    if zlib.crc32(memoryview(blob)[: len(blob) - 4]) != crc_want:
+        raise bad("checksum mismatch (truncated or corrupted)")
+    try:
+        header = json.loads(blob[16 : 16 + hdr_len])
+        n = int(header["n_tokens"])
+        n_ids = int(header["n_seq_ids"])
+        n_layer = int(header["n_layer"])
+        rk, rv = int(header["row_bytes_k"]), int(header["row_bytes_v"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise bad(f"malformed header ({e})") from None
+    off = 16 + hdr_len
+    need = 4 * n + 4 * n + 4 * n_ids + n_layer * n * (rk + rv)
+    if min(n, n_ids, n_layer, rk, rv) < 0 or off + need + 4 != len(blob):
+        raise bad(f"size mismatch: header implies {off + need + 4} bytes, file has {len(blob)}")
+    pos = np.frombuffer(blob, "<i4", n, off).astype(np.int32)
+    off += 4 * n
+    counts = np.frombuffer(blob, "<u4", n, off)
+    off += 4 * n
+    ids = np.frombuffer(blob, "<i4", n_ids, off).astype(np.int32)
+    off += 4 * n_ids
+    if int(counts.sum()) != n_ids or (n and counts.min() == 0):
+        raise bad("owner counts do not add up")
+    if n and (pos.min() < 0 or ids.min() < 0):
+        raise bad("negative position or sequence id")
+    seqs = np.split(ids, np.cumsum(counts)[:-1]) if n else []
+    k, v = [], []
+    for _ in range(n_layer):
+        k.append(blob[off : off + n * rk])
+        off += n * rk
+        v.append(blob[off : off + n * rv])
+        off += n * rv
+    return StateData(header, pos, seqs, k, v)

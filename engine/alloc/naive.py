@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from engine.errors import MemoryFullError
-from engine.memory.base import MemoryStats, norm_range
+from engine.memory.base import MemoryStats, MemoryStatus, norm_range
 from engine.memory.kv_cache import KVCache
 from engine.model.layers import AttnInput
 from engine.runtime.batch import Batch, UBatch
@@ -58,6 +58,7 @@ class NaiveKV(KVCache):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.seqs: dict[int, SeqKV] = {}
+        self._swa_drop: dict[int, int] = {}  # seq -> first position kept, for the batch being prepared
 
     # -- storage -------------------------------------------------------------------------------
     def _realloc(self, sk: SeqKV, keep: np.ndarray | None, cap: int) -> None:
@@ -83,15 +84,24 @@ class NaiveKV(KVCache):
 
     # -- batch protocol ------------------------------------------------------------------------
     def init_batch(self, batch: Batch, n_ubatch: int):
+        # SWA: rows the next token of a sequence can no longer see (p <= next - n_swa) are dropped,
+        # but only once the batch is known to fit: _prepare counts them as already gone.
+        self._swa_drop = {}
         if self.n_swa > 0:
             for s in set(batch.seq_id):
-                nxt = self.seq_pos_max(s) + 1
-                if nxt - self.n_swa >= 0 and s in self.seqs:
-                    self.seq_rm(s, 0, nxt - self.n_swa + 1)
-        return super().init_batch(batch, n_ubatch)
+                thr = self.seq_pos_max(s) + 1 - self.n_swa + 1
+                if thr > 0 and s in self.seqs:
+                    self._swa_drop[s] = thr
+        ctx = super().init_batch(batch, n_ubatch)
+        if ctx.status is MemoryStatus.SUCCESS:
+            for s, thr in self._swa_drop.items():
+                self.seq_rm(s, 0, thr)
+        self._swa_drop = {}
+        return ctx
 
     def _prepare(self, ubs: list[UBatch]) -> list | None:
-        total = self.used
+        dropped = sum(int(np.count_nonzero(self.seqs[s].pos < thr)) for s, thr in self._swa_drop.items())
+        total = self.used - dropped
         for ub in ubs:
             total += ub.n_tokens
             if total > self.size:
@@ -148,6 +158,8 @@ class NaiveKV(KVCache):
         self.seqs = {}
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        if seq_id >= 0:
+            self._check_seq_ids([seq_id])
         p0, p1 = norm_range(p0, p1)
         for s in ([seq_id] if seq_id >= 0 else list(self.seqs)):
             sk = self.seqs.get(s)
@@ -161,12 +173,14 @@ class NaiveKV(KVCache):
         return True
 
     def seq_cp(self, seq_src: int, seq_dst: int, p0: int = -1, p1: int = -1) -> None:
+        self._check_seq_ids([seq_src, seq_dst])
         if seq_src == seq_dst or seq_src not in self.seqs:
             return
-        self._check_seq_ids([seq_dst])
         p0, p1 = norm_range(p0, p1)
         src = self.seqs[seq_src]
         take = np.flatnonzero((src.pos >= p0) & (src.pos < p1))
+        if len(take) == 0:
+            return
         if self.used + len(take) > self.size:
             raise MemoryFullError(f"naive: copying {len(take)} rows to sequence {seq_dst} exceeds cache.size "
                                   f"{self.size} ({self.used} held)")
@@ -190,9 +204,11 @@ class NaiveKV(KVCache):
         self.seqs[seq_dst] = new
 
     def seq_keep(self, seq_id: int) -> None:
+        self._check_seq_ids([seq_id])
         self.seqs = {s: sk for s, sk in self.seqs.items() if s == seq_id}
 
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        self._check_seq_ids([seq_id])
         p0, p1 = norm_range(p0, p1)
         sk = self.seqs.get(seq_id)
         if sk is None or shift == 0 or p0 == p1:
@@ -227,6 +243,10 @@ class NaiveKV(KVCache):
 
     def _restore(self, snap) -> None:
         self.seqs = snap
+
+    def _import_fits(self, st, seq_id) -> bool:
+        """Naive copies a shared token to every owner: room for the sum of owners."""
+        return self.used + sum(len(s) for s in st.seqs) <= self.size
 
     def _export(self, seq_id):
         seqs = [seq_id] if seq_id is not None else sorted(self.seqs)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from engine.alloc.block_pool import BlockPool
+from engine.memory.base import MemoryStatus
 from engine.memory.cell_cache import CellKVCache, CellPlan, CellView
 from engine.runtime.batch import Batch, UBatch
 
@@ -155,9 +156,15 @@ class PagedKV(CellKVCache):
         self._sync([seq_dst])
 
     def init_batch(self, batch: Batch, n_ubatch: int):
-        if self.n_swa > 0:
-            self._prune_swa(set(batch.seq_id))
-        return super().init_batch(batch, n_ubatch)
+        if self.n_swa == 0:
+            return super().init_batch(batch, n_ubatch)
+        self.update()  # a pending K-shift lands first: the snapshot must not bring it back
+        snap = self._snapshot()  # pruning frees blocks the plan may need; undo it if the batch fails
+        self._prune_swa(set(batch.seq_id))
+        ctx = super().init_batch(batch, n_ubatch)
+        if ctx.status is not MemoryStatus.SUCCESS:
+            self._restore(snap)
+        return ctx
 
     def _prune_swa(self, seqs) -> None:
         """Drop positions the sequence's next token cannot see (p <= next - n_swa)."""

@@ -92,6 +92,7 @@ class PooledKV(CellKVCache):
             self.head = int(nz[0])
 
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        self._check_seq_ids([seq_id])
         p0, p1 = norm_range(p0, p1)
         if shift == 0 or p0 == p1:
             return

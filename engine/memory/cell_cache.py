@@ -16,7 +16,7 @@ import torch
 from engine.memory.base import MemoryStats, norm_range
 from engine.memory.cells import KVCells
 from engine.memory.kv_cache import KVCache
-from engine.runtime.batch import UBatch
+from engine.runtime.batch import Batch, UBatch
 
 
 @dataclass
@@ -158,6 +158,8 @@ class CellKVCache(KVCache):
         pass
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        if seq_id >= 0:
+            self._check_seq_ids([seq_id])
         p0, p1 = norm_range(p0, p1)
         seqs = list(range(self.n_seq_max)) if seq_id < 0 else [seq_id]
         freed = self.cells.seq_rm(seq_id, p0, p1)
@@ -173,15 +175,18 @@ class CellKVCache(KVCache):
         self._after_cp(seq_dst)
 
     def seq_keep(self, seq_id: int) -> None:
+        self._check_seq_ids([seq_id])
         freed = self.cells.seq_keep(seq_id)
         self._after_rm(freed, [s for s in range(self.n_seq_max) if s != seq_id])
 
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        self._check_seq_ids([seq_id])
         p0, p1 = norm_range(p0, p1)
         if shift == 0 or p0 == p1:
             return
         freed = self.cells.seq_add(seq_id, p0, p1, shift)
-        self._after_rm(freed, [seq_id])
+        # a cell pushed below 0 is freed for all its owners (it may be shared)
+        self._after_rm(freed, list(range(self.n_seq_max)) if freed.any() else [seq_id])
 
     def seq_pos_min(self, seq_id: int) -> int:
         return self.cells.seq_pos_min(seq_id)
@@ -190,6 +195,24 @@ class CellKVCache(KVCache):
         return self.cells.seq_pos_max(seq_id)
 
     # -- state ---------------------------------------------------------------------------------
+    def _import_fits(self, st, seq_id) -> bool:
+        """Place every import group in the bookkeeping only (plan + commit, never _apply), then undo."""
+        snap = self._snapshot()
+        try:
+            for s, idx in self._import_groups(st, seq_id):
+                b = Batch()
+                for t in idx:
+                    b.add(0, int(st.pos[t]), s)
+                ubs = b.split(max(len(b), 1), self.device)
+                plans = self._prepare(ubs)
+                if plans is None:
+                    return False
+                for plan, ub in zip(plans, ubs):
+                    self._commit(plan, ub)
+            return True
+        finally:
+            self._restore(snap)
+
     def _export(self, seq_id):
         c = self.cells
         m = (c.pos >= 0) if seq_id is None else c.seq[:, seq_id]

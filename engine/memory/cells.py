@@ -116,8 +116,8 @@ class KVCells:
         self.has_shift = False
 
     # -- snapshots (for the dry-run prepare) ---------------------------------------------------
-    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.pos.copy(), self.seq.copy()
+    def snapshot(self) -> tuple:
+        return self.pos.copy(), self.seq.copy(), self.shift.copy(), self.has_shift
 
-    def restore(self, snap: tuple[np.ndarray, np.ndarray]) -> None:
-        self.pos[:], self.seq[:] = snap
+    def restore(self, snap: tuple) -> None:
+        self.pos[:], self.seq[:], self.shift[:], self.has_shift = snap

@@ -22,7 +22,7 @@ import torch
 
 from engine.errors import ConfigError, MemoryFullError, StateFileError, UnsupportedError
 from engine.memory.base import MemoryStats, MemoryStatus
-from engine.memory.codecs import check_row, get_codec
+from engine.memory.codecs import CACHE_TYPES, check_row, get_codec
 from engine.memory.state import read_state, write_state
 from engine.memory.tiers import make_tier, tier_of_layer
 from engine.model.config import ModelConfig
@@ -68,6 +68,8 @@ class CacheSpec:
         if s.n_pad <= 0:
             raise ConfigError(f"cache.n_pad {s.n_pad}: must be positive")
         for key in ("type_k", "type_v"):
+            if getattr(s, key) not in CACHE_TYPES:
+                raise ConfigError(f"cache.{key} {getattr(s, key)!r}: expected one of {', '.join(CACHE_TYPES)}")
             codec = get_codec(getattr(s, key))
             n = cfg.n_embd_k_gqa if key == "type_k" else cfg.n_embd_v_gqa
             check_row(codec, n, f"cache.{key}")
@@ -193,13 +195,20 @@ class KVCache:
         c = self.cfg
         return {
             "arch": c.arch, "model": c.name, "n_layer": c.n_layer, "n_embd_k_gqa": c.n_embd_k_gqa,
-            "n_embd_v_gqa": c.n_embd_v_gqa, "type_k": self.spec.type_k, "type_v": self.spec.type_v,
+            "n_embd_v_gqa": c.n_embd_v_gqa, "n_swa": self.n_swa, "rope_type": c.rope_type,
+            "rope_freq_base": c.rope_freq_base, "rope_freq_scale": c.rope_freq_scale,
+            "type_k": self.spec.type_k, "type_v": self.spec.type_v,
             "row_bytes_k": self.row_bytes_k, "row_bytes_v": self.row_bytes_v, "seq_id": seq_id,
             "written_by": self.kind,
         }
 
+    # what must match between a state file and the memory restoring it
+    _STATE_KEYS = ("arch", "model", "n_layer", "n_embd_k_gqa", "n_embd_v_gqa", "n_swa", "rope_type",
+                   "rope_freq_base", "rope_freq_scale", "type_k", "type_v", "row_bytes_k", "row_bytes_v")
+
     def state_write(self, f: BinaryIO, seq_id: int | None = None) -> None:
         """Write the whole memory (seq_id None) or one sequence's tokens."""
+        self.update()  # a pending K-shift must reach the rows before they are written
         pos, seqs, k, v = self._export(seq_id)
         if seq_id is not None:
             seqs = [np.asarray([seq_id], np.int32) for _ in seqs]
@@ -214,8 +223,7 @@ class KVCache:
         st = read_state(f, source)
         h = st.header
         mine = self._state_header(None)
-        for key in ("arch", "n_layer", "n_embd_k_gqa", "n_embd_v_gqa", "type_k", "type_v", "row_bytes_k",
-                    "row_bytes_v"):
+        for key in self._STATE_KEYS:
             if h.get(key) != mine[key]:
                 raise StateFileError(
                     f"{source}: saved with {key} = {h.get(key)!r}, this memory has {mine[key]!r}; "
@@ -227,19 +235,43 @@ class KVCache:
                 raise StateFileError(f"{source}: holds sequence id {int(ids.max())}, this memory allows "
                                      f"[0, {self.n_seq_max}); raise parallel / n_seq_max")
         else:
-            self._check_seq_ids([seq_id])
-            if any(len(s) != 1 for s in st.seqs):
-                raise StateFileError(f"{source}: a single-sequence restore needs a single-sequence state")
+            if not 0 <= seq_id < self.n_seq_max:
+                raise StateFileError(f"{source}: cannot restore into sequence {seq_id}, this memory allows "
+                                     f"[0, {self.n_seq_max})")
+            owners = {int(s[0]) for s in st.seqs}
+            if any(len(s) != 1 for s in st.seqs) or len(owners) > 1:
+                raise StateFileError(f"{source}: holds {len(owners)} sequences; a single-sequence restore needs "
+                                     "a state of one sequence (save it with seq_id)")
+        # Check that everything fits by placing it in the bookkeeping only; no row is written
+        # until it does, so a failure leaves K/V data and bookkeeping exactly as they were.
+        self.update()
         snap = self._snapshot()
-        try:
-            if seq_id is None:
-                self.clear(data=False)
-            else:
-                self.seq_rm(seq_id, -1, -1)
-            self._import(st, seq_id)
-        except MemoryFullError as e:
+        self._reset_for_import(seq_id)
+        fits = self._import_fits(st, seq_id)
+        if not fits:
             self._restore(snap)
-            raise StateFileError(f"{source}: does not fit: {e}") from None
+            raise StateFileError(f"{source}: does not fit: {len(st.pos)} tokens, "
+                                 f"{self.stats().free_cells} cells free after making room; raise cache.size")
+        self._import(st, seq_id)
+
+    def _reset_for_import(self, seq_id: int | None) -> None:
+        if seq_id is None:
+            self.clear(data=False)
+        else:
+            self.seq_rm(seq_id, -1, -1)
+
+    def _import_groups(self, st, seq_id: int | None) -> list[tuple[int, np.ndarray]]:
+        """(sequence, token indices sorted by position): each token under its lowest owner."""
+        owners = np.asarray([int(s.min()) if seq_id is None else seq_id for s in st.seqs], dtype=np.int64)
+        order = np.lexsort((st.pos, owners)) if len(owners) else np.zeros(0, np.int64)
+        groups = []
+        for s in dict.fromkeys(owners[order].tolist()):
+            groups.append((s, order[owners[order] == s]))
+        return groups
+
+    def _import_fits(self, st, seq_id: int | None) -> bool:
+        """Would the state's tokens fit, given what the memory holds now? (no side effects)"""
+        raise NotImplementedError
 
     def save_state(self, path: str | os.PathLike, seq_id: int | None = None) -> None:
         """state_write to path atomically (temp file + rename)."""
@@ -268,27 +300,20 @@ class KVCache:
     def _import(self, st, seq_id: int | None) -> None:
         """Place the state's tokens and write their rows: each token under its lowest owner,
         then shared with the other owners through seq_cp (so sharing survives a round trip)."""
-        owners = [int(s.min()) if seq_id is None else seq_id for s in st.seqs]
-        order = np.lexsort((st.pos, np.asarray(owners))) if len(owners) else np.zeros(0, np.int64)
         rows_k = [self._rows_from_bytes(b, self.codec_k, self.cfg.n_embd_k_gqa) for b in st.k]
         rows_v = [self._rows_from_bytes(b, self.codec_v, self.cfg.n_embd_v_gqa) for b in st.v]
-        i = 0
-        while i < len(order):
-            s = owners[order[i]]
-            j = i
-            while j < len(order) and owners[order[j]] == s:
-                j += 1
-            idx = order[i:j]
+        for s, idx in self._import_groups(st, seq_id):
             b = Batch()
             for t in idx:
                 b.add(0, int(st.pos[t]), s)
-            self._place_rows(b, [rk[idx] for rk in rows_k], [rv[idx] for rv in rows_v])
-            i = j
+            it = torch.from_numpy(idx)
+            self._place_rows(b, [rk[it] for rk in rows_k], [rv[it] for rv in rows_v])
         if seq_id is None:
             for t, owner_set in enumerate(st.seqs):
+                lowest = int(owner_set.min())
                 for o in owner_set:
-                    if o != owners[t]:
-                        self.seq_cp(owners[t], int(o), int(st.pos[t]), int(st.pos[t]) + 1)
+                    if o != lowest:
+                        self.seq_cp(lowest, int(o), int(st.pos[t]), int(st.pos[t]) + 1)
 
     @staticmethod
     def _rows_from_bytes(b: bytes, codec, n_values: int) -> torch.Tensor:

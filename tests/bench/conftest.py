@@ -10,6 +10,9 @@ import torch
 # name -> {"prefill": median seconds, "prefill+decode": median seconds, "n_prompt": int, "n_decode": int}
 GENERATE_RESULTS: dict[str, dict] = {}
 
+# (allocator, parallel) -> (decode step ms p50, p90, storage allocations per decode step)
+ALLOC_RESULTS: dict[tuple[str, int], tuple[float, float, float]] = {}
+
 BENCH_THREADS = int(os.environ.get("KVBENCH_BENCH_THREADS", "2"))
 
 
@@ -19,9 +22,13 @@ def _threads():
 
 
 def pytest_terminal_summary(terminalreporter):
+    tr = terminalreporter
+    if ALLOC_RESULTS:
+        tr.section("decode step with churn (ms p50 / p90, KV storage allocations per decode step)")
+        for (alloc, par), (p50, p90, al) in sorted(ALLOC_RESULTS.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            tr.write_line(f"parallel {par:<2} {alloc:<7} {p50:7.3f} / {p90:7.3f} ms   {al:5.1f} allocs/step")
     if not GENERATE_RESULTS:
         return
-    tr = terminalreporter
     tr.section("generate tokens/s (medians; decode = n_decode / (t[prefill+decode] - t[prefill]))")
     for name, r in GENERATE_RESULTS.items():
         if "prefill" in r and "prefill+decode" in r:

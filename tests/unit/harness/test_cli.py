@@ -67,3 +67,41 @@ def test_errors_are_one_line(capsys, argv, words):
     assert len(err.splitlines()) == 1 and err.startswith("kvbench generate: error:")
     for w in words:
         assert w in err, err
+
+
+@pytest.mark.parametrize("allocator", ["naive", "pooled", "paged"])
+def test_generate_parallel_prints_breakdown_and_stats(capsys, allocator):
+    r = _json(capsys, ["generate", "--tokens", ",".join(["1"] + [str(5 + i) for i in range(40)]), "-n", "5",
+                       "--parallel", "3", "--allocator", allocator, "--ignore-eos", "--json"])
+    assert [s["status"] for s in r["sequences"]] == ["done"] * 3
+    assert r["allocator"] == allocator and r["memory_breakdown"]["weights"] > 0
+    assert {"k.device", "v.device"} <= set(r["memory_breakdown"])
+    st = r["stats"]
+    assert st["live_bytes"] <= st["reserved_bytes"] and st["n_seqs"] == 3 and "preemptions" in st
+    if allocator == "naive":
+        assert r["prefix_saved_bytes"] == 0
+    else:  # 41-token prompt: pooled shares all of it, paged its two full blocks
+        assert r["prefix_saved_bytes"] > 0
+
+
+def test_generate_parallel_sampling_differs_per_copy(capsys):
+    r = _json(capsys, ["generate", "-p", "the memory", "-n", "10", "--parallel", "3", "--temperature", "1.0",
+                       "--json", "--ignore-eos"])
+    assert len({tuple(s["tokens"]) for s in r["sequences"]}) == 3
+
+
+def test_generate_with_quantized_offloaded_cache(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVBENCH_OFFLOAD_DIR", str(tmp_path))
+    r = _json(capsys, ["generate", "--tokens", "1,5,9", "-n", "4", "--type-k", "q8_0", "--type-v", "q4_0",
+                       "--offload", "disk", "--offload-layers", "1", "--json"])
+    bd = r["memory_breakdown"]
+    assert bd["k.device"] * 3 == bd["k.disk"] and bd["v.device"] * 3 == bd["v.disk"]  # 1 of 4 layers on the device
+
+
+def test_logits_with_each_allocator_agree(tmp_path, capsys):
+    outs = []
+    for a in ("naive", "pooled", "paged"):
+        out = tmp_path / f"{a}.npy"
+        _json(capsys, ["logits", "--tokens", "1,2,3,4,5,6", "--allocator", a, "--out", str(out), "--json"])
+        outs.append(np.load(out))
+    assert np.abs(outs[0] - outs[1]).max() < 1e-5 and np.abs(outs[2] - outs[1]).max() < 1e-5

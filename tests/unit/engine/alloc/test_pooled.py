@@ -1,4 +1,4 @@
-"""The pooled KV cell cache (llama.cpp semantics), state asserted after every operation."""
+"""The pooled allocator (llama.cpp cell cache), state asserted after every operation."""
 
 import dataclasses
 

@@ -89,7 +89,12 @@ class Codec:
             self._encode_into(x, out)
 
     def decode(self, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(..., row_elems) storage -> (..., n_values) ``dtype`` (a new tensor)."""
+        """(..., row_elems) storage -> (..., n_values) ``dtype``.
+
+        When storage already is ``dtype`` (an f32 cache read in f32) this is ``s`` itself, not a
+        copy: attention only reads it, and copying [0, n_kv) of every layer each step is what
+        an f32 cache is chosen to avoid.
+        """
         if s.dtype != self.storage_dtype:
             raise TypeError(f"{self.name} decode expects {self.storage_dtype} storage, got {s.dtype}")
         return self._decode(s, dtype)
@@ -99,7 +104,7 @@ class Codec:
         out.copy_(x)  # f32 -> f16 / bf16 casts round to nearest even
 
     def _decode(self, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return s.to(dtype, copy=True)
+        return s if s.dtype == dtype else s.to(dtype)
 
     def _check_out(self, x: torch.Tensor, out: torch.Tensor) -> None:
         want = (*x.shape[:-1], self.row_elems(x.shape[-1]))

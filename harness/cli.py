@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from engine.atomic import atomic_open
 from engine.errors import ConfigError, KvbenchError, MemoryFullError
 from engine.gguf.presets import PRESETS
 from engine.loader import create_engine, create_memory, load_model
@@ -152,20 +151,9 @@ def cmd_logits(args) -> dict:
     b.add_sequence(tokens, 0, output="all")
     logits = eng.decode(b).cpu().numpy().astype(np.float32)  # (n_tokens, n_vocab)
     out = Path(args.out)
-    _atomic_save_npy(out, logits)
+    with atomic_open(out) as f:
+        np.save(f, logits)
     return {"out": str(out), "shape": list(logits.shape), "dtype": "float32"}
-
-
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def cmd_tokenize(args) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType
 from gguf import quants as gguf_quants
 
+from engine.atomic import atomic_path
 from engine.errors import ConfigError
 from engine.gguf.vocab import Vocab
 
@@ -160,10 +160,7 @@ def write_gguf(
         raise ConfigError(f"file type {file_type!r}: expected one of {', '.join(FILE_TYPES)}")
     ftype, qtype = FILE_TYPES[file_type]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         w = GGUFWriter(tmp, shape.arch)
         w.add_name(name)
         w.add_context_length(shape.n_ctx)
@@ -196,10 +193,6 @@ def write_gguf(
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -20,6 +20,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from engine.atomic import atomic_open
 from engine.errors import ConfigError, MemoryFullError, StateFileError, UnsupportedError
 from engine.memory.base import MemoryStats, MemoryStatus
 from engine.memory.codecs import CACHE_TYPES, check_row, get_codec
@@ -275,19 +276,8 @@ class KVCache:
 
     def save_state(self, path: str | os.PathLike, seq_id: int | None = None) -> None:
         """state_write to path atomically (temp file + rename)."""
-        import tempfile
-        from pathlib import Path
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                self.state_write(f, seq_id)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_open(path) as f:
+            self.state_write(f, seq_id)
 
     def load_state(self, path: str | os.PathLike, seq_id: int | None = None) -> None:
         try:

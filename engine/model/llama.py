@@ -85,7 +85,7 @@ class Transformer(nn.Module):
             model = cls(cfg)
         sd = dict(weights)
         for il in range(cfg.n_layer):
-            a, f = f"layers.{il}.attention.", f"layers.{il}.feed_forward."
+            a = f"layers.{il}.attention."
             sd[a + "wqkv.weight"] = torch.cat([sd.pop(a + n + ".weight") for n in ("wq", "wk", "wv")])
             if cfg.attn_bias:
                 sd[a + "wqkv.bias"] = torch.cat([sd.pop(a + n + ".bias") for n in ("wq", "wk", "wv")])

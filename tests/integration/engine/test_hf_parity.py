@@ -4,10 +4,8 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 from engine.gguf.presets import PRESETS, build_preset
-from engine.gguf.writer import ModelShape
 from engine.loader import create_engine, create_memory, load_model
 from engine.runtime.batch import Batch
 from tests.helpers.hf import hf_greedy, hf_logits, hf_model

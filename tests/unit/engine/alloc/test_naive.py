@@ -2,9 +2,7 @@
 
 import dataclasses
 
-import numpy as np
 import pytest
-import torch
 
 from engine.alloc.naive import NaiveKV
 from engine.errors import MemoryFullError

@@ -3,8 +3,6 @@
 import dataclasses
 
 import numpy as np
-import pytest
-import torch
 
 from engine.memory.base import MemoryStatus
 from engine.alloc.pooled import PooledKV

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFWriter
 from gguf import quants as gq
 
 from engine.gguf.reader import open_gguf

@@ -211,6 +211,8 @@ def _print_human(cmd: str, r: dict) -> None:
         print(",".join(map(str, r["tokens"])))
     elif cmd == "logits":
         print(f"wrote {r['out']}: float32 {r['shape']}")
+    elif cmd == "report":
+        print(f"wrote {r['report']}, {r['csv']}, {r['html']}")
     else:
         w = max(len(k) for k in r)
         for k, v in r.items():
@@ -252,16 +254,43 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text", required=True)
     t.add_argument("--json", action="store_true")
 
+    sub.add_parser("run", help="run a sweep point, or a sweep with -m (Hydra; kvbench run --help)",
+                   add_help=False)
+    rp = sub.add_parser("report", help="collect a sweep directory into report.csv/.md/.html and plots")
+    rp.add_argument("sweep_dir")
+    rp.add_argument("--no-plots", action="store_true")
+    rp.add_argument("--json", action="store_true")
+
     i = sub.add_parser("info", help="architecture, shapes, tensor types, KV bytes per token")
     i.add_argument("--model", "-m", default=DEFAULT_MODEL)
     i.add_argument("--json", action="store_true")
     return ap
 
 
-COMMANDS = {"generate": cmd_generate, "logits": cmd_logits, "tokenize": cmd_tokenize, "info": cmd_info}
+def cmd_report(args) -> dict:
+    from harness.report import write_report
+
+    d = Path(args.sweep_dir)
+    if not d.is_dir():
+        raise ConfigError(f"{d}: not a directory; pass a sweep directory (results/multirun/...)")
+    out = write_report(d, plots=not args.no_plots)
+    return {"report": str(out), "csv": str(d / "report.csv"), "html": str(d / "report.html")}
+
+
+COMMANDS = {"generate": cmd_generate, "logits": cmd_logits, "tokenize": cmd_tokenize, "info": cmd_info,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "run":  # Hydra owns run's command line (overrides, -m, --cfg ...)
+        from harness.sweep import main as run_main
+
+        try:
+            return run_main(argv[1:])
+        except KvbenchError as e:
+            print(f"kvbench run: error: {e}", file=sys.stderr)
+            return e.exit_code
     args = build_parser().parse_args(argv)
     try:
         result = COMMANDS[args.cmd](args)

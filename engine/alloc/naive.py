@@ -275,6 +275,10 @@ class NaiveKV(KVCache):
         cap = sum(sk.cap for sk in self.seqs.values() if sk.k[0] is not None)
         return [(cap, cap)] * self.cfg.n_layer
 
+    def usage(self) -> tuple[int, int]:
+        cap = sum(sk.cap for sk in self.seqs.values() if sk.k[0] is not None)
+        return self.used * self.bytes_per_token, cap * self.bytes_per_token
+
     def stats(self) -> MemoryStats:
         used = self.used
         return MemoryStats(

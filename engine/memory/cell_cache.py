@@ -233,6 +233,9 @@ class CellKVCache(KVCache):
     def _reserved_rows_by_layer(self):
         return [(self.size, self.size)] * self.cfg.n_layer
 
+    def usage(self) -> tuple[int, int]:
+        return self.cells.used * self.bytes_per_token, self.size * self.bytes_per_token
+
     def _stats(self, **extra) -> MemoryStats:
         c = self.cells
         used = c.used

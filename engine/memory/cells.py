@@ -20,11 +20,9 @@ class KVCells:
         self.shift = np.zeros(size, dtype=np.int64)  # (size,) pending K-shift delta
         self.seq = np.zeros((size, n_seq_max), dtype=bool)  # (size, n_seq_max)
         self.has_shift = False
+        self.used = 0  # cells with pos >= 0, kept up to date by every mutator (read every step)
 
     # -- queries -------------------------------------------------------------------------------
-    @property
-    def used(self) -> int:
-        return int(np.count_nonzero(self.pos >= 0))
 
     def used_max_p1(self) -> int:
         """Highest used cell index + 1 (an index bound, not a count); 0 when empty."""
@@ -66,12 +64,14 @@ class KVCells:
     # -- mutators ------------------------------------------------------------------------------
     def _drop_empty(self, m: np.ndarray) -> np.ndarray:
         """Cells in m that lost their last sequence become empty; returns which did."""
-        emptied = m & ~self.seq.any(axis=1)
+        emptied = m & ~self.seq.any(axis=1) & (self.pos >= 0)
+        self.used -= int(np.count_nonzero(emptied))
         self.pos[emptied] = -1
         self.shift[emptied] = 0
         return emptied
 
     def rm(self, idx: np.ndarray) -> None:
+        self.used -= int(np.count_nonzero(self.pos[idx] >= 0))
         self.pos[idx] = -1
         self.shift[idx] = 0
         self.seq[idx] = False
@@ -79,6 +79,7 @@ class KVCells:
     def set_tokens(self, idx: np.ndarray, pos: np.ndarray, seq: np.ndarray) -> None:
         """Place tokens (pos[i], seq[i]) in cells idx[i]; the cells must be empty."""
         assert (self.pos[idx] < 0).all(), "set_tokens: target cells must be empty"
+        self.used += len(idx)
         self.pos[idx] = pos
         self.seq[idx, seq] = True
 
@@ -104,11 +105,12 @@ class KVCells:
     def seq_add(self, s: int, p0: int, p1: int, delta: int) -> np.ndarray:
         """Shift positions of s's cells in [p0, p1) by delta; cells pushed below 0 are freed."""
         m = self.in_range(s, p0, p1)
+        gone = m & (self.pos + delta < 0)
+        self.rm(gone)  # before the shift, while they still count as used
+        m &= ~gone
         self.pos[m] += delta
         self.shift[m] += delta
         self.has_shift = self.has_shift or bool(m.any())
-        gone = m & (self.pos < 0)
-        self.rm(gone)
         return gone
 
     def reset_shift(self) -> None:
@@ -121,3 +123,4 @@ class KVCells:
 
     def restore(self, snap: tuple) -> None:
         self.pos[:], self.seq[:], self.shift[:], self.has_shift = snap
+        self.used = int(np.count_nonzero(self.pos >= 0))

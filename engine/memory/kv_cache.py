@@ -184,6 +184,10 @@ class KVCache:
             out[f"v.{t}"] = out.get(f"v.{t}", 0) + vb * self.row_bytes_v
         return out
 
+    def usage(self) -> tuple[int, int]:
+        """(live_bytes, reserved_bytes), cheap enough to call every step (stats() is the full picture)."""
+        raise NotImplementedError
+
     def _reserved_rows_by_layer(self) -> list[tuple[int, int]]:
         """(K rows, V rows) reserved per layer."""
         raise NotImplementedError

@@ -101,12 +101,13 @@ class Scheduler:
         self._order = 0
 
     # -- queue ---------------------------------------------------------------------------------
-    def submit(self, req: Request) -> RequestResult:
+    def submit(self, req: Request, t_submit: float | None = None) -> RequestResult:
+        """Queue a request; ``t_submit`` (clock time) is when it arrived, default now."""
         if not req.prompt:
             raise ConfigError(f"request {req.id}: empty prompt")
         if req.n_predict <= 0:
             raise ConfigError(f"request {req.id}: n_predict must be positive")
-        res = RequestResult(req.id, list(req.prompt), t_submit=self.clock())
+        res = RequestResult(req.id, list(req.prompt), t_submit=self.clock() if t_submit is None else t_submit)
         self.results[req.id] = res
         self.queue.append((req, res))
         return res
@@ -123,41 +124,51 @@ class Scheduler:
         return False
 
     def _admit(self) -> None:
+        """FIFO admission into free slots, while the memory has room for the next prompt.
+
+        The room check (vLLM's can_allocate) keeps a preempted request from being re-admitted
+        into a memory that is still full, only to be preempted again at the next step. With
+        nothing running a request is admitted regardless, so one too big for the cache fails
+        with its reason instead of waiting forever.
+        """
         while self.queue and len(self.running) < self.parallel:
             req, res = self.queue[0]
-            if self.share_prefix and self._prefix_pending(res.prompt + res.tokens):
-                return  # FIFO: admit once the shared prefix is in memory, then seq_cp it
+            history = res.prompt + res.tokens  # a preempted request resumes where it was
+            if self.share_prefix and self._prefix_pending(history):
+                return  # admit once the shared prefix is in memory, then seq_cp it
+            src, n_shared = self._best_prefix(history) if self.share_prefix else (None, 0)
+            if self.running and self.mem.stats().free_cells < len(history) - n_shared + 1:
+                return
             self.queue.popleft()
             slot = min(set(range(self.parallel)) - set(self.running))
-            history = res.prompt + res.tokens  # a preempted request resumes where it was
             r = _Running(req, res, slot, self._order, history, list(history), 0,
                          Sampler(self.sampling, req.id if req.seed_offset is None else req.seed_offset))
             self._order += 1
             res.status, res.t_admit = "running", res.t_admit or self.clock()
-            if self.share_prefix:
-                n = self._share(r)
-                if not res.preemptions and not res.tokens:
-                    res.shared_prefix = n
+            if src is not None and self._share(r, src, n_shared) and not res.preemptions and not res.tokens:
+                res.shared_prefix = n_shared
             self.running[slot] = r
 
-    def _share(self, r: _Running) -> int:
-        """seq_cp the longest prefix of r's tokens that another running request holds."""
+    def _best_prefix(self, history: list[int]) -> tuple[_Running | None, int]:
+        """The running request holding the longest prefix of history (the last token always runs)."""
         best, src = 0, None
-        limit = len(r.history) - 1  # the last token must run to give logits
+        limit = len(history) - 1
         for o in self.running.values():
             n, m = 0, min(limit, o.n_cached)
-            while n < m and o.history[n] == r.history[n]:
+            while n < m and o.history[n] == history[n]:
                 n += 1
             if n > best:
                 best, src = n, o
-        if src is None:
-            return 0
+        return src, best
+
+    def _share(self, r: _Running, src: _Running, n: int) -> bool:
+        """seq_cp src's first n tokens to r; r then prefills only the rest."""
         try:
-            self.mem.seq_cp(src.slot, r.slot, 0, best)
+            self.mem.seq_cp(src.slot, r.slot, 0, n)
         except MemoryFullError:  # naive copies and may not have room; prefill instead
-            return 0
-        r.pending, r.n_cached = r.history[best:], best
-        return best
+            return False
+        r.pending, r.n_cached = r.history[n:], n
+        return True
 
     # -- one step ------------------------------------------------------------------------------
     def _build(self) -> tuple[Batch, list[tuple[_Running, int]]]:

@@ -13,6 +13,9 @@ GENERATE_RESULTS: dict[str, dict] = {}
 # (allocator, parallel) -> (decode step ms p50, p90, storage allocations per decode step)
 ALLOC_RESULTS: dict[tuple[str, int], tuple[float, float, float]] = {}
 
+# trackers on vs off: step ms and relative overhead
+OVERHEAD_RESULTS: dict[str, float] = {}
+
 BENCH_THREADS = int(os.environ.get("KVBENCH_BENCH_THREADS", "2"))
 
 
@@ -27,6 +30,13 @@ def pytest_terminal_summary(terminalreporter):
         tr.section("decode step with churn (ms p50 / p90, KV storage allocations per decode step)")
         for (alloc, par), (p50, p90, al) in sorted(ALLOC_RESULTS.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             tr.write_line(f"parallel {par:<2} {alloc:<7} {p50:7.3f} / {p90:7.3f} ms   {al:5.1f} allocs/step")
+    if OVERHEAD_RESULTS:
+        r = OVERHEAD_RESULTS
+        tr.section("tracker overhead (medians; overhead = median of paired on/off ratios)")
+        tr.write_line(f"decode step : off {r['step_ms_off']:.3f} ms  on {r['step_ms_on']:.3f} ms  "
+                      f"overhead {100 * r['step_overhead']:+.2f}%  (gate: < 2%)")
+        tr.write_line(f"loop / step : off {r['loop_ms_off']:.3f} ms  on {r['loop_ms_on']:.3f} ms  "
+                      f"overhead {100 * r['loop_overhead']:+.2f}%")
     if not GENERATE_RESULTS:
         return
     tr.section("generate tokens/s (medians; decode = n_decode / (t[prefill+decode] - t[prefill]))")

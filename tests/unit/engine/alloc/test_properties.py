@@ -85,6 +85,7 @@ class Harness:
             used = c.pos >= 0
             assert (used == c.seq.any(axis=1)).all(), "(c) pos >= 0 iff the cell has an owner"
             assert c.used <= c.size
+            assert c.used == int(np.count_nonzero(c.pos >= 0)), "the maintained used count drifted"
             ids = [mem.v[il][:, 0].tolist() for il in range(N_LAYER)]
             for i in np.flatnonzero(used).tolist():
                 vid = int(ids[0][i])

@@ -1,0 +1,224 @@
+"""The sweep point's configuration: dataclasses registered in Hydra's ConfigStore, validated.
+
+``experiments/config.yaml`` builds on ``RunConfig`` (the schema), so OmegaConf rejects unknown
+keys and values of the wrong type, with the key's full path. ``validate`` adds what a schema
+cannot express (positive sizes, a block size that divides the cache, parallel sequences the
+cache can hold...) and raises ``ConfigError`` naming the key, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from engine.errors import ConfigError
+
+
+class Allocator(Enum):
+    naive = "naive"
+    pooled = "pooled"
+    paged = "paged"
+
+
+class CacheType(Enum):
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+    q4_0 = "q4_0"
+
+
+class Tier(Enum):
+    device = "device"
+    host = "host"
+    disk = "disk"
+
+
+class Growth(Enum):
+    cat = "cat"
+    double = "double"
+
+
+class ArrivalProcess(Enum):
+    none = "none"  # every request is there at t = 0 (closed loop)
+    poisson = "poisson"
+    gamma = "gamma"
+
+
+@dataclass
+class ModelConf:
+    name: str = "llama-tiny"  # preset name or path to a .gguf
+    dtype: str = "f32"  # weights and compute: f32 | f16 | bf16
+
+
+@dataclass
+class CacheConf:
+    size: int = 1024  # KV cells (tokens) in total, llama.cpp's -c
+    block_size: int = 16  # paged: tokens per block
+    type_k: CacheType = CacheType.f32  # -ctk
+    type_v: CacheType = CacheType.f32  # -ctv
+    offload: Tier = Tier.device
+    offload_layers: int = 0  # with host/disk: the first N layers stay on the device
+    growth: Growth = Growth.cat  # naive only
+
+
+@dataclass
+class ArrivalConf:
+    process: ArrivalProcess = ArrivalProcess.none
+    rate: float = 8.0  # requests per second (poisson, gamma)
+    cv: float = 2.0  # gamma: coefficient of variation of inter-arrival times (1 = poisson)
+
+
+@dataclass
+class WorkloadConf:
+    """Base of the workload group; ``_target_`` names the generator class in harness.workload."""
+
+    _target_: str = MISSING
+    n_requests: int = 16
+    arrival: ArrivalConf = field(default_factory=ArrivalConf)
+
+
+@dataclass
+class FixedWorkloadConf(WorkloadConf):
+    _target_: str = "harness.workload.FixedWorkload"
+    prompt_len: int = 64
+    output_len: int = 64
+
+
+@dataclass
+class ShareGPTWorkloadConf(WorkloadConf):
+    """Log-normal lengths with ShareGPT's means (vLLM paper: 161 in, 338 out), scaled down by ``scale``."""
+
+    _target_: str = "harness.workload.ShareGPTWorkload"
+    mean_prompt: float = 161.0
+    mean_output: float = 338.0
+    sigma: float = 0.8  # log-space spread
+    scale: float = 0.25  # multiplies both means; 1.0 for the paper's lengths
+    min_len: int = 4
+    max_len: int = 1024
+
+
+@dataclass
+class SharedPrefixWorkloadConf(WorkloadConf):
+    _target_: str = "harness.workload.SharedPrefixWorkload"
+    n_prefixes: int = 1  # distinct system prompts, assigned round-robin
+    prefix_len: int = 96
+    suffix_len: int = 16
+    output_len: int = 32
+
+
+@dataclass
+class ChurnWorkloadConf(WorkloadConf):
+    """Uniform prompt and output lengths in wide ranges: sequences end at different times."""
+
+    _target_: str = "harness.workload.ChurnWorkload"
+    prompt_min: int = 8
+    prompt_max: int = 128
+    output_min: int = 8
+    output_max: int = 128
+
+
+@dataclass
+class TrackersConf:
+    latency: bool = True
+    memory: bool = True
+    fragmentation: bool = True
+    sample_interval_ms: float = 20.0  # timeline sampling period; peaks are tracked every step regardless
+
+
+@dataclass
+class RunConfig:
+    model: ModelConf = field(default_factory=ModelConf)
+    allocator: Allocator = Allocator.pooled
+    cache: CacheConf = field(default_factory=CacheConf)
+    workload: Any = MISSING  # one of the workload group's configs
+    parallel: int = 4  # sequences decoded together, llama.cpp's -np
+    ubatch: int = 512  # tokens per forward pass, -ub
+    n_batch: int = 2048  # tokens per scheduler step (prompt chunks + decode tokens), -b
+    threads: int = 2
+    device: str = "cpu"
+    seed: int = 0
+    warmup: bool = True
+    share_prefix: bool = True
+    probe_logit_error: bool = True  # logits of a probe prompt vs an f32 cache (cache-type trade-off)
+    trackers: TrackersConf = field(default_factory=TrackersConf)
+    quiet: bool = False
+    name: str = ""  # a label for reports (named experiments set it)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConfig)
+    for name, node in [("base_fixed", FixedWorkloadConf), ("base_sharegpt", ShareGPTWorkloadConf),
+                       ("base_shared_prefix", SharedPrefixWorkloadConf), ("base_churn", ChurnWorkloadConf)]:
+        cs.store(group="workload", name=name, node=node)
+
+
+# -- validation beyond the schema ------------------------------------------------------------------
+def _positive(cfg, key: str, minimum: float = 1) -> None:
+    v = OmegaConf.select(cfg, key)
+    if v is None or v < minimum:
+        raise ConfigError(f"{key} = {v}: must be >= {minimum}")
+
+
+_WORKLOADS = (FixedWorkloadConf, ShareGPTWorkloadConf, SharedPrefixWorkloadConf, ChurnWorkloadConf)
+
+
+def _unknown_keys(cfg, schema, prefix: str = "") -> list[str]:
+    """Keys of cfg the schema does not have (Hydra's ``+key=value`` adds keys past the struct flag)."""
+    out = []
+    for k in cfg:
+        if k not in schema.keys():  # not `in schema`: that is False for a key whose value is MISSING
+            out.append(prefix + str(k))
+        elif k != "workload" and isinstance(schema[k], DictConfig) and isinstance(cfg[k], DictConfig):
+            out += _unknown_keys(cfg[k], schema[k], f"{prefix}{k}.")
+    return out
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks a schema cannot express; ConfigError naming the key. Cheap: no model is loaded."""
+    unknown = _unknown_keys(cfg, OmegaConf.structured(RunConfig))
+    target = OmegaConf.select(cfg, "workload._target_")
+    wl = next((w for w in _WORKLOADS if w._target_ == target), None)
+    if wl is None:
+        raise ConfigError(f"workload._target_ = {target!r}: not a kvbench workload; use workload=sharegpt|fixed|"
+                          "shared_prefix|churn")
+    unknown += _unknown_keys(cfg.workload, OmegaConf.structured(wl), "workload.")
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r}; the keys are those of harness/config.py (RunConfig)")
+    for key in ("cache.size", "cache.block_size", "parallel", "ubatch", "n_batch", "threads",
+                "workload.n_requests"):
+        _positive(cfg, key)
+    _positive(cfg, "cache.offload_layers", 0)
+    _positive(cfg, "trackers.sample_interval_ms", 0)
+    alloc = Allocator(cfg.allocator).value if not isinstance(cfg.allocator, Allocator) else cfg.allocator.value
+    size, bs, par = cfg.cache.size, cfg.cache.block_size, cfg.parallel
+    if alloc == "paged" and size % bs:
+        raise ConfigError(f"cache.block_size = {bs} does not divide cache.size = {size}")
+    capacity = size // bs if alloc == "paged" else size
+    unit = f"blocks of {bs}" if alloc == "paged" else "cells"
+    if par > capacity:
+        raise ConfigError(f"parallel = {par}: more sequences than cache.size = {size} can hold "
+                          f"({capacity} {unit}); lower parallel or raise cache.size")
+    if cfg.model.dtype not in ("f32", "f16", "bf16"):
+        raise ConfigError(f"model.dtype = {cfg.model.dtype!r}: expected f32, f16 or bf16")
+    if cfg.device != "cpu" and not str(cfg.device).startswith("cuda"):
+        raise ConfigError(f"device = {cfg.device!r}: expected cpu or cuda[:N]")
+    a = cfg.workload.arrival
+    if ArrivalProcess(a.process) is not ArrivalProcess.none:
+        _positive(cfg, "workload.arrival.rate", 1e-9)
+        if ArrivalProcess(a.process) is ArrivalProcess.gamma:
+            _positive(cfg, "workload.arrival.cv", 1e-9)
+    w = cfg.workload
+    for key in [k for k in ("prompt_len", "output_len", "prefix_len", "suffix_len", "min_len", "n_prefixes",
+                            "prompt_min", "output_min") if k in w]:
+        _positive(cfg, f"workload.{key}")
+    for lo, hi in (("prompt_min", "prompt_max"), ("output_min", "output_max"), ("min_len", "max_len")):
+        if lo in w and w[hi] < w[lo]:
+            raise ConfigError(f"workload.{hi} = {w[hi]} is below workload.{lo} = {w[lo]}")
+    if "scale" in w and w.scale <= 0:
+        raise ConfigError(f"workload.scale = {w.scale}: must be > 0")

@@ -1,0 +1,84 @@
+"""One record per sweep point: config + metrics + timeline + environment, as JSON, written atomically.
+
+A record is complete or absent: ``write_record`` goes through a temp file and a rename, so a
+crash never leaves half a record. ``load_records`` reads every ``record.json`` under a
+directory and skips (with a warning) files that are unreadable, truncated or of another schema.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.atomic import atomic_open
+
+RECORD_NAME = "record.json"
+SCHEMA = "kvbench-record/1"
+
+
+@dataclass
+class Record:
+    status: str  # "ok" | "failed"
+    config: dict[str, Any]  # the resolved sweep point config
+    metrics: dict[str, Any] = field(default_factory=dict)  # flat names, docs/metrics.md
+    error: str = ""  # why it failed: one line
+    overrides: list[str] = field(default_factory=list)  # what this point changed from the defaults
+    timeline: dict[str, dict[str, list]] = field(default_factory=dict)  # tracker -> series
+    env: dict[str, Any] = field(default_factory=dict)
+    started_at: str = ""
+    duration_s: float = 0.0
+    schema: str = SCHEMA
+
+
+def _jsonable(x):
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None  # strict JSON: NaN becomes null
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def write_record(path: Path, rec: Record) -> Path:
+    with atomic_open(path, "w") as f:
+        json.dump(_jsonable(asdict(rec)), f, indent=1, allow_nan=False)
+    return path
+
+
+def read_record(path: Path) -> Record:
+    with open(path) as f:
+        d = json.load(f)
+    if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+        raise ValueError(f"not a {SCHEMA} record (schema {d.get('schema') if isinstance(d, dict) else None!r})")
+    missing = {"status", "config"} - d.keys()
+    if missing:
+        raise ValueError(f"missing fields {sorted(missing)}")
+    return Record(**{k: v for k, v in d.items() if k in Record.__dataclass_fields__})
+
+
+def load_records(root: Path) -> list[tuple[Path, Record]]:
+    """Every readable record under root (sorted by path); bad ones are skipped with a warning."""
+    out = []
+    for p in sorted(Path(root).rglob(RECORD_NAME)):
+        try:
+            out.append((p, read_record(p)))
+        except (OSError, ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            warnings.warn(f"skipping {p}: {e}", stacklevel=2)
+    return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"cache": {"size": 1}} -> {"cache.size": 1}"""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= flatten(v, key + ".")
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,153 @@
+"""One sweep point: build the engine from the config, run the workload under trackers, write a record.
+
+The run never raises for something that went wrong with the point itself: a bad value, a model
+that does not load, a crash in the engine all become a failed record with the reason, so a
+sweep goes on. Only an interrupt stops it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import time
+import traceback
+from collections import deque
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from engine.errors import KvbenchError
+from engine.loader import create_engine, create_memory, load_model
+from engine.memory.kv_cache import CacheSpec
+from engine.runtime.batch import Batch
+from engine.runtime.sampling import SamplingParams
+from engine.runtime.scheduler import Scheduler
+from harness.config import validate
+from harness.env import collect_env
+from harness.records import RECORD_NAME, Record, write_record
+from harness.trackers import FragmentationTracker, LatencyTracker, MemoryTracker
+
+
+def cache_spec(cfg: DictConfig) -> CacheSpec:
+    c = cfg.cache
+    return CacheSpec(allocator=_v(cfg.allocator), size=c.size, block_size=c.block_size, type_k=_v(c.type_k),
+                     type_v=_v(c.type_v), offload=_v(c.offload), offload_layers=c.offload_layers,
+                     n_seq_max=cfg.parallel, growth=_v(c.growth))
+
+
+def _v(x):
+    return x.value if hasattr(x, "value") else x
+
+
+def quiet(cfg: DictConfig) -> bool:
+    return bool(cfg.quiet) or bool(os.environ.get("CI")) or bool(os.environ.get("KVBENCH_QUIET"))
+
+
+def probe_logit_error(lm, spec: CacheSpec, n_tokens: int = 128) -> dict[str, float]:
+    """Logits of a fixed probe prompt with the point's cache against an f32 pooled cache."""
+    if spec.type_k == "f32" and spec.type_v == "f32":
+        return {"quality.logit_max_abs_err": 0.0, "quality.logit_mean_abs_err": 0.0}
+    g = torch.Generator().manual_seed(1234)
+    toks = [1] + torch.randint(3, lm.config.n_vocab, (n_tokens - 1,), generator=g).tolist()
+    out = []
+    for s in (CacheSpec(size=n_tokens), CacheSpec(size=n_tokens, type_k=spec.type_k, type_v=spec.type_v)):
+        b = Batch()
+        b.add_sequence(toks, 0, output="all")
+        out.append(create_engine(lm, create_memory(lm, s)).decode(b))
+    d = (out[1] - out[0]).abs()
+    return {"quality.logit_max_abs_err": d.max().item(), "quality.logit_mean_abs_err": d.mean().item()}
+
+
+def drive(sched: Scheduler, timed, trackers, progress) -> None:
+    """Submit requests at their arrival times (real time) and step until everything finished."""
+    pending = deque(sorted(timed, key=lambda t: t.arrival_s))
+    t0 = sched.clock()
+    while pending or sched.busy:
+        now = sched.clock() - t0
+        while pending and pending[0].arrival_s <= now:
+            tr = pending.popleft()
+            sched.submit(tr.request, t_submit=t0 + tr.arrival_s)
+        if not sched.busy:
+            time.sleep(max(0.0, pending[0].arrival_s - (sched.clock() - t0)))
+            continue
+        info = sched.step()
+        if info is None:
+            continue
+        for t in trackers:
+            t.on_step(info)
+        if info.finished or info.failed:
+            progress.update(len(info.finished) + len(info.failed))
+
+
+def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> Record:
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    t_start = time.perf_counter()
+    conf = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    rec = Record(status="failed", config=conf, overrides=list(overrides or []), started_at=started)
+    try:
+        validate(cfg)
+        torch.set_num_threads(cfg.threads)
+        lm = load_model(cfg.model.name, cfg.device, cfg.model.dtype)
+        spec = cache_spec(cfg)
+        metrics: dict = {}
+        if cfg.probe_logit_error:
+            metrics |= probe_logit_error(lm, spec)
+        mem = create_memory(lm, spec)
+        eng = create_engine(lm, mem, cfg.ubatch)
+        timed = instantiate(cfg.workload).generate(lm.config.n_vocab, cfg.seed)
+        if cfg.warmup:
+            eng.warmup()
+        sched = Scheduler(eng, cfg.parallel, SamplingParams(seed=cfg.seed), eos_id=None,
+                          share_prefix=cfg.share_prefix, n_batch=cfg.n_batch)
+        tc = cfg.trackers
+        kw = dict(sample_interval_ms=tc.sample_interval_ms)
+        trackers = []
+        if tc.latency:
+            trackers.append(LatencyTracker(sched, **kw))
+        if tc.memory:
+            trackers.append(MemoryTracker(mem, lm.weight_bytes(), lm.device, **kw))
+        if tc.fragmentation:
+            trackers.append(FragmentationTracker(mem, lm.device, **kw))
+        with tqdm(total=len(timed), desc=f"{spec.allocator} {Path(out_dir).name}", unit="req",
+                  disable=quiet(cfg), file=sys.stderr, leave=False) as progress, ExitStack() as stack:
+            for t in trackers:
+                stack.enter_context(t)
+            drive(sched, timed, trackers, progress)
+        for t in trackers:
+            metrics |= t.metrics()
+            tl = t.timeline()
+            if tl:
+                rec.timeline[t.name] = tl
+        res = list(sched.results.values())
+        metrics |= {
+            "requests.total": len(res),
+            "requests.done": sum(r.status == "done" for r in res),
+            "requests.failed": sum(r.status == "failed" for r in res),
+            "requests.preemptions": sched.preemptions,
+            "requests.shared_prefix_tokens": sum(r.shared_prefix for r in res),
+            "tokens.prompt": sum(len(r.prompt) for r in res),
+            "tokens.generated": sum(len(r.tokens) for r in res),
+            "memory.kv_bytes_per_token": mem.bytes_per_token,
+        }
+        rec.metrics = metrics
+        rec.env = collect_env(lm.device)
+        failed = [r for r in res if r.status == "failed"]
+        rec.status = "ok"
+        if failed:
+            rec.error = f"{len(failed)} of {len(res)} requests failed: {failed[0].error}"
+        mem.close()
+    except KvbenchError as e:
+        rec.error = str(e)
+    except Exception as e:  # noqa: BLE001 -- the job boundary: any crash becomes a failed record, the sweep goes on
+        rec.error = f"{type(e).__name__}: {e}".splitlines()[0]
+        (Path(out_dir) / "error.log").write_text(traceback.format_exc())
+    if not rec.env:
+        rec.env = collect_env()
+    rec.duration_s = time.perf_counter() - t_start
+    write_record(Path(out_dir) / RECORD_NAME, rec)
+    return rec

@@ -1,0 +1,104 @@
+"""Memory: process peak RSS, CUDA peaks, a sampled timeline, the KV breakdown at peak.
+
+Peak RSS on Linux: writing "5" to /proc/self/clear_refs resets VmHWM, so the high-water mark
+read from /proc/self/status at the end is the run's own peak (model weights included, since
+they are resident). Where that is not possible the peak of the sampled RSS is reported and
+``memory.peak_rss_source`` says "sampled".
+"""
+
+from __future__ import annotations
+
+import psutil
+import torch
+
+from harness.trackers.base import Tracker
+
+
+def _read_hwm() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class MemoryTracker(Tracker):
+    name = "memory"
+
+    def __init__(self, memory, weights_bytes: int, device: torch.device, **kw) -> None:
+        super().__init__(**kw)
+        self.mem, self.weights_bytes, self.device = memory, weights_bytes, device
+        self.proc = psutil.Process()
+        self.t: list[float] = []
+        self.rss: list[int] = []
+        self.live: list[int] = []
+        self.reserved: list[int] = []
+        self.cuda_alloc: list[int] = []
+        self.peak_breakdown: dict[str, int] = {}
+        self.peak_live = self.peak_reserved = 0
+
+    def start(self) -> None:
+        self.hwm_reset = _reset_hwm()
+        self.rss_start = self.proc.memory_info().rss
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def step(self, info, now: float) -> None:
+        """Exact KV peaks: usage() every step (O(1)-ish), unlike the sampled timeline."""
+        live, reserved = self.mem.usage()
+        self.peak_live = max(self.peak_live, live)
+        if reserved > self.peak_reserved or not self.peak_breakdown:  # pooled/paged: once
+            self.peak_reserved = reserved
+            self.peak_breakdown = self.mem.memory_breakdown()
+
+    def sample(self, now: float) -> None:
+        live, reserved = self.mem.usage()
+        self.t.append(now)
+        self.rss.append(self.proc.memory_info().rss)
+        self.live.append(live)
+        self.reserved.append(reserved)
+        if self.device.type == "cuda":
+            self.cuda_alloc.append(torch.cuda.memory_allocated(self.device))
+        self.step(None, now)
+
+    def stop(self) -> None:
+        hwm = _read_hwm() if self.hwm_reset else None
+        self.peak_rss = hwm if hwm is not None else max(self.rss)
+        self.peak_rss_source = "vmhwm" if hwm is not None else "sampled"
+        if self.device.type == "cuda":
+            self.cuda_peak_alloc = torch.cuda.max_memory_allocated(self.device)
+            self.cuda_peak_reserved = torch.cuda.max_memory_reserved(self.device)
+
+    def metrics(self) -> dict[str, float]:
+        out = {
+            "memory.peak_rss_bytes": self.peak_rss,
+            "memory.peak_rss_source": self.peak_rss_source,
+            "memory.rss_start_bytes": self.rss_start,
+            "memory.weights_bytes": self.weights_bytes,
+            "memory.kv_reserved_peak_bytes": self.peak_reserved,
+            "memory.kv_live_peak_bytes": self.peak_live,
+        }
+        for k, v in self.peak_breakdown.items():
+            out[f"memory.breakdown.{k}"] = v
+        if self.device.type == "cuda":
+            out["memory.cuda_peak_allocated_bytes"] = self.cuda_peak_alloc
+            out["memory.cuda_peak_reserved_bytes"] = self.cuda_peak_reserved
+        return out
+
+    def timeline(self) -> dict[str, list]:
+        tl = {"t_s": self.t, "rss_bytes": self.rss, "kv_live_bytes": self.live, "kv_reserved_bytes": self.reserved}
+        if self.cuda_alloc:
+            tl["cuda_allocated_bytes"] = self.cuda_alloc
+        return tl

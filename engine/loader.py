@@ -66,22 +66,31 @@ class LoadedModel:
     def tokenizer(self) -> GGUFTokenizer:
         return GGUFTokenizer(self.file.tokenizer_metadata(), str(self.path))
 
+    @property
+    def memory_only(self) -> bool:
+        return bool(getattr(self.model, "memory_only", False))
+
     def weight_bytes(self) -> int:
-        seen, n = set(), 0
-        for p in self.model.parameters():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                n += p.numel() * p.element_size()
-        return n
+        """Bytes of the parameters (exact on the meta device too: counted from shapes)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
 
-def load_model(model: str | os.PathLike, device: str = "cpu", dtype: str = "f32", mmap: bool = False) -> LoadedModel:
+def load_model(model: str | os.PathLike, device: str = "cpu", dtype: str = "f32", mmap: bool = False,
+               memory_only: bool = False, allow_memory_only: bool = False) -> LoadedModel:
+    """Load a model. ``memory_only`` builds the real shapes on the meta device: exact byte
+    accounting, no weights, no arithmetic. With ``allow_memory_only`` a shape-only file (such as
+    the llama-7b preset) loads that way; without it, it is an error (generation needs weights)."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    dev = resolve_device(device)
     path = resolve_model_path(model)
     f = open_gguf(path)
     cfg = f.config()
+    if memory_only or (allow_memory_only and not cfg.weights_present):
+        from engine.model.memory_only import MemoryOnlyModel
+
+        f.check_tensors(cfg)
+        return LoadedModel(path, f, cfg, MemoryOnlyModel(cfg, DTYPES[dtype]), torch.device("meta"), DTYPES[dtype])
+    dev = resolve_device(device)
     weights = f.load_weights(cfg, DTYPES[dtype], mmap=mmap)
     net = Transformer.from_weights(cfg, weights, dev)
     return LoadedModel(path, f, cfg, net, dev, DTYPES[dtype])

@@ -213,6 +213,8 @@ def _print_human(cmd: str, r: dict) -> None:
         print(f"wrote {r['out']}: float32 {r['shape']}")
     elif cmd == "report":
         print(f"wrote {r['report']}, {r['csv']}, {r['html']}")
+    elif cmd == "compare":
+        print(r["table"])
     else:
         w = max(len(k) for k in r)
         for k, v in r.items():
@@ -261,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--no-plots", action="store_true")
     rp.add_argument("--json", action="store_true")
 
+    cp = sub.add_parser("compare", help="exit 1 when CURRENT regressed against BASELINE (benchmark JSON or sweep dirs)")
+    cp.add_argument("baseline")
+    cp.add_argument("current")
+    cp.add_argument("--rules", help="YAML rules: match, kind (relative|exact), direction, tolerance, gate")
+    cp.add_argument("--all", action="store_true", help="show unchanged metrics too")
+    cp.add_argument("--json", action="store_true")
+
     i = sub.add_parser("info", help="architecture, shapes, tensor types, KV bytes per token")
     i.add_argument("--model", "-m", default=DEFAULT_MODEL)
     i.add_argument("--json", action="store_true")
@@ -277,8 +286,22 @@ def cmd_report(args) -> dict:
     return {"report": str(out), "csv": str(d / "report.csv"), "html": str(d / "report.html")}
 
 
+def cmd_compare(args) -> dict:
+    from harness.compare import compare, load_metrics, load_rules, render
+
+    for p in (args.baseline, args.current):
+        if not Path(p).exists():
+            raise ConfigError(f"{p}: no such file or directory")
+    rows = compare(load_metrics(Path(args.baseline)), load_metrics(Path(args.current)),
+                   load_rules(Path(args.rules) if args.rules else None))
+    regressed = [r.metric for r in rows if r.status == "regressed"]
+    return {"table": render(rows, args.all), "regressed": regressed,
+            "rows": [{"metric": r.metric, "baseline": r.base, "current": r.cur,
+                      "change": r.change, "status": r.status} for r in rows]}
+
+
 COMMANDS = {"generate": cmd_generate, "logits": cmd_logits, "tokenize": cmd_tokenize, "info": cmd_info,
-            "report": cmd_report}
+            "report": cmd_report, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         _print_human(args.cmd, result)
+    if args.cmd == "compare" and result["regressed"]:
+        return 1  # a regression (bad input exits 2)
     return 0
 
 

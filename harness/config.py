@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -44,7 +44,8 @@ class Growth(Enum):
 
 
 class ArrivalProcess(Enum):
-    none = "none"  # every request is there at t = 0 (closed loop)
+    none = "none"  # every request is there at t = 0 (they queue for the parallel slots)
+    closed = "closed"  # each request arrives when the previous one has finished: no queueing
     poisson = "poisson"
     gamma = "gamma"
 
@@ -80,6 +81,7 @@ class WorkloadConf:
     _target_: str = MISSING
     n_requests: int = 16
     arrival: ArrivalConf = field(default_factory=ArrivalConf)
+    parallel: Optional[int] = None  # a scenario that fixes its own concurrency overrides the run's parallel
 
 
 @dataclass
@@ -148,6 +150,9 @@ class RunConfig:
     trackers: TrackersConf = field(default_factory=TrackersConf)
     quiet: bool = False
     name: str = ""  # a label for reports (named experiments set it)
+    force: bool = False  # rerun points an earlier sweep already finished (default: reuse their records)
+    isolate: bool = True  # run each point in a fresh process (crash-safe, clean peak RSS and malloc state)
+    timeout_s: float = 0.0  # stop a point that runs longer (isolated points only); 0 = no limit
 
 
 def register_configs() -> None:
@@ -179,6 +184,12 @@ def _unknown_keys(cfg, schema, prefix: str = "") -> list[str]:
     return out
 
 
+def effective_parallel(cfg: DictConfig) -> int:
+    """parallel, unless the workload fixes its own (``workload.parallel``)."""
+    p = OmegaConf.select(cfg, "workload.parallel")
+    return int(p) if p is not None else int(cfg.parallel)
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks a schema cannot express; ConfigError naming the key. Cheap: no model is loaded."""
     unknown = _unknown_keys(cfg, OmegaConf.structured(RunConfig))
@@ -196,7 +207,7 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "cache.offload_layers", 0)
     _positive(cfg, "trackers.sample_interval_ms", 0)
     alloc = Allocator(cfg.allocator).value if not isinstance(cfg.allocator, Allocator) else cfg.allocator.value
-    size, bs, par = cfg.cache.size, cfg.cache.block_size, cfg.parallel
+    size, bs, par = cfg.cache.size, cfg.cache.block_size, effective_parallel(cfg)
     if alloc == "paged" and size % bs:
         raise ConfigError(f"cache.block_size = {bs} does not divide cache.size = {size}")
     capacity = size // bs if alloc == "paged" else size
@@ -209,7 +220,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.device != "cpu" and not str(cfg.device).startswith("cuda"):
         raise ConfigError(f"device = {cfg.device!r}: expected cpu or cuda[:N]")
     a = cfg.workload.arrival
-    if ArrivalProcess(a.process) is not ArrivalProcess.none:
+    if ArrivalProcess(a.process) in (ArrivalProcess.poisson, ArrivalProcess.gamma):
         _positive(cfg, "workload.arrival.rate", 1e-9)
         if ArrivalProcess(a.process) is ArrivalProcess.gamma:
             _positive(cfg, "workload.arrival.cv", 1e-9)

@@ -27,10 +27,13 @@ class Record:
     metrics: dict[str, Any] = field(default_factory=dict)  # flat names, docs/metrics.md
     error: str = ""  # why it failed: one line
     overrides: list[str] = field(default_factory=list)  # what this point changed from the defaults
+    choices: dict[str, str] = field(default_factory=dict)  # Hydra group options, e.g. {"workload": "churn"}
     timeline: dict[str, dict[str, list]] = field(default_factory=dict)  # tracker -> series
     env: dict[str, Any] = field(default_factory=dict)
     started_at: str = ""
     duration_s: float = 0.0
+    config_hash: str = ""  # harness.point.config_hash: what identifies the measurement
+    resumed_from: str = ""  # set when a rerun reused this point's record from an earlier sweep
     schema: str = SCHEMA
 
 

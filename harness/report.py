@@ -44,7 +44,8 @@ def records_frame(records: list[tuple[Path, Record]], root: Path) -> pd.DataFram
     for path, rec in records:
         conf = flatten({k: v for k, v in rec.config.items() if k != "workload"})
         wl = rec.config.get("workload") or {}
-        conf["workload"] = str(wl.get("_target_", "")).rsplit(".", 1)[-1].replace("Workload", "").lower()
+        conf["workload"] = rec.choices.get("workload") or \
+            str(wl.get("_target_", "")).rsplit(".", 1)[-1].replace("Workload", "").lower()
         conf |= {f"workload.{k}": v for k, v in flatten({k: v for k, v in wl.items() if k != "_target_"}).items()}
         rows.append({"job": str(path.parent.relative_to(root)), "status": rec.status, "error": rec.error,
                      **conf, **rec.metrics, "duration_s": rec.duration_s, "git_commit": rec.env.get("git_commit", "")})
@@ -108,16 +109,50 @@ def write_report(sweep_dir: Path, plots: bool = True) -> Path:
         md += ["## Runs with failed requests", ""] + [f"- `{r.job}`: {r.error}" for r in partial.itertuples()] + [""]
     if skipped:
         md += ["## Skipped records", ""] + [f"- {m}" for m in skipped] + [""]
+    claims = ""
+    if not df.empty and "name" in df and (df["name"] == "seed_claims").any():
+        from harness.claims import claims_markdown
+
+        claims = claims_markdown(df)
+        md += [claims]
     if figs:
         md += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in figs] + [""]
     with atomic_open(sweep_dir / "report.md", "w") as f:
         f.write("\n".join(md))
     with atomic_open(sweep_dir / "report.html", "w") as f:
-        f.write(_html(sweep_dir.name, table, failed, partial, skipped, figs))
+        f.write(_html(sweep_dir.name, table, failed, partial, skipped, figs, claims))
     return sweep_dir / "report.md"
 
 
-def _html(title: str, table, failed, partial, skipped, figs: list[Path]) -> str:
+def _md_to_html(md: str) -> str:
+    """The few Markdown constructs the claims section uses: a heading, paragraphs, a table, a list."""
+    out, table = [], []
+
+    def flush():
+        if table:
+            rows = [[c.strip() for c in r.strip("|").split("|")] for r in table if not set(r) <= set("|-: ")]
+            head, body = rows[0], rows[1:]
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in r)
+                                 + "</tr>" for r in body) + "</table>")
+            table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("## "):
+            out.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("- "):
+            out.append(f"<li>{html.escape(line[2:])}</li>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    return "\n".join(out)
+
+
+def _html(title: str, table, failed, partial, skipped, figs: list[Path], claims_md: str = "") -> str:
     """One self-contained page: tables and the PNG plots inlined as data URIs."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>kvbench {html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
@@ -130,6 +165,8 @@ def _html(title: str, table, failed, partial, skipped, figs: list[Path]) -> str:
         if len(rows):
             parts += [f"<h2>{head}</h2><ul>"] + [
                 f"<li><code>{html.escape(r.job)}</code>: {html.escape(r.error)}</li>" for r in rows.itertuples()] + ["</ul>"]
+    if claims_md:
+        parts.append(_md_to_html(claims_md))
     if skipped:
         parts += ["<h2>Skipped records</h2><ul>"] + [f"<li>{html.escape(m)}</li>" for m in skipped] + ["</ul>"]
     if figs:

@@ -27,17 +27,21 @@ from engine.memory.kv_cache import CacheSpec
 from engine.runtime.batch import Batch
 from engine.runtime.sampling import SamplingParams
 from engine.runtime.scheduler import Scheduler
-from harness.config import validate
+from harness.config import effective_parallel, validate
 from harness.env import collect_env
 from harness.records import RECORD_NAME, Record, write_record
 from harness.trackers import FragmentationTracker, LatencyTracker, MemoryTracker
+
+
+# In a memory-only run these describe the kvbench process, not the modeled one: not reported.
+_NOT_MODELED = ("memory.peak_rss", "memory.rss_start", "fragmentation.allocator", "memory.cuda_")
 
 
 def cache_spec(cfg: DictConfig) -> CacheSpec:
     c = cfg.cache
     return CacheSpec(allocator=_v(cfg.allocator), size=c.size, block_size=c.block_size, type_k=_v(c.type_k),
                      type_v=_v(c.type_v), offload=_v(c.offload), offload_layers=c.offload_layers,
-                     n_seq_max=cfg.parallel, growth=_v(c.growth))
+                     n_seq_max=effective_parallel(cfg), growth=_v(c.growth))
 
 
 def _v(x):
@@ -69,7 +73,9 @@ def drive(sched: Scheduler, timed, trackers, progress) -> None:
     t0 = sched.clock()
     while pending or sched.busy:
         now = sched.clock() - t0
-        while pending and pending[0].arrival_s <= now:
+        while pending and pending[0].after_previous and not sched.busy:
+            sched.submit(pending.popleft().request)  # closed loop: it arrives now
+        while pending and not pending[0].after_previous and pending[0].arrival_s <= now:
             tr = pending.popleft()
             sched.submit(tr.request, t_submit=t0 + tr.arrival_s)
         if not sched.busy:
@@ -84,30 +90,34 @@ def drive(sched: Scheduler, timed, trackers, progress) -> None:
             progress.update(len(info.finished) + len(info.failed))
 
 
-def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> Record:
+def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None,
+              choices: dict[str, str] | None = None) -> Record:
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     t_start = time.perf_counter()
     conf = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    rec = Record(status="failed", config=conf, overrides=list(overrides or []), started_at=started)
+    from harness.point import config_hash
+
+    rec = Record(status="failed", config=conf, overrides=list(overrides or []), started_at=started,
+                 config_hash=config_hash(cfg), choices=dict(choices or {}))
     try:
         validate(cfg)
         torch.set_num_threads(cfg.threads)
-        lm = load_model(cfg.model.name, cfg.device, cfg.model.dtype)
+        lm = load_model(cfg.model.name, cfg.device, cfg.model.dtype, allow_memory_only=True)
         spec = cache_spec(cfg)
-        metrics: dict = {}
-        if cfg.probe_logit_error:
+        metrics: dict = {"run.memory_only": lm.memory_only}
+        if cfg.probe_logit_error and not lm.memory_only:
             metrics |= probe_logit_error(lm, spec)
         mem = create_memory(lm, spec)
         eng = create_engine(lm, mem, cfg.ubatch)
         timed = instantiate(cfg.workload).generate(lm.config.n_vocab, cfg.seed)
         if cfg.warmup:
             eng.warmup()
-        sched = Scheduler(eng, cfg.parallel, SamplingParams(seed=cfg.seed), eos_id=None,
+        sched = Scheduler(eng, effective_parallel(cfg), SamplingParams(seed=cfg.seed), eos_id=None,
                           share_prefix=cfg.share_prefix, n_batch=cfg.n_batch)
         tc = cfg.trackers
         kw = dict(sample_interval_ms=tc.sample_interval_ms)
         trackers = []
-        if tc.latency:
+        if tc.latency and not lm.memory_only:  # a memory-only run has no timings worth reporting
             trackers.append(LatencyTracker(sched, **kw))
         if tc.memory:
             trackers.append(MemoryTracker(mem, lm.weight_bytes(), lm.device, **kw))
@@ -134,6 +144,12 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
             "tokens.generated": sum(len(r.tokens) for r in res),
             "memory.kv_bytes_per_token": mem.bytes_per_token,
         }
+        if lm.memory_only:
+            metrics = {k: v for k, v in metrics.items() if not k.startswith(_NOT_MODELED)}
+            metrics["memory.model_peak_bytes"] = (metrics["memory.weights_bytes"]
+                                                  + metrics["memory.kv_reserved_transient_peak_bytes"])
+            clean = [r for r in res if r.status == "done" and r.preemptions == 0]
+            metrics["stability.requests_clean"] = len(clean) / len(res) if res else float("nan")
         rec.metrics = metrics
         rec.env = collect_env(lm.device)
         failed = [r for r in res if r.status == "failed"]

@@ -42,13 +42,33 @@ class ReportCallback(Callback):
 
 @hydra.main(version_base="1.3", config_path=str(EXPERIMENTS), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
+    import dataclasses
+
+    from hydra.types import RunMode
+
+    from harness.point import config_hash, find_done, run_isolated
+    from harness.records import RECORD_NAME, write_record
     from harness.run import run_point
 
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
-    rec = run_point(cfg, out, list(hc.overrides.task))
+    overrides = list(hc.overrides.task)
+    choices = {k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
+    sweep_dir = Path(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir)
+    done = None if cfg.force else find_done(sweep_dir.parent, config_hash(cfg), exclude=out)
+    if done is not None:
+        from harness.records import read_record
+
+        rec = dataclasses.replace(read_record(done), resumed_from=str(done), overrides=overrides, choices=choices)
+        write_record(out / RECORD_NAME, rec)
+        print(f"kvbench: {out}: done before in {done.parent}, skipped (--force reruns it)", file=sys.stderr)
+        return
+    rec = run_isolated(cfg, out, overrides, choices) if cfg.isolate else run_point(cfg, out, overrides, choices)
     m = rec.metrics
-    if rec.status == "ok":
+    if rec.status == "ok" and m.get("run.memory_only"):
+        line = (f"{rec.config['allocator']:<7} memory-only: weights {m['memory.weights_bytes'] / 2**30:.2f} GiB "
+                f"+ KV peak {m['memory.kv_reserved_transient_peak_bytes'] / 2**20:.0f} MiB")
+    elif rec.status == "ok":
         line = (f"{rec.config['allocator']:<7} TPOT p50 {m.get('latency.tpot_ms.p50', float('nan')):.2f} ms, "
                 f"peak RSS {m.get('memory.peak_rss_bytes', 0) / 2**20:.0f} MiB, "
                 f"kv_waste {m.get('fragmentation.kv_waste.time_weighted', float('nan')):.3f}")
@@ -146,11 +166,12 @@ def prevalidate(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``kvbench run [--quiet] [hydra args and overrides]``."""
+    """``kvbench run [--quiet] [--force] [hydra args and overrides]``."""
     argv = list(argv)
-    if "--quiet" in argv:
-        argv.remove("--quiet")
-        argv.append("quiet=true")
+    for flag, override in (("--quiet", "quiet=true"), ("--force", "force=true")):
+        if flag in argv:
+            argv.remove(flag)
+            argv.append(override)
     if not any(a in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c") for a in argv):
         prevalidate(argv)
     sys.argv = ["kvbench run"] + argv

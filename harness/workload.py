@@ -5,9 +5,10 @@ from the start, and an engine ``Request``). Prompts are random token ids (what i
 memory and time, not text); outputs have a fixed length (EOS is ignored), so every allocator
 runs exactly the same tokens.
 
-Arrivals: ``none`` (all at t = 0: a closed loop that keeps ``parallel`` sequences busy),
-``poisson`` (exponential gaps at ``rate`` req/s) or ``gamma`` (gaps with the same mean and a
-coefficient of variation ``cv``: cv > 1 is burstier than Poisson).
+Arrivals: ``none`` (all at t = 0: they queue for the ``parallel`` slots), ``closed`` (each
+request arrives when the previous one has finished: service latency without queueing; the run's
+driver handles it, times here are 0), ``poisson`` (exponential gaps at ``rate`` req/s) or
+``gamma`` (gaps with the same mean and a coefficient of variation ``cv``: cv > 1 is burstier).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from harness.config import ArrivalProcess
 class TimedRequest:
     arrival_s: float
     request: Request
+    after_previous: bool = False  # closed loop: arrive when everything before has finished
 
 
 def arrival_times(arrival, n: int, rng: np.random.Generator) -> np.ndarray:
     process = ArrivalProcess(arrival.process)
-    if process is ArrivalProcess.none:
+    if process in (ArrivalProcess.none, ArrivalProcess.closed):
         return np.zeros(n)
     mean_gap = 1.0 / arrival.rate
     if process is ArrivalProcess.poisson:
@@ -41,9 +43,10 @@ def arrival_times(arrival, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 class Workload:
-    def __init__(self, n_requests: int = 16, arrival=None) -> None:
+    def __init__(self, n_requests: int = 16, arrival=None, parallel: int | None = None) -> None:
         self.n_requests = n_requests
         self.arrival = arrival
+        self.parallel = parallel  # read by the run (harness.config.effective_parallel), not here
 
     def lengths(self, rng: np.random.Generator) -> list[tuple[int, int]]:
         """(prompt length, output length) per request."""
@@ -57,7 +60,8 @@ class Workload:
         lens = self.lengths(rng)
         prompts = self.prompts(lens, n_vocab, rng)
         times = arrival_times(self.arrival, len(lens), rng)
-        return [TimedRequest(float(t), Request(i, p, o, seed_offset=i))
+        closed = self.arrival is not None and ArrivalProcess(self.arrival.process) is ArrivalProcess.closed
+        return [TimedRequest(float(t), Request(i, p, o, seed_offset=i), after_previous=closed)
                 for i, (t, p, (_, o)) in enumerate(zip(times, prompts, lens))]
 
 

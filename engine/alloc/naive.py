@@ -59,13 +59,23 @@ class NaiveKV(KVCache):
         super().__init__(*args, **kwargs)
         self.seqs: dict[int, SeqKV] = {}
         self._swa_drop: dict[int, int] = {}  # seq -> first position kept, for the batch being prepared
+        self.reserved_peak = 0
 
     # -- storage -------------------------------------------------------------------------------
     def _realloc(self, sk: SeqKV, keep: np.ndarray | None, cap: int) -> None:
-        """New tensors of ``cap`` rows holding the kept rows (all when keep is None), on each layer's tier."""
+        """New tensors of ``cap`` rows holding the kept rows (all when keep is None), on each layer's tier.
+
+        Layer by layer, like torch.cat in a DynamicCache: while a layer's rows are copied its old
+        and new tensors both exist, which is the transient peak ``reserved_peak_bytes`` records.
+        """
         src = None if keep is None else torch.from_numpy(keep)
         n = sk.n if keep is None else len(keep)
+        row = self.row_bytes_k + self.row_bytes_v
+        held = self.usage()[1]
+        old_cap = sk.cap if sk.k[0] is not None else 0
         for il in range(self.cfg.n_layer):
+            self.reserved_peak = max(self.reserved_peak, held + cap * row)
+            held += (cap - old_cap) * row
             k, v = self.empty_rows(il, cap)
             if n:
                 old_k, old_v = sk.k[il], sk.v[il]
@@ -279,6 +289,9 @@ class NaiveKV(KVCache):
         cap = sum(sk.cap for sk in self.seqs.values() if sk.k[0] is not None)
         return self.used * self.bytes_per_token, cap * self.bytes_per_token
 
+    def reset_peak(self) -> None:
+        self.reserved_peak = self.usage()[1]
+
     def stats(self) -> MemoryStats:
         used = self.used
         return MemoryStats(
@@ -293,4 +306,5 @@ class NaiveKV(KVCache):
             n_seqs=len(self.seqs),
             alloc_calls=self.alloc_calls,
             alloc_calls_last_step=self.alloc_calls_last_step,
+            reserved_peak_bytes=max(self.reserved_peak, self.usage()[1]),
         )

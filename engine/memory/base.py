@@ -43,6 +43,7 @@ class MemoryStats:
     n_seqs: int  # sequences holding at least one token
     alloc_calls: int  # storage allocations since creation (tensors created on a tier)
     alloc_calls_last_step: int  # storage allocations while committing the last ubatch
+    reserved_peak_bytes: int = 0  # most bytes held at once since reset_peak(), transients of growth included
     n_blocks: int = 0  # paged only
     used_blocks: int = 0
     free_blocks: int = 0

@@ -252,6 +252,7 @@ class CellKVCache(KVCache):
             n_seqs=int(c.seq.any(axis=0).sum()),
             alloc_calls=self.alloc_calls,
             alloc_calls_last_step=self.alloc_calls_last_step,
+            reserved_peak_bytes=self.size * self.bytes_per_token,  # allocated once, never more
         )
         fields.update(extra)
         return MemoryStats(**fields)

@@ -97,7 +97,9 @@ class KVCache:
         self.row_bytes_k = self.codec_k.row_bytes(cfg.n_embd_k_gqa)
         self.row_bytes_v = self.codec_v.row_bytes(cfg.n_embd_v_gqa)
         self.layer_tier = [tier_of_layer(il, spec.offload, spec.offload_layers) for il in range(cfg.n_layer)]
-        self.tiers = {name: make_tier(name, self.device) for name in dict.fromkeys(self.layer_tier)}
+        # A memory-only run (meta device) models every tier without allocating any of them.
+        self.tiers = {name: make_tier(name if self.device.type != "meta" else "device", self.device)
+                      for name in dict.fromkeys(self.layer_tier)}
         self.alloc_calls_last_step = 0
         self.n_kv_last = 0  # cells attention read in the last applied ubatch
 
@@ -187,6 +189,9 @@ class KVCache:
     def usage(self) -> tuple[int, int]:
         """(live_bytes, reserved_bytes), cheap enough to call every step (stats() is the full picture)."""
         raise NotImplementedError
+
+    def reset_peak(self) -> None:
+        """Start a new window for ``stats().reserved_peak_bytes`` (a run's trackers call this)."""
 
     def _reserved_rows_by_layer(self) -> list[tuple[int, int]]:
         """(K rows, V rows) reserved per layer."""

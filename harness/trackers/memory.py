@@ -50,6 +50,7 @@ class MemoryTracker(Tracker):
         self.peak_live = self.peak_reserved = 0
 
     def start(self) -> None:
+        self.mem.reset_peak()
         self.hwm_reset = _reset_hwm()
         self.rss_start = self.proc.memory_info().rss
         if self.device.type == "cuda":
@@ -88,6 +89,7 @@ class MemoryTracker(Tracker):
             "memory.rss_start_bytes": self.rss_start,
             "memory.weights_bytes": self.weights_bytes,
             "memory.kv_reserved_peak_bytes": self.peak_reserved,
+            "memory.kv_reserved_transient_peak_bytes": self.mem.stats().reserved_peak_bytes,
             "memory.kv_live_peak_bytes": self.peak_live,
         }
         for k, v in self.peak_breakdown.items():

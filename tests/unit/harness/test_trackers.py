@@ -73,6 +73,9 @@ class FakeMem:
     def usage(self):
         return self.st.live_bytes, self.st.reserved_bytes
 
+    def reset_peak(self):
+        pass
+
 
 def test_fragmentation_from_allocator_state():
     clk, mem = Clock(), FakeMem()

@@ -1,0 +1,38 @@
+"""A model with real shapes and no arithmetic, for memory-only runs (e.g. the LLaMA-7B shape).
+
+Parameters live on the meta device: their shapes and byte counts are exact, they hold no data.
+The forward pass stores a (meta) K and V row per token for every layer through the memory
+context, so the memory's real bookkeeping runs (find_slot, blocks, naive growth, preemption,
+byte accounting), and returns zero logits: the tokens generated mean nothing, the memory they
+occupy is exact. Timings of such a run are not measurements of anything and are not reported.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.model.config import ModelConfig
+from engine.model.layers import Rope
+from engine.model.llama import Transformer
+
+
+class MemoryOnlyModel(nn.Module):
+    memory_only = True
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float16) -> None:
+        super().__init__()
+        self.config = cfg
+        with torch.device("meta"):
+            self.net = Transformer(cfg).to(dtype)
+        self.rope = Rope(cfg).to("meta")
+
+    def forward(self, token: torch.Tensor, pos: torch.Tensor, mctx, out_rows: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.config
+        T = token.shape[0]
+        k = torch.empty(T, c.n_head_kv, c.n_embd_head_k, device="meta")
+        v = torch.empty(T, c.n_head_kv, c.n_embd_head_v, device="meta")
+        for il in range(c.n_layer):
+            mctx.store(il, k, v)
+        n_out = T if out_rows is None else int(out_rows.shape[0])
+        return torch.zeros(n_out, c.n_vocab)

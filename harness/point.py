@@ -1,0 +1,122 @@
+"""Run one sweep point in a process of its own, and record it even if that process dies.
+
+``run_isolated`` writes the resolved config into the job directory and starts
+``python -m harness.point JOB_DIR``. The child runs ``run_point`` and writes ``record.json``.
+If the child dies without a record (killed by the OS for memory, a segfault in a kernel, a
+timeout), the parent writes a failed record that says how it died. A fresh process per point
+also keeps measurements apart: peak RSS, malloc's free lists and torch's caches start clean.
+
+Resume: a point whose config hash matches an ``ok`` record of an earlier sweep (a sibling of this
+sweep's directory, e.g. the same command run before it was killed) is not run again; its record
+is copied into this job directory with ``resumed_from`` set, so this sweep's report covers it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from harness.records import RECORD_NAME, Record, read_record, write_record
+
+POINT_CONFIG = "point.yaml"
+_NOT_SEMANTIC = ("quiet", "force", "isolate", "name", "timeout_s")  # labels and switches, not measurements
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """What identifies a measurement: the resolved config without labels and switches, plus the kvbench version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    conf = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for k in _NOT_SEMANTIC:
+        conf.pop(k, None)
+    try:
+        v = version("kvbench")
+    except PackageNotFoundError:
+        v = "unknown"
+    blob = json.dumps([v, conf], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def find_done(search_root: Path, h: str, exclude: Path) -> Path | None:
+    """An ok record with config hash h under search_root (not in exclude), newest first."""
+    best = None
+    for p in search_root.rglob(RECORD_NAME):
+        if exclude in p.parents:
+            continue
+        try:
+            rec = read_record(p)
+        except (OSError, ValueError, TypeError):
+            continue
+        if rec.status == "ok" and rec.config_hash == h and not rec.resumed_from:
+            if best is None or p.stat().st_mtime > best.stat().st_mtime:
+                best = p
+    return best
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (the OS kills processes that run out of memory this way)" if -code == signal.SIGKILL else ""
+        return f"the point's process was killed by {name}{hint}"
+    return f"the point's process exited with status {code} without writing a record"
+
+
+def run_isolated(cfg: DictConfig, out_dir: Path, overrides: list[str], choices: dict[str, str]) -> Record:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out_dir / POINT_CONFIG, resolve=True)
+    (out_dir / "point.json").write_text(json.dumps({"overrides": overrides, "choices": choices}))
+    record_path = out_dir / RECORD_NAME
+    if record_path.exists():
+        record_path.unlink()  # a record here must come from this run
+    timeout = cfg.timeout_s if cfg.timeout_s and cfg.timeout_s > 0 else None
+    cmd = [sys.executable, "-m", "harness.point", str(out_dir)]
+    try:
+        proc = subprocess.run(cmd, timeout=timeout, env=dict(os.environ), stdout=None, stderr=None)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        code = None
+    if record_path.exists():
+        try:
+            return read_record(record_path)
+        except (OSError, ValueError, TypeError):
+            pass  # a torn record cannot happen (atomic writes), but never trust it blindly
+    reason = (f"the point ran longer than timeout_s = {timeout} s and was stopped" if code is None
+              else _describe_exit(code))
+    conf = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    rec = Record(status="failed", config=conf, error=reason, overrides=overrides, config_hash=config_hash(cfg),
+                 choices=choices)
+    write_record(record_path, rec)
+    return rec
+
+
+def main(argv: list[str]) -> int:
+    """Child process: run the point whose config is in JOB_DIR."""
+    from harness.config import RunConfig, register_configs
+    from harness.run import run_point
+
+    register_configs()
+    out_dir = Path(argv[0])
+    loaded = OmegaConf.load(out_dir / POINT_CONFIG)
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), loaded)
+    point = json.loads((out_dir / "point.json").read_text())
+    fault = os.environ.get("KVBENCH_FAULT_INJECT", "")
+    if fault:  # testing the crash path: die the way the OS would kill a point
+        from harness.faults import inject
+
+        inject(fault, cfg)
+    run_point(cfg, out_dir, point["overrides"], point["choices"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,57 @@
+"""Safe sweeps: a crashed point is a failed record; a killed sweep resumes; --force reruns."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.integration.harness.test_sweep import SMALL, kvbench
+
+
+def records(d: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(d.glob("*/record.json"))}
+
+
+def test_a_point_killed_like_an_oom_is_recorded_and_the_sweep_goes_on(tmp_path):
+    env = dict(os.environ, KVBENCH_FAULT_INJECT="SIGKILL@allocator=pooled")
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "run", "-m", "allocator=naive,pooled,paged",
+                        f"hydra.sweep.dir={tmp_path / 's'}", *SMALL], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    recs = records(tmp_path / "s")
+    assert [recs[k]["status"] for k in ("0", "1", "2")] == ["ok", "failed", "ok"]
+    assert "SIGKILL" in recs["1"]["error"] and "out of memory" in recs["1"]["error"]
+    assert "SIGKILL" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_a_killed_sweep_resumes_and_force_reruns(tmp_path):
+    cmd = [sys.executable, "-m", "harness.cli", "run", "-m", "allocator=naive,pooled,paged", *SMALL]
+    first = tmp_path / "results" / "multirun" / "first"
+    proc = subprocess.Popen(cmd + [f"hydra.sweep.dir={first}"], cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not (first / "0" / "record.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole sweep dies after its first point
+    proc.wait()
+    done_first = records(first)
+    assert "0" in done_first and len(done_first) < 3
+
+    second = tmp_path / "results" / "multirun" / "second"
+    r = kvbench(tmp_path, "run", *cmd[4:], f"hydra.sweep.dir={second}")
+    assert r.returncode == 0, r.stderr
+    recs = records(second)
+    assert sorted(recs) == ["0", "1", "2"] and all(v["status"] == "ok" for v in recs.values())
+    assert recs["0"]["resumed_from"].startswith(str(first))  # reused, not rerun
+    assert all(not recs[k]["resumed_from"].startswith(str(second)) for k in recs)
+    fresh = [k for k in recs if not recs[k]["resumed_from"]]
+    assert set(fresh) >= {"2"} and "0" not in fresh
+    assert len((second / "report.csv").read_text().strip().splitlines()) == 4  # header + 3 points
+
+    third = tmp_path / "results" / "multirun" / "third"
+    r = kvbench(tmp_path, "run", *cmd[4:], "--force", f"hydra.sweep.dir={third}")
+    assert r.returncode == 0, r.stderr
+    assert all(not v["resumed_from"] for v in records(third).values())

@@ -1,0 +1,84 @@
+"""kvbench compare: rules, noise bands, inputs, exit codes."""
+
+import json
+
+import pytest
+
+from harness import compare as C
+from harness.cli import main
+from harness.records import Record, write_record
+
+
+def bench_json(path, **medians_and_info):
+    benches = []
+    for name, (median, iqr, info) in medians_and_info.items():
+        benches.append({"name": name, "stats": {"median": median, "iqr": iqr}, "extra_info": info})
+    path.write_text(json.dumps({"benchmarks": benches}))
+    return path
+
+
+def test_exact_rule_fails_on_any_increase():
+    r = C.Rule("*alloc*", kind="exact")
+    assert C.judge("alloc.x", C.Value(0), C.Value(0), r).status == "ok"
+    assert C.judge("alloc.x", C.Value(0), C.Value(0.5), r).status == "regressed"
+    assert C.judge("alloc.x", C.Value(2), C.Value(1), r).status == "improved"
+
+
+def test_relative_rule_needs_tolerance_and_noise_band():
+    r = C.Rule("*", kind="relative", tolerance=0.2)
+    assert C.judge("m", C.Value(1.0), C.Value(1.1), r).status == "ok"  # within tolerance
+    assert C.judge("m", C.Value(1.0), C.Value(1.3), r).status == "regressed"
+    assert C.judge("m", C.Value(1.0, iqr=0.5), C.Value(1.3, iqr=0.1), r).status == "ok"  # inside the IQR
+    hi = C.Rule("*", kind="relative", direction="higher", tolerance=0.2)
+    assert C.judge("tps", C.Value(100), C.Value(70), hi).status == "regressed"
+    assert C.judge("tps", C.Value(100), C.Value(130), hi).status == "improved"
+    off = C.Rule("*", tolerance=0.2, gate=False)
+    assert C.judge("t", C.Value(1.0), C.Value(3.0), off).status == "moved"
+
+
+def test_new_and_missing_metrics_are_listed_not_failed():
+    rows = C.compare({"a": C.Value(1)}, {"b": C.Value(1)}, C.DEFAULT_RULES)
+    assert {r.metric: r.status for r in rows} == {"a": "missing", "b": "new"}
+
+
+def test_cli_exit_codes_and_table(tmp_path, capsys):
+    base = bench_json(tmp_path / "b.json", t1=(1.0, 0.01, {"ratio.paged_over_pooled.decode_step": 1.0,
+                                                             "alloc.pooled.per_decode_step": 0}))
+    same = bench_json(tmp_path / "s.json", t1=(3.0, 0.01, {"ratio.paged_over_pooled.decode_step": 1.05,
+                                                             "alloc.pooled.per_decode_step": 0}))
+    worse = bench_json(tmp_path / "w.json", t1=(1.0, 0.01, {"ratio.paged_over_pooled.decode_step": 1.6,
+                                                              "alloc.pooled.per_decode_step": 2}))
+    assert main(["compare", str(base), str(same)]) == 0  # absolute time tripled: reported, not gated
+    out = capsys.readouterr().out
+    assert "moved" in out and "time.t1" in out
+    assert main(["compare", str(base), str(worse)]) == 1
+    out = capsys.readouterr().out
+    assert out.count("REGRESSED") == 2 and "alloc.pooled.per_decode_step" in out
+    assert main(["compare", str(base), str(tmp_path / "nope.json")]) == 2
+
+
+def test_rules_file(tmp_path):
+    rules = tmp_path / "r.yaml"
+    rules.write_text("rules:\n  - match: 't1.ratio*'\n    kind: relative\n    tolerance: 0.9\n")
+    loaded = C.load_rules(rules)
+    assert C.rule_for("t1.ratio.x", loaded).tolerance == 0.9
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - match: x\n    kind: sometimes\n")
+    with pytest.raises(Exception, match="bad rule"):
+        C.load_rules(bad)
+
+
+def test_sweep_directories_match_points_by_overrides(tmp_path, capsys):
+    def sweep(d, tpot, allocs):
+        for i, a in enumerate(("naive", "pooled")):
+            write_record(d / str(i) / "record.json", Record(
+                "ok", {"allocator": a}, metrics={"latency.tpot_ms.p50": tpot, "alloc.calls_per_decode_step": allocs[i]},
+                overrides=[f"allocator={a}", "quiet=true"]))
+        return d
+
+    b = sweep(tmp_path / "b", 1.0, [8, 0])
+    c = sweep(tmp_path / "c", 1.05, [8, 1])
+    m = C.load_metrics(b)
+    assert "allocator=naive/latency.tpot_ms.p50" in m  # quiet=true is not part of the point
+    assert main(["compare", str(b), str(c)]) == 1
+    assert "allocator=pooled/alloc.calls_per_decode_step" in capsys.readouterr().out

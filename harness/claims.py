@@ -75,47 +75,41 @@ def _verdict(claimed: float, measured: float, better_is_lower: bool, noise: floa
     return f"holds in direction and size: {shown} measured vs {claimed:+.0%} claimed"
 
 
+# (claim index, workload, metric, what kvbench measures, lower is better, note on the claim's first row)
+MEASURES = [
+    (0, "claims_single", "latency.ttft_ms.p50", "TTFT p50, 448-token prompt", True,
+     "the article does not say which latency; kvbench reports three"),
+    (0, "claims_single", "latency.tpot_ms.p50", "TPOT p50", True, ""),
+    (0, "claims_single", "latency.e2e_ms.p50", "E2E p50, 448 + 64 tokens", True, ""),
+    (1, "claims_continuous", "fragmentation.kv_waste.time_weighted", "kv_waste = 1 - live/reserved, time-weighted",
+     True, "not defined by the article"),
+    (1, "claims_continuous", "fragmentation.allocator.time_weighted", "malloc's own view: free/held bytes (mallinfo2)",
+     True, ""),
+    (2, "claims_continuous", "stability.steps_within_25pct", "decode steps within +-25% of the median step", False,
+     "not defined by the article"),
+    (2, "claims_continuous", "stability.requests_clean", "requests finished without preemption or failure", False, ""),
+    (3, "claims_continuous", "memory.peak_rss_bytes", "process peak RSS (VmHWM)", True, ""),
+]
+UNITS = {"latency": (1.0, " ms"), "memory": (1 / GB, " GB")}
+
+
 def claims_table(df: pd.DataFrame, timed: str = "llama-small", shape: str = "llama-7b") -> pd.DataFrame:
-    rows = []
+    def fmt(x: float, scale: float, unit: str) -> str:
+        return "n/a" if math.isnan(x) else f"{x * scale:.3g}{unit}"
 
-    def fmt(x: float, scale: float = 1.0, unit: str = "", digits: int = 3) -> str:
-        return "n/a" if math.isnan(x) else f"{x * scale:.{digits}g}{unit}"
-
-    def trio(wl: str, col: str, model: str = timed, scale: float = 1.0, unit: str = "") -> tuple[str, float, float]:
+    def row(claim: Claim, model: str, wl: str, col: str, what: str, lower: bool, note: str, noise: float):
+        scale, unit = UNITS.get(col.split(".")[0], (1.0, ""))
         n, p, g = (_pick(df, model, wl, a, col) for a in ("naive", "pooled", "paged"))
-        return f"{fmt(n, scale, unit)} -> {fmt(p, scale, unit)} (paged {fmt(g, scale, unit)})", n, p
+        name = f"{claim.name} ({note})" if note else claim.name
+        return [name, claim.article, what, f"{fmt(n, scale, unit)} -> {fmt(p, scale, unit)} (paged {fmt(g, scale, unit)})",
+                _verdict(_change(claim.naive, claim.pooled), _change(n, p), lower, noise)]
 
-    c = CLAIMS
-    # 1. latency
-    for col, label in [("latency.ttft_ms.p50", "TTFT p50, 448-token prompt"),
-                       ("latency.tpot_ms.p50", "TPOT p50"), ("latency.e2e_ms.p50", "E2E p50, 448 + 64 tokens")]:
-        txt, n, p = trio("claims_single", col, unit=" ms")
-        rows.append([c[0].name, c[0].article, f"{label}, {timed}, one request at a time", txt,
-                     _verdict(_change(c[0].naive, c[0].pooled), _change(n, p), True)])
-    rows[-3][0] += " (the article does not say which latency; kvbench reports three)"
-    # 2. fragmentation
-    for col, label in [("fragmentation.kv_waste.time_weighted", "kv_waste = 1 - live/reserved, time-weighted"),
-                       ("fragmentation.allocator.time_weighted", "malloc's own view: free/held bytes (mallinfo2)")]:
-        txt, n, p = trio("claims_continuous", col)
-        rows.append([c[1].name, c[1].article, f"{label}, {timed}, continuous workload", txt,
-                     _verdict(_change(c[1].naive, c[1].pooled), _change(n, p), True)])
-    rows[-2][0] += " (not defined by the article)"
-    # 3. stability
-    for col, label in [("stability.steps_within_25pct", "decode steps within +-25% of the median step"),
-                       ("stability.requests_clean", "requests finished without preemption or failure")]:
-        txt, n, p = trio("claims_continuous", col)
-        rows.append([c[2].name, c[2].article, f"{label}, {timed}, continuous workload", txt,
-                     _verdict(_change(c[2].naive, c[2].pooled), _change(n, p), False)])
-    rows[-2][0] += " (not defined by the article)"
-    # 4. peak memory
-    txt, n, p = trio("claims_continuous", "memory.peak_rss_bytes", scale=1 / GB, unit=" GB")
-    rows.append([c[3].name, c[3].article, f"process peak RSS (VmHWM), {timed}, continuous workload", txt,
-                 _verdict(_change(c[3].naive, c[3].pooled), _change(n, p), True)])
-    for wl in ("claims_single", "claims_continuous"):
-        txt, n, p = trio(wl, "memory.model_peak_bytes", model=shape, scale=1 / GB, unit=" GB")
-        rows.append([c[3].name, c[3].article, f"weights (f16) + KV peak incl. growth transients, {shape} shape, "
-                     f"memory-only, {wl.removeprefix('claims_')} workload, cache.size 2048 f16 (exact bytes)", txt,
-                     _verdict(_change(c[3].naive, c[3].pooled), _change(n, p), True, noise=0.0)])
+    rows = [row(CLAIMS[i], timed, wl, col, f"{what}, {timed}, {wl.removeprefix('claims_')} workload", lower, note, NOISE)
+            for i, wl, col, what, lower, note in MEASURES]
+    rows += [row(CLAIMS[3], shape, wl, "memory.model_peak_bytes",
+                 f"weights (f16) + KV peak incl. growth transients, {shape} shape, memory-only, "
+                 f"{wl.removeprefix('claims_')} workload, cache.size 2048 f16 (exact bytes)", True, "", 0.0)
+             for wl in ("claims_single", "claims_continuous")]
     return pd.DataFrame(rows, columns=["claim", "article (naive -> pooled)", "kvbench measures",
                                        "measured (naive -> pooled)", "verdict"])
 

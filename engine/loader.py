@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import ConfigError, DeviceError
+from engine.errors import ConfigError, DeviceError, UnsupportedError
 from engine.gguf.reader import GGUFFile, open_gguf
 from engine.alloc import create_kv_cache
 from engine.memory.kv_cache import CacheSpec, KVCache
 from engine.model.config import ModelConfig
+from engine.gguf.keymap import ARCHS
+from engine.model.hybrid import HybridLM
 from engine.model.llama import Transformer
 from engine.runtime.engine import Engine
 from engine.tokenizer import GGUFTokenizer
@@ -88,21 +90,38 @@ def load_model(model: str | os.PathLike, device: str = "cpu", dtype: str = "f32"
     if memory_only or (allow_memory_only and not cfg.weights_present):
         from engine.model.memory_only import MemoryOnlyModel
 
+        if cfg.ssm_layers:
+            raise UnsupportedError(f"{path}: memory-only runs support attention models; {cfg.arch} has recurrent "
+                                   "layers (give the file its weights to run it)")
         f.check_tensors(cfg)
         return LoadedModel(path, f, cfg, MemoryOnlyModel(cfg, DTYPES[dtype]), torch.device("meta"), DTYPES[dtype])
     dev = resolve_device(device)
     weights = f.load_weights(cfg, DTYPES[dtype], mmap=mmap)
-    net = Transformer.from_weights(cfg, weights, dev)
+    model_cls = HybridLM if ARCHS[cfg.arch].model == "hybrid" else Transformer
+    net = model_cls.from_weights(cfg, weights, dev)
     return LoadedModel(path, f, cfg, net, dev, DTYPES[dtype])
 
 
-def create_memory(lm: LoadedModel, spec: CacheSpec | None = None, **overrides) -> KVCache:
-    """A KV memory for the model: ``spec`` fields (allocator, size, block_size, type_k, type_v,
-    offload, offload_layers, n_seq_max, growth) or keyword overrides of the defaults."""
+def create_memory(lm: LoadedModel, spec: CacheSpec | None = None, **overrides):
+    """The model's memory: ``spec`` fields (allocator, size, block_size, type_k, type_v, offload,
+    offload_layers, n_seq_max, growth) or keyword overrides of the defaults.
+
+    Attention-only models get a KV cache; Mamba a recurrent memory; hybrids (Jamba) both, the KV
+    cache over the attention layers only."""
     from dataclasses import replace
 
+    from engine.memory.hybrid import HybridMemory
+    from engine.memory.recurrent import RECURRENT_ALLOCATORS
+
     spec = replace(spec or CacheSpec(), **overrides)
-    return create_kv_cache(lm.config, spec, lm.device, lm.dtype, lm.model.rope)
+    cfg = lm.config
+    if not cfg.ssm_layers:
+        return create_kv_cache(cfg, spec, lm.device, lm.dtype, lm.model.rope)
+    rs = RECURRENT_ALLOCATORS[spec.allocator](cfg, spec, lm.device, layers=cfg.ssm_layers)
+    if not cfg.attn_layers:
+        return rs
+    kv = create_kv_cache(cfg, spec, lm.device, lm.dtype, lm.model.rope, layers=cfg.attn_layers)
+    return HybridMemory(kv, rs)
 
 
 def create_engine(lm: LoadedModel, memory: KVCache, n_ubatch: int = 512) -> Engine:

@@ -192,7 +192,9 @@ def cmd_info(args) -> dict:
                  "freq_factors": "rope_freqs.weight" in f.tensors},
         "tied_output": cfg.tied_output,
         "tensor_types": dict(sorted(types.items())),
+        "layer_kinds": list(cfg.layer_kinds),
         "kv_bytes_per_token": {t: cfg.kv_bytes_per_token(bytes_per_value(t), bytes_per_value(t)) for t in CACHE_TYPES},
+        "recurrent_bytes_per_seq": cfg.recurrent_bytes_per_seq,
     }
 
 

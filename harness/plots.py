@@ -77,6 +77,10 @@ def make_plots(df: pd.DataFrame, records: list[tuple[Path, Record]], out: Path) 
         _kv_type_tradeoff(ok, out, paths)
     if "parallel" in sweeps:
         _parallel_scaling(ok, out, paths)
+    from harness.state_report import has_recurrent, plot_memory_vs_context
+
+    if has_recurrent(ok):
+        plot_memory_vs_context(ok, out, paths)
     return paths
 
 

@@ -109,6 +109,11 @@ def write_report(sweep_dir: Path, plots: bool = True) -> Path:
         md += ["## Runs with failed requests", ""] + [f"- `{r.job}`: {r.error}" for r in partial.itertuples()] + [""]
     if skipped:
         md += ["## Skipped records", ""] + [f"- {m}" for m in skipped] + [""]
+    if not df.empty:
+        from harness.state_report import has_recurrent, state_markdown
+
+        if has_recurrent(df):
+            md += [state_markdown(df)]
     claims = ""
     if not df.empty and "name" in df and (df["name"] == "seed_claims").any():
         from harness.claims import claims_markdown

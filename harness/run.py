@@ -143,6 +143,7 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
             "tokens.prompt": sum(len(r.prompt) for r in res),
             "tokens.generated": sum(len(r.tokens) for r in res),
             "memory.kv_bytes_per_token": mem.bytes_per_token,
+            "memory.recurrent_bytes_per_seq": lm.config.recurrent_bytes_per_seq,
         }
         if lm.memory_only:
             metrics = {k: v for k, v in metrics.items() if not k.startswith(_NOT_MODELED)}

@@ -15,6 +15,7 @@ KV_ALLOCATORS: dict[str, type[KVCache]] = {"naive": NaiveKV, "pooled": PooledKV,
 
 
 def create_kv_cache(cfg: ModelConfig, spec: CacheSpec, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32, rope: Rope | None = None) -> KVCache:
+                    dtype: torch.dtype = torch.float32, rope: Rope | None = None,
+                    layers: list[int] | None = None) -> KVCache:
     spec = spec.resolve(cfg)
-    return KV_ALLOCATORS[spec.allocator](cfg, spec, device, dtype, rope)
+    return KV_ALLOCATORS[spec.allocator](cfg, spec, device, dtype, rope, layers)

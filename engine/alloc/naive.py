@@ -73,7 +73,7 @@ class NaiveKV(KVCache):
         row = self.row_bytes_k + self.row_bytes_v
         held = self.usage()[1]
         old_cap = sk.cap if sk.k[0] is not None else 0
-        for il in range(self.cfg.n_layer):
+        for il in range(self.n_layers):
             self.reserved_peak = max(self.reserved_peak, held + cap * row)
             held += (cap - old_cap) * row
             k, v = self.empty_rows(il, cap)
@@ -86,7 +86,7 @@ class NaiveKV(KVCache):
             sk.pos = sk.pos[keep]
 
     def _new_seq(self) -> SeqKV:
-        return SeqKV(np.zeros(0, np.int64), [None] * self.cfg.n_layer, [None] * self.cfg.n_layer)
+        return SeqKV(np.zeros(0, np.int64), [None] * self.n_layers, [None] * self.n_layers)
 
     @property
     def used(self) -> int:
@@ -198,7 +198,7 @@ class NaiveKV(KVCache):
         pos = src.pos[take] if dst is None else np.concatenate((dst.pos, src.pos[take]))
         order = np.argsort(pos, kind="stable")
         new = self._new_seq()
-        for il in range(self.cfg.n_layer):
+        for il in range(self.n_layers):
             k, v = self.empty_rows(il, len(pos))
             it = torch.from_numpy(take)
             ks = src.k[il].index_select(0, it.to(src.k[il].device))
@@ -261,8 +261,8 @@ class NaiveKV(KVCache):
     def _export(self, seq_id):
         seqs = [seq_id] if seq_id is not None else sorted(self.seqs)
         pos, owners = [], []
-        k = [[] for _ in range(self.cfg.n_layer)]
-        v = [[] for _ in range(self.cfg.n_layer)]
+        k = [[] for _ in range(self.n_layers)]
+        v = [[] for _ in range(self.n_layers)]
         for s in seqs:
             sk = self.seqs.get(s)
             if sk is None:
@@ -270,7 +270,7 @@ class NaiveKV(KVCache):
             order = torch.from_numpy(np.argsort(sk.pos, kind="stable"))
             pos.append(sk.pos[order.numpy()])
             owners += [np.asarray([s], np.int32)] * sk.n
-            for il in range(self.cfg.n_layer):
+            for il in range(self.n_layers):
                 k[il].append(sk.k[il][: sk.n].index_select(0, order.to(sk.k[il].device)).cpu())
                 v[il].append(sk.v[il][: sk.n].index_select(0, order.to(sk.v[il].device)).cpu())
 
@@ -283,7 +283,7 @@ class NaiveKV(KVCache):
     # -- accounting ----------------------------------------------------------------------------
     def _reserved_rows_by_layer(self):
         cap = sum(sk.cap for sk in self.seqs.values() if sk.k[0] is not None)
-        return [(cap, cap)] * self.cfg.n_layer
+        return [(cap, cap)] * self.n_layers
 
     def usage(self) -> tuple[int, int]:
         cap = sum(sk.cap for sk in self.seqs.values() if sk.k[0] is not None)

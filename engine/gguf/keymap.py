@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.model.config import ROPE_NEOX, ROPE_NORM, ModelConfig
+import math
+
+from engine.model.config import ATTN, ROPE_NEOX, ROPE_NONE, ROPE_NORM, SSM, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -21,10 +23,27 @@ class TensorSpec:
     shape: Callable[[ModelConfig], tuple[int, ...]]  # ggml order: (ne0, ne1, ...)
     required: bool = True
     per_layer: bool = False
+    when: Callable[[ModelConfig, int], bool] | None = None  # per-layer tensors: which layers have it
 
 
-def _g(gguf: str, param: str, shape, required: bool = True) -> TensorSpec:
-    return TensorSpec(gguf, param, shape, required, per_layer="{il}" in gguf)
+def _g(gguf: str, param: str, shape, required: bool = True, when=None) -> TensorSpec:
+    return TensorSpec(gguf, param, shape, required, per_layer="{il}" in gguf, when=when)
+
+
+def _is_ssm(c: ModelConfig, il: int) -> bool:
+    return c.layer_kinds[il] == SSM
+
+
+def _is_attn(c: ModelConfig, il: int) -> bool:
+    return c.layer_kinds[il] == ATTN
+
+
+def _is_moe(c: ModelConfig, il: int) -> bool:
+    return c.moe_layers[il]
+
+
+def _is_dense(c: ModelConfig, il: int) -> bool:
+    return not c.moe_layers[il]
 
 
 _LLAMA = [
@@ -54,13 +73,59 @@ _QKV_BIAS = [
 ]
 
 
+_SSM = [  # Mamba-1 mixer (llama.cpp build_mamba_layer); ssm_a = -exp(A_log), conv1d squeezed to 2-D
+    _g("blk.{il}.ssm_in.weight", "layers.{il}.mixer.in_proj.weight", lambda c: (c.n_embd, 2 * c.ssm_d_inner), when=_is_ssm),
+    _g("blk.{il}.ssm_conv1d.weight", "layers.{il}.mixer.conv1d_weight", lambda c: (c.ssm_d_conv, c.ssm_d_inner),
+       when=_is_ssm),
+    _g("blk.{il}.ssm_conv1d.bias", "layers.{il}.mixer.conv1d_bias", lambda c: (c.ssm_d_inner,), when=_is_ssm),
+    _g("blk.{il}.ssm_x.weight", "layers.{il}.mixer.x_proj.weight",
+       lambda c: (c.ssm_d_inner, c.ssm_dt_rank + 2 * c.ssm_d_state), when=_is_ssm),
+    _g("blk.{il}.ssm_dt.weight", "layers.{il}.mixer.dt_proj.weight", lambda c: (c.ssm_dt_rank, c.ssm_d_inner),
+       when=_is_ssm),
+    _g("blk.{il}.ssm_dt.bias", "layers.{il}.mixer.dt_proj.bias", lambda c: (c.ssm_d_inner,), when=_is_ssm),
+    _g("blk.{il}.ssm_a", "layers.{il}.mixer.A", lambda c: (c.ssm_d_state, c.ssm_d_inner), when=_is_ssm),
+    _g("blk.{il}.ssm_d", "layers.{il}.mixer.D", lambda c: (c.ssm_d_inner,), when=_is_ssm),
+    _g("blk.{il}.ssm_out.weight", "layers.{il}.mixer.out_proj.weight", lambda c: (c.ssm_d_inner, c.n_embd),
+       when=_is_ssm),
+]
+_SSM_NORMS = [  # Jamba: RMS norms on dt, B and C after x_proj
+    _g("blk.{il}.ssm_dt_norm.weight", "layers.{il}.mixer.dt_norm", lambda c: (c.ssm_dt_rank,), when=_is_ssm),
+    _g("blk.{il}.ssm_b_norm.weight", "layers.{il}.mixer.b_norm", lambda c: (c.ssm_d_state,), when=_is_ssm),
+    _g("blk.{il}.ssm_c_norm.weight", "layers.{il}.mixer.c_norm", lambda c: (c.ssm_d_state,), when=_is_ssm),
+]
+def _pick(*names: str, when=None) -> list[TensorSpec]:
+    """The llama specs of these tensors (names without "blk.{il}." and ".weight"), restricted to `when` layers."""
+    by = {s.gguf.removeprefix("blk.{il}.").removesuffix(".weight"): s for s in _LLAMA}
+    return [_g(by[n].gguf, by[n].param, by[n].shape, by[n].required, when=when) for n in names]
+
+
+_COMMON = _pick("token_embd", "output_norm", "output")  # output optional: tied to token_embd
+_ATTN_NOBIAS = _pick("attn_q", "attn_k", "attn_v", "attn_output", when=_is_attn)  # Jamba: no biases, no rope
+_FFN_DENSE = _pick("ffn_gate", "ffn_up", "ffn_down", when=_is_dense)
+_FFN_MOE = [
+    _g("blk.{il}.ffn_gate_inp.weight", "layers.{il}.feed_forward.router", lambda c: (c.n_embd, c.n_expert), when=_is_moe),
+    _g("blk.{il}.ffn_gate_exps.weight", "layers.{il}.feed_forward.gate_exps", lambda c: (c.n_embd, c.n_ff, c.n_expert),
+       when=_is_moe),
+    _g("blk.{il}.ffn_up_exps.weight", "layers.{il}.feed_forward.up_exps", lambda c: (c.n_embd, c.n_ff, c.n_expert),
+       when=_is_moe),
+    _g("blk.{il}.ffn_down_exps.weight", "layers.{il}.feed_forward.down_exps", lambda c: (c.n_ff, c.n_embd, c.n_expert),
+       when=_is_moe),
+]
+_NORMS = [
+    _g("blk.{il}.attn_norm.weight", "layers.{il}.attention_norm.weight", lambda c: (c.n_embd,)),
+]
+_FFN_NORM = [_g("blk.{il}.ffn_norm.weight", "layers.{il}.ffn_norm.weight", lambda c: (c.n_embd,))]
+
+
 @dataclass(frozen=True)
 class ArchSpec:
-    """What differs between the attention architectures kvbench runs on one Transformer."""
+    """What differs between the architectures kvbench runs."""
 
     rope_type: str  # llama.cpp's llama_model_rope_type() for the arch
     tensors: tuple[TensorSpec, ...]
     attn_bias: bool = False
+    model: str = "transformer"  # engine.model class family: transformer | hybrid
+    recurrent: bool = False  # has Mamba layers (reads {arch}.ssm.* keys)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -68,15 +133,30 @@ ARCHS: dict[str, ArchSpec] = {
     # computes what HF's rotate_half computes on the unpermuted weights.
     "llama": ArchSpec(ROPE_NORM, tuple(_LLAMA)),
     "qwen2": ArchSpec(ROPE_NEOX, tuple(_LLAMA + _QKV_BIAS), attn_bias=True),
+    # Mamba-1: every layer is a mixer with a pre-norm, no feed-forward, no attention
+    "mamba": ArchSpec(ROPE_NONE, tuple(_COMMON + _NORMS + _SSM), model="hybrid", recurrent=True),
+    # Jamba: per layer a Mamba-1 mixer (with dt/B/C norms) or rope-less attention, then a dense or MoE FFN
+    "jamba": ArchSpec(ROPE_NONE, tuple(_COMMON + _NORMS + _SSM + _SSM_NORMS + _ATTN_NOBIAS + _FFN_NORM + _FFN_DENSE
+                                       + _FFN_MOE), model="hybrid", recurrent=True),
 }
 
 
-def expand(specs: tuple[TensorSpec, ...], n_layer: int) -> list[tuple[str, str, TensorSpec]]:
-    """(gguf name, param name, spec) for every tensor of a model with n_layer layers."""
+def expand(specs: tuple[TensorSpec, ...], cfg: ModelConfig) -> list[tuple[str, str, TensorSpec]]:
+    """(gguf name, param name, spec) for every tensor a model with this config has."""
     out = []
     for s in specs:
         if s.per_layer:
-            out += [(s.gguf.format(il=il), s.param.format(il=il), s) for il in range(n_layer)]
+            out += [(s.gguf.format(il=il), s.param.format(il=il), s) for il in range(cfg.n_layer)
+                    if s.when is None or s.when(cfg, il)]
         else:
             out.append((s.gguf, s.param, s))
     return out
+
+
+def n_params(cfg: ModelConfig) -> int:
+    """Parameters the shapes imply: every required tensor, and the output matrix unless it is tied."""
+    total = 0
+    for name, _, spec in expand(ARCHS[cfg.arch].tensors, cfg):
+        if spec.required or (name == "output.weight" and not cfg.tied_output):
+            total += math.prod(spec.shape(cfg))
+    return total

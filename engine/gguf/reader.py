@@ -20,7 +20,7 @@ from gguf import quants as gguf_quants
 from engine.errors import KvbenchError, ModelFileError, UnsupportedError
 from engine.gguf.header import HeaderSummary, check_header
 from engine.gguf.keymap import ARCHS, expand
-from engine.model.config import ModelConfig
+from engine.model.config import ATTN, SSM, ModelConfig
 
 _MISSING = object()
 
@@ -100,16 +100,36 @@ class GGUFFile:
                 f"{self.path}: rope scaling {rope_scaling!r} ({arch}.rope.scaling.type) is not "
                 "supported; supported: none, linear, and llama-3 (rope_freqs tensor)"
             )
+        n_layer = int(g("block_count"))
+        extra: dict = {}
+        n_head_kv = n_head
+        if spec.recurrent:
+            # a layer is recurrent when its head_count_kv is 0 (llama.cpp: per-layer array or scalar)
+            kv = self.get(f"{arch}.attention.head_count_kv", 0)
+            kv = list(kv) if isinstance(kv, list) else [int(kv)] * n_layer
+            if len(kv) != n_layer:
+                raise ModelFileError(f"{self.path}: {arch}.attention.head_count_kv has {len(kv)} entries for "
+                                     f"{n_layer} layers ({arch}.block_count)")
+            n_head_kv = max(int(v) for v in kv)
+            extra = dict(
+                layer_kinds=tuple(SSM if int(v) == 0 else ATTN for v in kv),
+                ssm_d_conv=int(g("ssm.conv_kernel")), ssm_d_inner=int(g("ssm.inner_size")),
+                ssm_d_state=int(g("ssm.state_size")), ssm_dt_rank=int(g("ssm.time_step_rank")),
+                ssm_dt_b_c_rms=bool(g("ssm.dt_b_c_rms", False)),
+                n_expert=int(g("expert_count", 0)), n_expert_used=int(g("expert_used_count", 0)),
+                moe_layers=tuple(f"blk.{il}.ffn_gate_inp.weight" in self.tensors for il in range(n_layer)),
+            )
         try:
             return ModelConfig(
                 arch=arch,
                 n_vocab=int(n_vocab),
                 n_embd=n_embd,
-                n_layer=int(g("block_count")),
+                n_layer=n_layer,
                 n_head=n_head,
-                n_head_kv=int(g("attention.head_count_kv", n_head)),
-                n_ff=int(g("feed_forward_length")),
-                n_ctx_train=int(g("context_length")),
+                n_head_kv=int(g("attention.head_count_kv", n_head)) if not spec.recurrent else n_head_kv,
+                n_ff=int(g("feed_forward_length", 0 if arch == "mamba" else _MISSING)),
+                **extra,
+                n_ctx_train=min(int(g("context_length")), 1 << 20),
                 n_embd_head_k=int(g("attention.key_length", 0)),
                 n_embd_head_v=int(g("attention.value_length", 0)),
                 n_rot=int(g("rope.dimension_count", 0)),
@@ -137,7 +157,7 @@ class GGUFFile:
         """Every required tensor present, every present tensor of the expected shape."""
         if not config.weights_present:
             return
-        for gguf_name, _, spec in expand(ARCHS[config.arch].tensors, config.n_layer):
+        for gguf_name, _, spec in expand(ARCHS[config.arch].tensors, config):
             t = self.tensors.get(gguf_name)
             if t is None:
                 if spec.required:
@@ -170,7 +190,7 @@ class GGUFFile:
             )
         self.check_tensors(config)
         out = {}
-        for gguf_name, param, _ in expand(ARCHS[config.arch].tensors, config.n_layer):
+        for gguf_name, param, _ in expand(ARCHS[config.arch].tensors, config):
             if gguf_name in self.tensors:
                 out[param] = self.dequantize(gguf_name, dtype, mmap)
         return out

@@ -51,14 +51,30 @@ class ModelShape:
     # llama-3 rope scaling: (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
     llama3_rope: tuple[float, float, float, int] | None = None
     rope_linear_factor: float | None = None
+    # recurrent / hybrid (mamba, jamba); see engine/gguf/writer_hybrid.py
+    ssm_d_state: int = 16
+    ssm_d_conv: int = 4
+    ssm_dt_rank: int = 0  # 0: ceil(n_embd / 16), as HF and the converter default it
+    attn_layers: tuple[int, ...] = ()  # jamba: which layers are attention (the rest are Mamba mixers)
+    moe_layers: tuple[int, ...] = ()  # jamba: which layers have a mixture-of-experts FFN
+    n_expert: int = 0
+    n_expert_used: int = 0
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.n_embd // self.n_head if self.n_head else 0
+
+    @property
+    def dt_rank(self) -> int:
+        return self.ssm_dt_rank or -(-self.n_embd // 16)
 
 
 def random_hf_weights(shape: ModelShape, seed: int) -> dict[str, np.ndarray]:
     """HF-named float32 weights: N(0, 0.02) matrices (HF's init), U(0.8, 1.2) norm weights."""
+    if shape.arch in ("mamba", "jamba"):
+        from engine.gguf.writer_hybrid import random_hf_weights_hybrid
+
+        return random_hf_weights_hybrid(shape, seed)
     rng = np.random.default_rng(seed)
     E, F, D, H, Hkv, V = shape.n_embd, shape.n_ff, shape.head_dim, shape.n_head, shape.n_head_kv, shape.n_vocab
 
@@ -125,6 +141,10 @@ _NAMES = {
 
 def hf_to_gguf_tensors(shape: ModelShape, hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """HF names and layout -> llama.cpp names and layout (float32 arrays, torch [out, in] order)."""
+    if shape.arch in ("mamba", "jamba"):
+        from engine.gguf.writer_hybrid import hf_to_gguf_hybrid
+
+        return hf_to_gguf_hybrid(shape, hf)
     permute = shape.arch == "llama"
     out: dict[str, np.ndarray] = {}
     for name, x in hf.items():
@@ -166,16 +186,21 @@ def write_gguf(
         w.add_context_length(shape.n_ctx)
         w.add_embedding_length(shape.n_embd)
         w.add_block_count(shape.n_layer)
-        w.add_feed_forward_length(shape.n_ff)
-        w.add_head_count(shape.n_head)
-        w.add_head_count_kv(shape.n_head_kv)
-        w.add_rope_freq_base(shape.rope_theta)
         w.add_layer_norm_rms_eps(shape.rms_eps)
-        w.add_key_length(shape.head_dim)
-        w.add_value_length(shape.head_dim)
-        w.add_rope_dimension_count(shape.head_dim)
         w.add_vocab_size(shape.n_vocab)
         w.add_file_type(int(ftype))
+        if shape.arch in ("mamba", "jamba"):
+            from engine.gguf.writer_hybrid import add_hybrid_metadata
+
+            add_hybrid_metadata(w, shape)
+        else:
+            w.add_feed_forward_length(shape.n_ff)
+            w.add_head_count(shape.n_head)
+            w.add_head_count_kv(shape.n_head_kv)
+            w.add_rope_freq_base(shape.rope_theta)
+            w.add_key_length(shape.head_dim)
+            w.add_value_length(shape.head_dim)
+            w.add_rope_dimension_count(shape.head_dim)
         if shape.n_swa:
             w.add_sliding_window(shape.n_swa)
         if shape.rope_linear_factor is not None:

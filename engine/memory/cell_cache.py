@@ -37,8 +37,8 @@ class CellKVCache(KVCache):
         self.cells = KVCells(self.size, self.n_seq_max)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        for il in range(self.cfg.n_layer):
-            k, v = self.empty_rows(il, self.size)
+        for i in range(self.n_layers):
+            k, v = self.empty_rows(i, self.size)
             self.k.append(k)
             self.v.append(v)
 
@@ -231,7 +231,7 @@ class CellKVCache(KVCache):
 
     # -- accounting ----------------------------------------------------------------------------
     def _reserved_rows_by_layer(self):
-        return [(self.size, self.size)] * self.cfg.n_layer
+        return [(self.size, self.size)] * self.n_layers
 
     def usage(self) -> tuple[int, int]:
         return self.cells.used * self.bytes_per_token, self.size * self.bytes_per_token

@@ -82,7 +82,7 @@ class KVCache:
     kind = "base"
 
     def __init__(self, cfg: ModelConfig, spec: CacheSpec, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, rope: Rope | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, rope: Rope | None = None, layers: list[int] | None = None) -> None:
         spec = spec.resolve(cfg)
         if any(cfg.swa_layers) and not all(cfg.swa_layers):
             raise UnsupportedError("models that mix sliding-window and full-attention layers are not supported yet")
@@ -96,7 +96,12 @@ class KVCache:
         self.codec_k, self.codec_v = get_codec(spec.type_k), get_codec(spec.type_v)
         self.row_bytes_k = self.codec_k.row_bytes(cfg.n_embd_k_gqa)
         self.row_bytes_v = self.codec_v.row_bytes(cfg.n_embd_v_gqa)
-        self.layer_tier = [tier_of_layer(il, spec.offload, spec.offload_layers) for il in range(cfg.n_layer)]
+        # The model layers whose K/V live here (a hybrid's attention layers; all layers otherwise).
+        # Storage is indexed by slot; the model's layer index is mapped at store/attn_inputs.
+        self.layers = list(range(cfg.n_layer)) if layers is None else list(layers)
+        self.slot = {il: i for i, il in enumerate(self.layers)}
+        self.n_layers = len(self.layers)
+        self.layer_tier = [tier_of_layer(il, spec.offload, spec.offload_layers) for il in self.layers]
         # A memory-only run (meta device) models every tier without allocating any of them.
         self.tiers = {name: make_tier(name if self.device.type != "meta" else "device", self.device)
                       for name in dict.fromkeys(self.layer_tier)}
@@ -104,19 +109,19 @@ class KVCache:
         self.n_kv_last = 0  # cells attention read in the last applied ubatch
 
     # -- shared helpers ------------------------------------------------------------------------
-    def tier(self, il: int):
-        return self.tiers[self.layer_tier[il]]
+    def tier(self, i: int):
+        return self.tiers[self.layer_tier[i]]
 
-    def empty_rows(self, il: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Storage for n K rows and n V rows of layer il, on that layer's tier (one allocation each)."""
-        t = self.tier(il)
+    def empty_rows(self, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Storage for n K rows and n V rows of slot i, on that layer's tier (one allocation each)."""
+        t = self.tier(i)
         k = t.empty((n, self.codec_k.row_elems(self.cfg.n_embd_k_gqa)), self.codec_k.storage_dtype)
         v = t.empty((n, self.codec_v.row_elems(self.cfg.n_embd_v_gqa)), self.codec_v.storage_dtype)
         return k, v
 
     @property
     def bytes_per_token(self) -> int:
-        return self.cfg.n_layer * (self.row_bytes_k + self.row_bytes_v)
+        return self.n_layers * (self.row_bytes_k + self.row_bytes_v)
 
     @property
     def alloc_calls(self) -> int:
@@ -150,10 +155,15 @@ class KVCache:
                               "raise parallel / n_seq_max")
 
     # -- the batch protocol --------------------------------------------------------------------
+    shares_partial_prefix = True  # seq_cp of [0, n) shares exactly those positions
+
     def init_batch(self, batch: Batch, n_ubatch: int) -> KVContext:
         self._check_seq_ids(set(batch.seq_id))
+        return self.init_ubatches(batch.split(n_ubatch, self.device))
+
+    def init_ubatches(self, ubs: list[UBatch]) -> KVContext:
+        """Dry-run placement of already split ubatches (a hybrid memory splits for its recurrent part)."""
         self.update()
-        ubs = batch.split(n_ubatch, self.device)
         plans = self._prepare(ubs)
         if plans is None:
             return KVContext(self, [], [], MemoryStatus.FAILED_PREPARE)
@@ -186,6 +196,10 @@ class KVCache:
             out[f"v.{t}"] = out.get(f"v.{t}", 0) + vb * self.row_bytes_v
         return out
 
+    def can_admit(self, n_tokens: int) -> bool:
+        """Room now for a new sequence of n_tokens tokens (the scheduler's admission check)."""
+        return self.stats().free_cells >= n_tokens
+
     def usage(self) -> tuple[int, int]:
         """(live_bytes, reserved_bytes), cheap enough to call every step (stats() is the full picture)."""
         raise NotImplementedError
@@ -204,7 +218,8 @@ class KVCache:
     def _state_header(self, seq_id: int | None) -> dict:
         c = self.cfg
         return {
-            "arch": c.arch, "model": c.name, "n_layer": c.n_layer, "n_embd_k_gqa": c.n_embd_k_gqa,
+            "arch": c.arch, "model": c.name, "n_layer": self.n_layers, "layers": self.layers,
+            "n_embd_k_gqa": c.n_embd_k_gqa,
             "n_embd_v_gqa": c.n_embd_v_gqa, "n_swa": self.n_swa, "rope_type": c.rope_type,
             "rope_freq_base": c.rope_freq_base, "rope_freq_scale": c.rope_freq_scale,
             "type_k": self.spec.type_k, "type_v": self.spec.type_v,
@@ -213,7 +228,7 @@ class KVCache:
         }
 
     # what must match between a state file and the memory restoring it
-    _STATE_KEYS = ("arch", "model", "n_layer", "n_embd_k_gqa", "n_embd_v_gqa", "n_swa", "rope_type",
+    _STATE_KEYS = ("arch", "model", "n_layer", "layers", "n_embd_k_gqa", "n_embd_v_gqa", "n_swa", "rope_type",
                    "rope_freq_base", "rope_freq_scale", "type_k", "type_v", "row_bytes_k", "row_bytes_v")
 
     def state_write(self, f: BinaryIO, seq_id: int | None = None) -> None:
@@ -326,8 +341,8 @@ class KVCache:
         if ctx.status is not MemoryStatus.SUCCESS:
             raise MemoryFullError(f"no room for {len(batch)} tokens of sequence {batch.seq_id[0]}")
         ctx.apply()
-        for il in range(self.cfg.n_layer):
-            self._store_rows(il, ctx.view, rows_k[il], rows_v[il])
+        for i in range(self.n_layers):
+            self._store_rows(i, ctx.view, rows_k[i], rows_v[i])
 
     def _store_rows(self, il: int, view, ks: torch.Tensor, vs: torch.Tensor) -> None:
         raise NotImplementedError
@@ -369,7 +384,7 @@ class KVContext:
         return self.i < len(self.ubatches)
 
     def store(self, il: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.cache._store(il, self.view, k, v)
+        self.cache._store(self.cache.slot[il], self.view, k, v)
 
     def attn_inputs(self, il: int) -> list[AttnInput]:
-        return self.cache._attn_inputs(il, self.view)
+        return self.cache._attn_inputs(self.cache.slot[il], self.view)

@@ -12,6 +12,9 @@ from engine.errors import ModelFileError
 
 ROPE_NORM = "norm"  # rotate adjacent pairs (x[2i], x[2i+1]); llama.cpp's default, Q/K rows permuted
 ROPE_NEOX = "neox"  # rotate halves (x[i], x[i + n_rot/2]); GPT-NeoX / HF rotate_half layout
+ROPE_NONE = "none"  # no positional rotation (Jamba's attention layers)
+
+ATTN, SSM = "attn", "ssm"  # layer kinds
 
 
 # ModelConfig field -> GGUF metadata key (after "{arch}."), so errors name what a user can see.
@@ -19,6 +22,8 @@ GGUF_KEYS = {
     "n_vocab": "vocab_size", "n_embd": "embedding_length", "n_layer": "block_count",
     "n_head": "attention.head_count", "n_head_kv": "attention.head_count_kv", "n_ff": "feed_forward_length",
     "n_embd_head_k": "attention.key_length", "n_rot": "rope.dimension_count",
+    "ssm_d_conv": "ssm.conv_kernel", "ssm_d_inner": "ssm.inner_size", "ssm_d_state": "ssm.state_size",
+    "ssm_dt_rank": "ssm.time_step_rank", "n_expert": "expert_count", "n_expert_used": "expert_used_count",
 }
 
 
@@ -47,6 +52,17 @@ class ModelConfig:
     bos_id: int | None = None
     eos_id: int | None = None
     weights_present: bool = True  # False for shape-only files (e.g. the llama-7b preset)
+    # recurrent (Mamba-1) layers; all 0 for pure attention models
+    layer_kinds: tuple[str, ...] = ()  # per layer: ATTN or SSM (derived: all ATTN when empty)
+    ssm_d_conv: int = 0
+    ssm_d_inner: int = 0
+    ssm_d_state: int = 0
+    ssm_dt_rank: int = 0
+    ssm_dt_b_c_rms: bool = False  # falcon-mamba: weightless RMS norms on dt, B, C
+    # mixture of experts (Jamba)
+    n_expert: int = 0
+    n_expert_used: int = 0
+    moe_layers: tuple[bool, ...] = ()  # per layer: MoE feed-forward (derived: none when empty)
 
     # derived
     n_gqa: int = field(init=False)
@@ -59,8 +75,46 @@ class ModelConfig:
         v = getattr(self, field_name)
         return f"{field_name} {v} ({self.arch}.{key})" if key else f"{field_name} {v}"
 
+    @property
+    def attn_layers(self) -> list[int]:
+        return [il for il, k in enumerate(self.layer_kinds) if k == ATTN]
+
+    @property
+    def ssm_layers(self) -> list[int]:
+        return [il for il, k in enumerate(self.layer_kinds) if k == SSM]
+
+    @property
+    def n_embd_r(self) -> int:
+        """Conv state values per layer per sequence (llama.cpp n_embd_r)."""
+        return (self.ssm_d_conv - 1) * self.ssm_d_inner
+
+    @property
+    def n_embd_s(self) -> int:
+        """SSM state values per layer per sequence (llama.cpp n_embd_s)."""
+        return self.ssm_d_state * self.ssm_d_inner
+
     def __post_init__(self) -> None:
-        for key in ("n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "n_ff"):
+        if not self.layer_kinds:
+            self.layer_kinds = tuple(ATTN for _ in range(self.n_layer))
+        if len(self.layer_kinds) != self.n_layer or set(self.layer_kinds) - {ATTN, SSM}:
+            raise ModelFileError(f"model config: layer kinds {self.layer_kinds} do not fit {self.n_layer} layers")
+        if not self.moe_layers:
+            self.moe_layers = tuple(False for _ in range(self.n_layer))
+        if self.ssm_layers:
+            for key in ("ssm_d_conv", "ssm_d_inner", "ssm_d_state", "ssm_dt_rank"):
+                if getattr(self, key) <= 0:
+                    raise ModelFileError(f"model config: {self._k(key)} must be positive for recurrent layers")
+        if any(self.moe_layers) and not 0 < self.n_expert_used <= self.n_expert:
+            raise ModelFileError(f"model config: {self._k('n_expert_used')} must be in [1, {self._k('n_expert')}]")
+        if not self.attn_layers:  # a pure recurrent model: no attention shapes to derive
+            self.n_gqa = self.n_embd_k_gqa = self.n_embd_v_gqa = 0
+            self.swa_layers = tuple(False for _ in range(self.n_layer))
+            for key in ("n_vocab", "n_embd", "n_layer"):
+                if getattr(self, key) <= 0:
+                    raise ModelFileError(f"model config: {self._k(key)} must be positive")
+            return
+        keys = ("n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv") + (("n_ff",) if self.arch != "mamba" else ())
+        for key in keys:
             if getattr(self, key) <= 0:
                 raise ModelFileError(f"model config: {self._k(key)} must be positive")
         if self.n_embd_head_k == 0:
@@ -72,7 +126,7 @@ class ModelConfig:
             self.n_embd_head_k = self.n_embd // self.n_head
         if self.n_embd_head_v == 0:
             self.n_embd_head_v = self.n_embd_head_k
-        if self.n_rot == 0:
+        if self.n_rot == 0 and self.rope_type != ROPE_NONE:
             self.n_rot = self.n_embd_head_k
         if self.n_head % self.n_head_kv:
             raise ModelFileError(f"model config: {self._k('n_head')} is not a multiple of {self._k('n_head_kv')}")
@@ -80,7 +134,7 @@ class ModelConfig:
             raise ModelFileError(
                 f"model config: {self._k('n_rot')} must be even and at most the head size {self.n_embd_head_k}"
             )
-        if self.rope_type not in (ROPE_NORM, ROPE_NEOX):
+        if self.rope_type not in (ROPE_NORM, ROPE_NEOX, ROPE_NONE):
             raise ModelFileError(f"model config: unknown rope type {self.rope_type!r}")
         if not self.swa_layers:
             self.swa_layers = tuple(self.n_swa > 0 for _ in range(self.n_layer))
@@ -94,18 +148,17 @@ class ModelConfig:
 
     @property
     def n_params(self) -> int:
-        """Parameter count implied by the shapes (what the weights would hold)."""
-        attn = self.n_embd * (self.n_embd_head_k * self.n_head) + 2 * self.n_embd * self.n_embd_k_gqa
-        attn += self.n_embd_head_v * self.n_head * self.n_embd
-        if self.attn_bias:
-            attn += self.n_embd_head_k * self.n_head + self.n_embd_k_gqa + self.n_embd_v_gqa
-        ffn = 3 * self.n_embd * self.n_ff
-        norms = 2 * self.n_embd
-        per_layer = attn + ffn + norms
-        emb = self.n_vocab * self.n_embd
-        out = 0 if self.tied_output else self.n_vocab * self.n_embd
-        return self.n_layer * per_layer + emb + out + self.n_embd
+        """Parameter count implied by the shapes (what the weights would hold), from the keymap."""
+        from engine.gguf.keymap import n_params
+
+        return n_params(self)
 
     def kv_bytes_per_token(self, bytes_per_k: float = 4.0, bytes_per_v: float = 4.0) -> float:
-        """Bytes one token occupies in the KV cache over all layers, for a given element size."""
-        return self.n_layer * (self.n_embd_k_gqa * bytes_per_k + self.n_embd_v_gqa * bytes_per_v)
+        """Bytes one token occupies in the KV cache over the attention layers, for a given element size."""
+        return len(self.attn_layers) * (self.n_embd_k_gqa * bytes_per_k + self.n_embd_v_gqa * bytes_per_v)
+
+    @property
+    def recurrent_bytes_per_seq(self) -> int:
+        """Bytes of one sequence's recurrent state (f32 conv + SSM state) over the Mamba layers: the
+        same at 1 token and at 100k."""
+        return len(self.ssm_layers) * (self.n_embd_r + self.n_embd_s) * 4

@@ -81,6 +81,8 @@ class Rope(nn.Module):
 
     def apply(self, x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Rotate x (T, n_head, head_dim) by the angles from ``angles``."""
+        if self.n_rot == 0:  # no rope (Jamba's attention layers)
+            return x
         cos, sin = cs
         n = self.n_rot
         rot, rest = (x, None) if n == x.shape[-1] else (x[..., :n], x[..., n:])

@@ -85,17 +85,25 @@ class Engine:
                 f"memory full: no room for a batch of {len(batch)} tokens "
                 f"({st.used_cells}/{st.n_cells} cells used); raise the cache size or run fewer sequences"
             )
-        outs = []
+        outs, where = [], []
+        offset = 0
         while True:
             mctx.apply()
             ub = mctx.ubatch
             if ub.n_out:
                 outs.append(self.model(ub.token, ub.pos, mctx, ub.out_rows))
+                rows = ub.out_batch_rows()
+                where.append(rows if ub.rows is not None else rows + offset)
             else:
                 self.model(ub.token, ub.pos, mctx, ub.token[:0])
+            offset += ub.n_tokens
             if not mctx.next():
                 break
-        return torch.cat(outs) if outs else torch.empty(0)
+        if not outs:
+            return torch.empty(0)
+        logits = torch.cat(outs)
+        order = np.argsort(np.concatenate(where), kind="stable")  # split_equal reorders tokens: back to batch order
+        return logits if (np.diff(order) == 1).all() else logits[torch.from_numpy(order)]
 
     # -- generation ----------------------------------------------------------------------------
     def prefill(self, prompts: dict[int, list[int]]) -> torch.Tensor:

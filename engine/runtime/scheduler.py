@@ -134,10 +134,10 @@ class Scheduler:
         while self.queue and len(self.running) < self.parallel:
             req, res = self.queue[0]
             history = res.prompt + res.tokens  # a preempted request resumes where it was
-            if self.share_prefix and self._prefix_pending(history):
+            if self.share_prefix and getattr(self.mem, "shares_partial_prefix", True) and self._prefix_pending(history):
                 return  # admit once the shared prefix is in memory, then seq_cp it
             src, n_shared = self._best_prefix(history) if self.share_prefix else (None, 0)
-            if self.running and self.mem.stats().free_cells < len(history) - n_shared + 1:
+            if self.running and not self.mem.can_admit(len(history) - n_shared + 1):
                 return
             self.queue.popleft()
             slot = min(set(range(self.parallel)) - set(self.running))
@@ -153,10 +153,13 @@ class Scheduler:
         """The running request holding the longest prefix of history (the last token always runs)."""
         best, src = 0, None
         limit = len(history) - 1
+        partial = getattr(self.mem, "shares_partial_prefix", True)
         for o in self.running.values():
             n, m = 0, min(limit, o.n_cached)
             while n < m and o.history[n] == history[n]:
                 n += 1
+            if not partial and n != o.n_cached:
+                continue  # a recurrent state exists only at o's last position: all or nothing
             if n > best:
                 best, src = n, o
         return src, best

@@ -48,6 +48,8 @@ class MemoryTracker(Tracker):
         self.cuda_alloc: list[int] = []
         self.peak_breakdown: dict[str, int] = {}
         self.peak_live = self.peak_reserved = 0
+        self.peak_kv_live = self.peak_state_live = 0
+        self.state_live: list[int] = []
 
     def start(self) -> None:
         self.mem.reset_peak()
@@ -56,8 +58,20 @@ class MemoryTracker(Tracker):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
+    def _parts(self):
+        """(KV part, recurrent part) of the memory; either may be None."""
+        if hasattr(self.mem, "kv") and hasattr(self.mem, "rs"):
+            return self.mem.kv, self.mem.rs
+        return (None, self.mem) if getattr(self.mem, "bytes_per_token", 1) == 0 else (self.mem, None)
+
     def step(self, info, now: float) -> None:
-        """Exact KV peaks: usage() every step (O(1)-ish), unlike the sampled timeline."""
+        """Exact peaks: usage() every step (O(1)-ish), unlike the sampled timeline. KV and recurrent
+        state are followed apart: one grows with context, the other does not."""
+        kv, rs = self._parts()
+        if kv is not None:
+            self.peak_kv_live = max(self.peak_kv_live, kv.usage()[0])
+        if rs is not None:
+            self.peak_state_live = max(self.peak_state_live, rs.usage()[0])
         live, reserved = self.mem.usage()
         self.peak_live = max(self.peak_live, live)
         if reserved > self.peak_reserved or not self.peak_breakdown:  # pooled/paged: once
@@ -69,6 +83,8 @@ class MemoryTracker(Tracker):
         self.t.append(now)
         self.rss.append(self.proc.memory_info().rss)
         self.live.append(live)
+        rs = self._parts()[1]
+        self.state_live.append(rs.usage()[0] if rs is not None else 0)
         self.reserved.append(reserved)
         if self.device.type == "cuda":
             self.cuda_alloc.append(torch.cuda.memory_allocated(self.device))
@@ -90,7 +106,8 @@ class MemoryTracker(Tracker):
             "memory.weights_bytes": self.weights_bytes,
             "memory.kv_reserved_peak_bytes": self.peak_reserved,
             "memory.kv_reserved_transient_peak_bytes": self.mem.stats().reserved_peak_bytes,
-            "memory.kv_live_peak_bytes": self.peak_live,
+            "memory.kv_live_peak_bytes": self.peak_kv_live,
+            "memory.state_live_peak_bytes": self.peak_state_live,
         }
         for k, v in self.peak_breakdown.items():
             out[f"memory.breakdown.{k}"] = v
@@ -100,7 +117,8 @@ class MemoryTracker(Tracker):
         return out
 
     def timeline(self) -> dict[str, list]:
-        tl = {"t_s": self.t, "rss_bytes": self.rss, "kv_live_bytes": self.live, "kv_reserved_bytes": self.reserved}
+        tl = {"t_s": self.t, "rss_bytes": self.rss, "live_bytes": self.live, "reserved_bytes": self.reserved,
+              "state_live_bytes": self.state_live}
         if self.cuda_alloc:
             tl["cuda_allocated_bytes"] = self.cuda_alloc
         return tl

@@ -13,6 +13,9 @@ GENERATE_RESULTS: dict[str, dict] = {}
 # (allocator, parallel) -> (decode step ms p50, p90, storage allocations per decode step)
 ALLOC_RESULTS: dict[tuple[str, int], tuple[float, float, float]] = {}
 
+# (model, allocator, parallel) -> decode tokens/s
+RECURRENT_RESULTS: dict[tuple[str, str, int], float] = {}
+
 # trackers on vs off: step ms and relative overhead
 OVERHEAD_RESULTS: dict[str, float] = {}
 
@@ -30,6 +33,10 @@ def pytest_terminal_summary(terminalreporter):
         tr.section("decode step with churn (ms p50 / p90, KV storage allocations per decode step)")
         for (alloc, par), (p50, p90, al) in sorted(ALLOC_RESULTS.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             tr.write_line(f"parallel {par:<2} {alloc:<7} {p50:7.3f} / {p90:7.3f} ms   {al:5.1f} allocs/step")
+    if RECURRENT_RESULTS:
+        tr.section("recurrent / hybrid decode tokens/s (last round)")
+        for (m, a, p), tps in sorted(RECURRENT_RESULTS.items()):
+            tr.write_line(f"{m:<12} {a:<7} parallel {p:<2} {tps:8.1f} t/s")
     if OVERHEAD_RESULTS:
         r = OVERHEAD_RESULTS
         tr.section("tracker overhead (medians; overhead = median of paired on/off ratios)")

@@ -12,8 +12,34 @@ import torch
 from engine.gguf.writer import ModelShape, random_hf_weights
 
 
+def _period_offset(layers: tuple[int, ...], n_layer: int) -> tuple[int, int]:
+    """HF Jamba's (period, offset) that selects exactly these layers."""
+    for period in range(1, n_layer + 1):
+        for offset in range(period):
+            if tuple(i for i in range(n_layer) if i % period == offset) == tuple(layers):
+                return period, offset
+    raise ValueError(f"layers {layers} are not periodic: HF Jamba cannot express them")
+
+
 def hf_config(shape: ModelShape):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import JambaConfig, LlamaConfig, MambaConfig, MistralConfig, Qwen2Config
+
+    if shape.arch == "mamba":
+        return MambaConfig(vocab_size=shape.n_vocab, hidden_size=shape.n_embd, num_hidden_layers=shape.n_layer,
+                           state_size=shape.ssm_d_state, conv_kernel=shape.ssm_d_conv, expand=2,
+                           time_step_rank=shape.dt_rank, layer_norm_epsilon=shape.rms_eps, tie_word_embeddings=True,
+                           use_conv_bias=True, use_bias=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if shape.arch == "jamba":
+        ap, ao = _period_offset(shape.attn_layers, shape.n_layer)
+        ep, eo = _period_offset(shape.moe_layers, shape.n_layer)
+        return JambaConfig(vocab_size=shape.n_vocab, hidden_size=shape.n_embd, intermediate_size=shape.n_ff,
+                           num_hidden_layers=shape.n_layer, num_attention_heads=shape.n_head,
+                           num_key_value_heads=shape.n_head_kv, num_experts=shape.n_expert,
+                           num_experts_per_tok=shape.n_expert_used, attn_layer_period=ap, attn_layer_offset=ao,
+                           expert_layer_period=ep, expert_layer_offset=eo, mamba_d_state=shape.ssm_d_state,
+                           mamba_d_conv=shape.ssm_d_conv, mamba_expand=2, mamba_dt_rank=shape.dt_rank,
+                           rms_norm_eps=shape.rms_eps, tie_word_embeddings=False, max_position_embeddings=shape.n_ctx,
+                           bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
     common = dict(
         vocab_size=shape.n_vocab, hidden_size=shape.n_embd, intermediate_size=shape.n_ff,

@@ -83,3 +83,17 @@ def test_bad_input_stops_before_anything_runs(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "cache.block_size = 48" in r.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_recurrent_models_in_a_sweep_separate_kv_from_state(tmp_path):
+    d = tmp_path / "rec"
+    r = kvbench(tmp_path, "run", "-m", "model=mamba-tiny,hybrid-tiny", "allocator=pooled", f"hydra.sweep.dir={d}",
+                *SMALL)
+    assert r.returncode == 0, r.stderr
+    recs = {json.loads(p.read_text())["config"]["model"]["name"]: json.loads(p.read_text())["metrics"]
+            for p in d.glob("*/record.json")}
+    assert recs["mamba-tiny"]["memory.kv_bytes_per_token"] == 0 and recs["mamba-tiny"]["memory.kv_live_peak_bytes"] == 0
+    assert recs["mamba-tiny"]["memory.state_live_peak_bytes"] > 0
+    assert "memory.breakdown.s.device" in recs["hybrid-tiny"] and "memory.breakdown.k.device" in recs["hybrid-tiny"]
+    md = (d / "report.md").read_text()
+    assert "## Recurrent state vs KV cache" in md and (d / "plots" / "memory_vs_context.png").exists()

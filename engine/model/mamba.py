@@ -1,0 +1,107 @@
+"""Mamba-1 mixer (llama.cpp's build_mamba_layer) and the mixture-of-experts feed-forward (Jamba).
+
+The mixer works on a ``split_equal`` ubatch: S sequences x T tokens each, rows sequence after
+sequence. Per sequence it continues from the state the memory holds (conv state: the last
+d_conv - 1 inputs of the depthwise convolution; SSM state: d_inner x d_state) and writes the
+state after its last token back:
+
+    x, z  = in_proj(h).split(d_inner)                  # (S, T, d_inner) each
+    xc    = silu(conv1d(cat(conv_state, x)) + b)       # causal depthwise conv over time
+    dt, B, C = x_proj(xc).split(dt_rank, d_state, d_state)   [Jamba: RMS-normed]
+    dt    = softplus(dt_proj(dt) + dt_bias)
+    s_t   = exp(dt * A) * s_{t-1} + dt * B_t * xc_t    # A = -exp(A_log), (d_inner, d_state)
+    y_t   = s_t . C_t + D * xc_t
+    out   = out_proj(y * silu(z))
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model.config import ModelConfig
+from engine.model.layers import Linear, linear
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, cfg: ModelConfig, il: int, bc_norms: bool) -> None:
+        super().__init__()
+        self.il = il
+        di, ds, dc, r = cfg.ssm_d_inner, cfg.ssm_d_state, cfg.ssm_d_conv, cfg.ssm_dt_rank
+        self.d_inner, self.d_state, self.d_conv, self.dt_rank = di, ds, dc, r
+        self.eps = cfg.rms_eps
+        self.in_proj = Linear(cfg.n_embd, 2 * di)
+        self.conv1d_weight = nn.Parameter(torch.empty(di, dc), requires_grad=False)
+        self.conv1d_bias = nn.Parameter(torch.empty(di), requires_grad=False)
+        self.x_proj = Linear(di, r + 2 * ds)
+        self.dt_proj = Linear(r, di, bias=True)
+        self.A = nn.Parameter(torch.empty(di, ds), requires_grad=False)  # already -exp(A_log)
+        self.D = nn.Parameter(torch.empty(di), requires_grad=False)
+        self.out_proj = Linear(di, cfg.n_embd)
+        self.weightless_norms = cfg.ssm_dt_b_c_rms  # falcon-mamba
+        if bc_norms:
+            self.dt_norm = nn.Parameter(torch.empty(r), requires_grad=False)
+            self.b_norm = nn.Parameter(torch.empty(ds), requires_grad=False)
+            self.c_norm = nn.Parameter(torch.empty(ds), requires_grad=False)
+        else:
+            self.dt_norm = self.b_norm = self.c_norm = None
+
+    def forward(self, h: torch.Tensor, mctx) -> torch.Tensor:
+        """h (S*T, n_embd) -> (S*T, n_embd); reads and writes the ubatch's states in mctx."""
+        S = max(mctx.ubatch.n_seqs, 1)
+        T = h.shape[0] // S
+        di = self.d_inner
+        x, z = linear(h, self.in_proj.weight).view(S, T, 2 * di).split(di, dim=-1)
+        conv_state, ssm_state = mctx.rs_get(self.il)  # (S, d_conv-1, di), (S, di, d_state)
+        conv_in = torch.cat((conv_state.to(x.dtype), x), dim=1)  # (S, d_conv-1+T, di)
+        new_conv = conv_in[:, T:]
+        xc = F.conv1d(conv_in.transpose(1, 2), self.conv1d_weight.unsqueeze(1), self.conv1d_bias, groups=di)
+        xc = F.silu(xc.transpose(1, 2))  # (S, T, di)
+        dt, B, C = linear(xc.reshape(S * T, di), self.x_proj.weight).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.dt_norm is not None or self.weightless_norms:
+            dt, B, C = _rms(dt, self.dt_norm, self.eps), _rms(B, self.b_norm, self.eps), _rms(C, self.c_norm, self.eps)
+        dt = F.softplus(linear(dt, self.dt_proj.weight, self.dt_proj.bias)).view(S, T, di)
+        B, C = B.view(S, T, self.d_state), C.view(S, T, self.d_state)
+        s = ssm_state.float()
+        A = self.A.float()
+        dA = torch.exp(dt.float().unsqueeze(-1) * A)  # (S, T, di, d_state)
+        dBx = (dt * xc).float().unsqueeze(-1) * B.float().unsqueeze(2)  # (S, T, di, d_state)
+        ys = []
+        for t in range(T):  # the recurrence: sequential in time, batched over sequences
+            s = dA[:, t] * s + dBx[:, t]
+            ys.append(torch.einsum("sdn,sn->sd", s, C[:, t].float()))
+        y = torch.stack(ys, dim=1).to(xc.dtype) + xc * self.D
+        mctx.rs_set(self.il, new_conv, s)
+        out = linear((y * F.silu(z)).reshape(S * T, di), self.out_proj.weight)
+        return out
+
+
+class MoEFeedForward(nn.Module):
+    """Jamba's sparse FFN: softmax over all experts, the top-k probabilities weight their experts'
+    SwiGLU outputs, without renormalising (llama.cpp norm_w=false; HF JambaTopKRouter)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E, ff, d = cfg.n_expert, cfg.n_ff, cfg.n_embd
+        self.k = cfg.n_expert_used
+        self.router = nn.Parameter(torch.empty(E, d), requires_grad=False)
+        self.gate_exps = nn.Parameter(torch.empty(E, ff, d), requires_grad=False)
+        self.up_exps = nn.Parameter(torch.empty(E, ff, d), requires_grad=False)
+        self.down_exps = nn.Parameter(torch.empty(E, d, ff), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(linear(x, self.router).float(), dim=-1)  # (T, E)
+        w, idx = torch.topk(probs, self.k, dim=-1)  # (T, k)
+        out = torch.zeros_like(x)
+        for e in idx.unique().tolist():
+            rows, slot = torch.nonzero(idx == e, as_tuple=True)
+            xe = x[rows]
+            ye = linear(F.silu(linear(xe, self.gate_exps[e])) * linear(xe, self.up_exps[e]), self.down_exps[e])
+            out.index_add_(0, rows, ye * w[rows, slot, None].to(ye.dtype))
+        return out

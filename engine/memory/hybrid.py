@@ -16,12 +16,13 @@ from engine.errors import StateFileError
 from engine.memory.base import MemoryStats, MemoryStatus
 from engine.memory.kv_cache import KVCache
 from engine.memory.recurrent import RecurrentMemory
+from engine.memory.state import StateFiles
 from engine.runtime.batch import Batch
 
 _MAGIC = b"KVBHYBR1"
 
 
-class HybridMemory:
+class HybridMemory(StateFiles):
     shares_partial_prefix = False
 
     def __init__(self, kv: KVCache, rs: RecurrentMemory) -> None:
@@ -124,20 +125,6 @@ class HybridMemory:
         except StateFileError:
             self.rs._restore(snap_rs)
             raise  # the KV part is restored; the pair is inconsistent only for this seq_id
-
-    def save_state(self, path, seq_id: int | None = None) -> None:
-        from engine.atomic import atomic_open
-
-        with atomic_open(path) as f:
-            self.state_write(f, seq_id)
-
-    def load_state(self, path, seq_id: int | None = None) -> None:
-        try:
-            f = open(path, "rb")
-        except OSError as e:
-            raise StateFileError(f"{path}: cannot open ({e.strerror})") from None
-        with f:
-            self.state_read(f, seq_id, source=str(path))
 
     def close(self) -> None:
         self.kv.close()

@@ -13,18 +13,16 @@ a dry run over every ubatch; ``apply`` commits one), the state file, stats and b
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 import numpy as np
 import torch
 
-from engine.atomic import atomic_open
 from engine.errors import ConfigError, MemoryFullError, StateFileError, UnsupportedError
 from engine.memory.base import MemoryStats, MemoryStatus
 from engine.memory.codecs import CACHE_TYPES, check_row, get_codec
-from engine.memory.state import read_state, write_state
+from engine.memory.state import StateFiles, read_state, write_state
 from engine.memory.tiers import make_tier, tier_of_layer
 from engine.model.config import ModelConfig
 from engine.model.layers import AttnInput, Rope
@@ -78,7 +76,7 @@ class CacheSpec:
         return s
 
 
-class KVCache:
+class KVCache(StateFiles):
     kind = "base"
 
     def __init__(self, cfg: ModelConfig, spec: CacheSpec, device: torch.device | str = "cpu",
@@ -297,19 +295,6 @@ class KVCache:
     def _import_fits(self, st, seq_id: int | None) -> bool:
         """Would the state's tokens fit, given what the memory holds now? (no side effects)"""
         raise NotImplementedError
-
-    def save_state(self, path: str | os.PathLike, seq_id: int | None = None) -> None:
-        """state_write to path atomically (temp file + rename)."""
-        with atomic_open(path) as f:
-            self.state_write(f, seq_id)
-
-    def load_state(self, path: str | os.PathLike, seq_id: int | None = None) -> None:
-        try:
-            f = open(path, "rb")
-        except OSError as e:
-            raise StateFileError(f"{path}: cannot open ({e.strerror})") from None
-        with f:
-            self.state_read(f, seq_id, source=str(path))
 
     def _import(self, st, seq_id: int | None) -> None:
         """Place the state's tokens and write their rows: each token under its lowest owner,

@@ -28,7 +28,7 @@ import torch
 from engine.errors import ConfigError, StateFileError
 from engine.memory.base import MemoryStats, MemoryStatus, norm_range
 from engine.memory.kv_cache import CacheSpec
-from engine.memory.state import read_state, write_state
+from engine.memory.state import StateFiles, read_state, write_state
 from engine.memory.tiers import make_tier, tier_of_layer
 from engine.model.config import ModelConfig
 from engine.runtime.batch import Batch, UBatch
@@ -42,7 +42,7 @@ class RSPlanItem:
     last_pos: int
 
 
-class RecurrentMemory:
+class RecurrentMemory(StateFiles):
     """Shared by both allocators: layers, tiers, the batch protocol, seq_pos, accounting."""
 
     kind = "recurrent"
@@ -129,20 +129,6 @@ class RecurrentMemory:
 
     def state_read(self, f: BinaryIO, seq_id: int | None = None, source: str = "state") -> None:
         _state_read(self, f, seq_id, source)
-
-    def save_state(self, path, seq_id: int | None = None) -> None:
-        from engine.atomic import atomic_open
-
-        with atomic_open(path) as f:
-            self.state_write(f, seq_id)
-
-    def load_state(self, path, seq_id: int | None = None) -> None:
-        try:
-            f = open(path, "rb")
-        except OSError as e:
-            raise StateFileError(f"{path}: cannot open ({e.strerror})") from None
-        with f:
-            self.state_read(f, seq_id, source=str(path))
 
     def close(self) -> None:
         for t in self.tiers.values():

@@ -111,3 +111,22 @@ def read_state(f: BinaryIO, source: str = "state") -> StateData:
         v.append(blob[off : off + n * rv])
         off += n * rv
     return StateData(header, pos, seqs, k, v)
+
+
+class StateFiles:
+    """save_state / load_state for any memory with state_write / state_read: atomic writes, and an
+    unreadable path is a StateFileError like any other bad state."""
+
+    def save_state(self, path, seq_id: int | None = None) -> None:
+        from engine.atomic import atomic_open
+
+        with atomic_open(path) as f:
+            self.state_write(f, seq_id)
+
+    def load_state(self, path, seq_id: int | None = None) -> None:
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise StateFileError(f"{path}: cannot open ({e.strerror})") from None
+        with f:
+            self.state_read(f, seq_id, source=str(path))

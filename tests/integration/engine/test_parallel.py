@@ -7,12 +7,12 @@ import torch
 from engine.loader import create_engine, create_memory
 
 
-def _run(lm, prompts, n_steps, together: bool):
+def _run(lm, prompts, n_steps, together: bool, allocator: str = "pooled"):
     """Greedy-decode; returns per sequence the list of logits rows (prefill last + each step)."""
     out = {s: [] for s in range(len(prompts))}
     groups = [list(range(len(prompts)))] if together else [[s] for s in range(len(prompts))]
     for group in groups:
-        eng = create_engine(lm, create_memory(lm, size=512, n_seq_max=len(prompts)), n_ubatch=32)
+        eng = create_engine(lm, create_memory(lm, allocator=allocator, size=512, n_seq_max=len(prompts)), n_ubatch=32)
         logits = eng.prefill({s: prompts[s] for s in group})
         nxt = {}
         for s, row in zip(group, logits):

@@ -45,22 +45,10 @@ def test_greedy_equals_hf(load, hf, model):
         assert ours == hf_greedy(hf[model], toks, 32)
 
 
-def _run(lm, prompts, allocator, together: bool, n_steps=16):
-    out = {s: [] for s in range(len(prompts))}
-    groups = [list(range(len(prompts)))] if together else [[s] for s in range(len(prompts))]
-    for group in groups:
-        eng = create_engine(lm, create_memory(lm, allocator=allocator, size=512, n_seq_max=len(prompts)), n_ubatch=32)
-        logits = eng.prefill({s: prompts[s] for s in group})
-        nxt = {}
-        for s, row in zip(group, logits):
-            out[s].append(row)
-            nxt[s] = int(row.argmax())
-        for _ in range(n_steps):
-            logits = eng.decode_step(nxt)
-            for s, row in zip(group, logits):
-                out[s].append(row)
-                nxt[s] = int(row.argmax())
-    return {s: torch.stack(v) for s, v in out.items()}
+def _run(lm, prompts, allocator, together: bool):
+    from tests.integration.engine.test_parallel import _run as run
+
+    return {s: torch.stack(v) for s, v in run(lm, prompts, 16, together, allocator).items()}
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -54,6 +54,32 @@ class MemoryStats:
         return asdict(self)
 
 
+class BatchContext:
+    """One batch's view of a memory: its ubatches, their planned placement, the applied one's view.
+
+    ``apply`` commits ubatch i through ``mem._apply`` and records the storage allocations that
+    took; ``next`` moves on. KV and recurrent memories add their own accessors.
+    """
+
+    def __init__(self, mem, ubatches: list[UBatch], plans: list, status: MemoryStatus) -> None:
+        self.mem, self.ubatches, self.plans, self.status = mem, ubatches, plans, status
+        self.i = 0
+        self.view = None
+
+    @property
+    def ubatch(self) -> UBatch:
+        return self.ubatches[self.i]
+
+    def apply(self) -> None:
+        n0 = self.mem.alloc_calls
+        self.view = self.mem._apply(self.plans[self.i], self.ubatch)
+        self.mem.alloc_calls_last_step = self.mem.alloc_calls - n0
+
+    def next(self) -> bool:
+        self.i += 1
+        return self.i < len(self.ubatches)
+
+
 class MemoryContext(Protocol):
     """Per-batch view handed to the model: where this ubatch's K/V go and what it attends to."""
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from engine.errors import ConfigError, MemoryFullError, StateFileError, UnsupportedError
-from engine.memory.base import MemoryStats, MemoryStatus
+from engine.memory.base import BatchContext, MemoryStats, MemoryStatus
 from engine.memory.codecs import CACHE_TYPES, check_row, get_codec
 from engine.memory.state import StateFiles, read_state, write_state
 from engine.memory.tiers import make_tier, tier_of_layer
@@ -346,27 +346,12 @@ class KVCache(StateFiles):
             t.close()
 
 
-class KVContext:
-    """One batch's view of a KV memory: ubatches, their planned slots, and the applied one's view."""
-
-    def __init__(self, cache: KVCache, ubatches: list[UBatch], plans: list, status: MemoryStatus) -> None:
-        self.cache, self.ubatches, self.plans, self.status = cache, ubatches, plans, status
-        self.i = 0
-        self.view = None
+class KVContext(BatchContext):
+    """A batch's view of a KV memory; the model's layer index maps to the memory's storage slot."""
 
     @property
-    def ubatch(self) -> UBatch:
-        return self.ubatches[self.i]
-
-    def apply(self) -> None:
-        c = self.cache
-        n0 = c.alloc_calls
-        self.view = c._apply(self.plans[self.i], self.ubatch)
-        c.alloc_calls_last_step = c.alloc_calls - n0
-
-    def next(self) -> bool:
-        self.i += 1
-        return self.i < len(self.ubatches)
+    def cache(self) -> KVCache:
+        return self.mem
 
     def store(self, il: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.cache._store(self.cache.slot[il], self.view, k, v)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from engine.errors import ConfigError, StateFileError
-from engine.memory.base import MemoryStats, MemoryStatus, norm_range
+from engine.memory.base import BatchContext, MemoryStats, MemoryStatus, norm_range
 from engine.memory.kv_cache import CacheSpec
 from engine.memory.state import StateFiles, read_state, write_state
 from engine.memory.tiers import make_tier, tier_of_layer
@@ -135,24 +135,8 @@ class RecurrentMemory(StateFiles):
             t.close()
 
 
-class RSContext:
-    def __init__(self, mem: RecurrentMemory, ubatches: list[UBatch], plans: list, status: MemoryStatus) -> None:
-        self.mem, self.ubatches, self.plans, self.status = mem, ubatches, plans, status
-        self.i = 0
-        self.view = None
-
-    @property
-    def ubatch(self) -> UBatch:
-        return self.ubatches[self.i]
-
-    def apply(self) -> None:
-        n0 = self.mem.alloc_calls
-        self.view = self.mem._apply(self.plans[self.i], self.ubatch)
-        self.mem.alloc_calls_last_step = self.mem.alloc_calls - n0
-
-    def next(self) -> bool:
-        self.i += 1
-        return self.i < len(self.ubatches)
+class RSContext(BatchContext):
+    """A batch's view of a recurrent memory: the states of the ubatch's sequences, layer by layer."""
 
     def rs_get(self, il: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(conv state (n_seqs, d_conv - 1, d_inner), ssm state (n_seqs, d_inner, d_state)) of layer il."""

@@ -7,12 +7,11 @@ in, logits out. Attention layers use the memory's KV part, mixer layers its recu
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from engine.model.config import SSM, ModelConfig
-from engine.model.layers import FeedForward, Linear, RMSNorm, Rope, linear
-from engine.model.llama import Attention
+from engine.model.layers import FeedForward, RMSNorm
+from engine.model.llama import Attention, Transformer
 from engine.model.mamba import MambaMixer, MoEFeedForward
 
 
@@ -39,36 +38,8 @@ class HybridBlock(nn.Module):
         return x
 
 
-class HybridLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.tok_embeddings = nn.Embedding(cfg.n_vocab, cfg.n_embd)
-        self.layers = nn.ModuleList(HybridBlock(cfg, il) for il in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.n_embd, cfg.rms_eps)
-        self.output = None if cfg.tied_output else Linear(cfg.n_embd, cfg.n_vocab)
-        self.rope = Rope(cfg)  # n_rot = 0: identity (Jamba's attention has no rope)
+class HybridLM(Transformer):
+    """The Transformer's embedding, head and weight loading over hybrid blocks; Jamba's attention
+    has no rope (n_rot = 0 makes Rope the identity)."""
 
-    def forward(self, token: torch.Tensor, pos: torch.Tensor, mctx, out_rows: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.tok_embeddings(token)
-        cs = self.rope.angles(pos, x.dtype)
-        for layer in self.layers:
-            x = layer(x, self.rope, cs, mctx)
-        if out_rows is not None:
-            x = x[out_rows]
-        w = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return linear(self.norm(x), w).float()
-
-    @classmethod
-    def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor], device="cpu") -> HybridLM:
-        with torch.device("meta"):
-            model = cls(cfg)
-        sd = dict(weights)
-        for il in cfg.attn_layers:
-            a = f"layers.{il}.attention."
-            sd[a + "wqkv.weight"] = torch.cat([sd.pop(a + n + ".weight") for n in ("wq", "wk", "wv")])
-        model.load_state_dict(sd, strict=True, assign=True)
-        model.rope = Rope(cfg)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model.to(device).eval()
+    block = HybridBlock

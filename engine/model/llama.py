@@ -57,11 +57,13 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    block: type[nn.Module] = TransformerBlock  # HybridLM swaps in blocks that may hold a Mamba mixer
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.n_vocab, cfg.n_embd)
-        self.layers = nn.ModuleList(TransformerBlock(cfg, il) for il in range(cfg.n_layer))
+        self.layers = nn.ModuleList(self.block(cfg, il) for il in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.rms_eps)
         self.output = None if cfg.tied_output else Linear(cfg.n_embd, cfg.n_vocab)
         self.rope = Rope(cfg)
@@ -84,7 +86,7 @@ class Transformer(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         sd = dict(weights)
-        for il in range(cfg.n_layer):
+        for il in cfg.attn_layers:
             a = f"layers.{il}.attention."
             sd[a + "wqkv.weight"] = torch.cat([sd.pop(a + n + ".weight") for n in ("wq", "wk", "wv")])
             if cfg.attn_bias:

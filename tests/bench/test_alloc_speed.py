@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.loader import create_engine, create_memory, load_model
-from engine.runtime.scheduler import Request, Scheduler
+from engine.loader import load_model
 from tests.bench.conftest import ALLOC_RESULTS
+from tests.bench.drive import decode_steps, random_requests
 
 MODEL = "llama-tiny"
 
@@ -23,26 +23,10 @@ def lm():
     return load_model(MODEL)
 
 
-def _requests(parallel: int) -> list[Request]:
-    g = np.random.default_rng(parallel)
-    return [Request(i, [1] + g.integers(3, 1000, int(g.integers(8, 120))).tolist(), int(g.integers(16, 64)))
-            for i in range(2 * parallel)]
-
-
 def _workload(lm, allocator: str, parallel: int):
-    mem = create_memory(lm, allocator=allocator, size=2048, block_size=16, n_seq_max=parallel)
-    eng = create_engine(lm, mem)
-    eng.warmup()
-    sched = Scheduler(eng, parallel)
-    for r in _requests(parallel):
-        sched.submit(r)
-    step_s, allocs = [], []
-    while (info := sched.step()) is not None:
-        if info.n_decode and not info.n_prefill:
-            step_s.append(info.seconds)
-            allocs.append(mem.alloc_calls_last_step)
-    assert all(r.status == "done" for r in sched.results.values())
-    return step_s, allocs
+    reqs = random_requests(2 * parallel, prompt=(8, 120), output=(16, 64), seed=parallel)
+    steps = decode_steps(lm, allocator, parallel, reqs, size=2048, block_size=16)
+    return [s.seconds for s in steps], [s.alloc_calls for s in steps]
 
 
 @pytest.mark.parametrize("parallel", [1, 4, 8])

@@ -13,33 +13,18 @@ from __future__ import annotations
 import numpy as np
 
 from engine.loader import create_engine, create_memory, load_model
-from engine.runtime.scheduler import Request, Scheduler
+from tests.bench.drive import decode_steps, random_requests
 from tests.unit.engine.alloc.helpers import CFG, batch, place
 
 ALLOCS = ("naive", "pooled", "paged")
 ROUNDS = 5
 
 
-def _requests():
-    g = np.random.default_rng(0)
-    return [Request(i, [1] + g.integers(3, 1000, int(g.integers(8, 64))).tolist(), int(g.integers(8, 40)))
-            for i in range(12)]
-
-
 def _decode(lm, allocator: str) -> tuple[float, float]:
     """(median decode step s, KV allocations per decode step) of a churn workload at parallel 4."""
-    mem = create_memory(lm, allocator=allocator, size=1024, n_seq_max=4)
-    eng = create_engine(lm, mem)
-    eng.warmup()
-    sched = Scheduler(eng, 4)
-    for r in _requests():
-        sched.submit(r)
-    steps, allocs = [], []
-    while (info := sched.step()) is not None:
-        if info.n_decode and not info.n_prefill:
-            steps.append(info.seconds)
-            allocs.append(mem.alloc_calls_last_step)
-    return float(np.median(steps)), float(np.mean(allocs))
+    reqs = random_requests(12, prompt=(8, 64), output=(8, 40), seed=0)
+    steps = decode_steps(lm, allocator, 4, reqs, size=1024)
+    return float(np.median([s.seconds for s in steps])), float(np.mean([s.alloc_calls for s in steps]))
 
 
 def test_ci_decode_step(benchmark):

@@ -7,12 +7,11 @@ in decode steps / the time of those steps (device synchronized around each step)
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from engine.loader import create_engine, create_memory, load_model
-from engine.runtime.scheduler import Request, Scheduler
+from engine.loader import load_model
 from tests.bench.conftest import RECURRENT_RESULTS
+from tests.bench.drive import decode_steps, random_requests
 
 
 @pytest.mark.parametrize("parallel", [1, 8])
@@ -20,22 +19,12 @@ from tests.bench.conftest import RECURRENT_RESULTS
 @pytest.mark.parametrize("model", ["mamba-tiny", "hybrid-tiny"])
 def test_decode_tokens_per_s(benchmark, model, allocator, parallel):
     lm = load_model(model)
-    g = np.random.default_rng(0)
-    reqs = [Request(i, [1] + g.integers(3, 1000, 31).tolist(), 64) for i in range(parallel)]
+    reqs = random_requests(parallel, prompt=(31, 32), output=(64, 65), seed=0)
     out = {}
 
     def run():
-        eng = create_engine(lm, create_memory(lm, allocator=allocator, size=1024, n_seq_max=parallel))
-        eng.warmup()
-        sched = Scheduler(eng, parallel)
-        for r in reqs:
-            sched.submit(r)
-        n, t = 0, 0.0
-        while (info := sched.step()) is not None:
-            if info.n_decode and not info.n_prefill:
-                n += info.n_decode
-                t += info.seconds
-        out["tps"] = n / t
+        steps = decode_steps(lm, allocator, parallel, reqs, size=1024)
+        out["tps"] = sum(s.n_decode for s in steps) / sum(s.seconds for s in steps)
 
     benchmark.group = f"{model} decode"
     benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1)

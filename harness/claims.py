@@ -3,9 +3,15 @@
 The article (llama-7B, 512 tokens, RTX 4090) claims, from pre-allocation and cell pooling:
 single-request latency 85 -> 52 ms, memory fragmentation 28% -> 7%, "continuous inference
 stability" 62% -> 98%, peak memory 12 GB -> 7.2 GB. It defines none of them. kvbench puts each
-claim next to its own metrics (docs/metrics.md), naive -> pooled (and paged), and says plainly
-whether the measured change is anything like the claimed one, or why the claim cannot be tested
-as stated. Verdicts are computed from the numbers, not written in advance.
+claim next to its own metrics (docs/metrics.md), naive -> pooled (and paged), and says whether the
+measured change is anything like the claimed one.
+
+Verdicts come from intervals, not from single runs: naive and pooled runs of the same round are
+paired, and the change naive -> pooled is the geometric mean of the per-round ratios (times, bytes)
+or the mean per-round difference (fractions, in points), with its 95% interval (harness/stats.py).
+``claim_verdict`` then says "holds", "partly", "does not hold" or "inconclusive" from where that
+interval lies relative to 0 (no effect) and to the claimed effect. A row with runs measured under
+contention is inconclusive. Byte counts of memory-only runs are exact (zero-width intervals).
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from harness.stats import Interval, paired, paired_diff
+
 GB = 1e9
-NOISE = 0.05  # relative changes smaller than this are run-to-run noise on this kind of machine
 
 
 @dataclass(frozen=True)
@@ -25,7 +32,14 @@ class Claim:
     article: str  # as the article states it
     naive: float
     pooled: float
-    unit: str
+    unit: str  # "ms", "GB" (compared as ratios) or "fraction" (compared as differences in points)
+
+    @property
+    def change(self) -> float:
+        """The claimed effect in the unit it is compared in: relative change, or difference of fractions."""
+        if self.unit == "fraction":
+            return self.pooled - self.naive
+        return self.pooled / self.naive - 1
 
 
 CLAIMS = [
@@ -36,89 +50,128 @@ CLAIMS = [
 ]
 
 
-def _pick(df: pd.DataFrame, model: str, workload: str, allocator: str, col: str) -> float:
-    rows = df[(df.get("model.name") == model) & (df.get("workload") == workload) & (df.get("allocator") == allocator)
-              & (df["status"] == "ok")]
-    if rows.empty or col not in rows:
-        return float("nan")
-    return float(pd.to_numeric(rows[col], errors="coerce").mean())
+@dataclass(frozen=True)
+class Measure:
+    claim: int  # index into CLAIMS
+    model: str  # "timed" (the real-arithmetic model) or "shape" (the memory-only 7B shape)
+    workload: str  # the naive side's workload
+    metric: str
+    what: str
+    lower_is_better: bool
+    pooled_workload: str = ""  # the pooled side's workload when it differs (the pool sized to the workload)
+    note: str = ""
 
 
-def _change(a: float, b: float) -> float:
-    """Relative change a -> b; +-inf when a is 0 and b is not (kv_waste of naive growth is exactly 0)."""
-    if math.isnan(a) or math.isnan(b):
-        return float("nan")
-    if a == 0:
-        return 0.0 if b == 0 else math.copysign(math.inf, b)
-    return (b - a) / abs(a)
-
-
-def _verdict(claimed: float, measured: float, better_is_lower: bool, noise: float = NOISE) -> str:
-    """How the measured relative change naive -> pooled compares with the claimed one.
-
-    ``noise``: changes smaller than this are not called a difference (0 for exact byte counts)."""
-    if math.isnan(measured):
-        return "not measured (the point failed or was not run)"
-    good = -measured if better_is_lower else measured
-    want = -claimed if better_is_lower else claimed
-    shown = f"{measured:+.0%}" if math.isfinite(measured) else "from 0"
-    if abs(measured) < noise:
-        return f"does not hold: no measurable difference ({measured:+.1%}, within +-{noise:.0%}; claimed {claimed:+.0%})"
-    if good < 0:
-        return f"does not hold: pooled is worse ({shown} vs claimed {claimed:+.0%})"
-    if good == 0:
-        return f"does not hold: no difference (claimed {claimed:+.0%})"
-    if good < want / 3:
-        return f"does not hold: {shown} measured vs {claimed:+.0%} claimed"
-    if good < 2 * want / 3:
-        return f"partly: {shown} measured vs {claimed:+.0%} claimed"
-    return f"holds in direction and size: {shown} measured vs {claimed:+.0%} claimed"
-
-
-# (claim index, workload, metric, what kvbench measures, lower is better, note on the claim's first row)
 MEASURES = [
-    (0, "claims_single", "latency.ttft_ms.p50", "TTFT p50, 448-token prompt", True,
-     "the article does not say which latency; kvbench reports three"),
-    (0, "claims_single", "latency.tpot_ms.p50", "TPOT p50", True, ""),
-    (0, "claims_single", "latency.e2e_ms.p50", "E2E p50, 448 + 64 tokens", True, ""),
-    (1, "claims_continuous", "fragmentation.kv_waste.time_weighted", "kv_waste = 1 - live/reserved, time-weighted",
-     True, "not defined by the article"),
-    (1, "claims_continuous", "fragmentation.allocator.time_weighted", "malloc's own view: free/held bytes (mallinfo2)",
-     True, ""),
-    (2, "claims_continuous", "stability.steps_within_25pct", "decode steps within +-25% of the median step", False,
-     "not defined by the article"),
-    (2, "claims_continuous", "stability.requests_clean", "requests finished without preemption or failure", False, ""),
-    (3, "claims_continuous", "memory.peak_rss_bytes", "process peak RSS (VmHWM)", True, ""),
+    Measure(0, "timed", "claims_single", "latency.ttft_ms.p50", "TTFT p50, 448-token prompt", True,
+            note="the article does not say which latency; kvbench reports three"),
+    Measure(0, "timed", "claims_single", "latency.tpot_ms.p50", "TPOT p50", True),
+    Measure(0, "timed", "claims_single", "latency.e2e_ms.p50", "E2E p50, 448 + 64 tokens", True),
+    Measure(1, "timed", "claims_continuous", "fragmentation.kv_waste.time_weighted",
+            "kv_waste = 1 - live/reserved, time-weighted", True, note="not defined by the article"),
+    Measure(1, "timed", "claims_continuous", "fragmentation.allocator.time_weighted",
+            "malloc's own view: free/held bytes (mallinfo2)", True),
+    Measure(2, "timed", "claims_continuous", "stability.steps_within_25pct",
+            "decode steps within +-25% of the median step", False, note="not defined by the article"),
+    Measure(2, "timed", "claims_continuous", "stability.requests_clean",
+            "requests finished without preemption or failure", False),
+    Measure(3, "timed", "claims_continuous", "memory.peak_rss_bytes", "process peak RSS (VmHWM), equal cache.size",
+            True),
+    Measure(3, "timed", "claims_single", "memory.peak_rss_bytes",
+            "process peak RSS (VmHWM), single workload, pool sized to it (512 cells)", True,
+            pooled_workload="claims_single_sized"),
+    Measure(3, "shape", "claims_single", "memory.model_peak_bytes",
+            "weights (f16) + KV peak incl. growth transients, memory-only, single workload, equal cache.size 2048 "
+            "(exact bytes)", True),
+    Measure(3, "shape", "claims_single", "memory.model_peak_bytes",
+            "the same, pool sized to the workload (512 cells, as llama.cpp's -c would be set)", True,
+            pooled_workload="claims_single_sized"),
+    Measure(3, "shape", "claims_continuous", "memory.model_peak_bytes",
+            "the same, continuous workload: cache.size 2048 = 4 slots x 512 tokens, which is also what it needs",
+            True),
 ]
 UNITS = {"latency": (1.0, " ms"), "memory": (1 / GB, " GB")}
 
 
+def _runs(df: pd.DataFrame, model: str, workload: str, allocator: str) -> pd.DataFrame:
+    if df.empty or not {"model.name", "workload", "allocator"} <= set(df.columns):
+        return df.iloc[0:0]
+    return df[(df["model.name"] == model) & (df["workload"] == workload) & (df["allocator"] == allocator)]
+
+
+def _by_round(runs: pd.DataFrame, col: str) -> dict[int, float]:
+    ok = runs[runs["status"] == "ok"]
+    if col not in ok:
+        return {}
+    return {int(r): float(v) for r, v in zip(ok["repeat"], pd.to_numeric(ok[col], errors="coerce")) if v == v}
+
+
+def claim_verdict(claimed: float, iv: Interval, noisy: int, exact: bool, fraction: bool) -> str:
+    """Where the measured change interval lies relative to no effect (0) and the claimed effect.
+
+    ``claimed`` and ``iv`` are relative changes (ratio - 1), or differences in points for fractions."""
+    if iv.n == 0:
+        return "not measured (the point failed or was not run)"
+    fmt = (lambda x: f"{x * 100:+.1f} points") if fraction else (lambda x: f"{x:+.1%}")
+    est = fmt(iv.center)
+    if noisy:
+        return f"inconclusive: {noisy} of the runs were measured under contention (see Noise)"
+    if not exact and not iv.known:
+        return f"inconclusive: {est} from one round; an interval needs repeats >= 2 (3 or more to be useful)"
+    lo, hi = (iv.center, iv.center) if exact and not iv.known else (iv.low, iv.high)
+    span = est if lo == hi else f"{est} [{fmt(lo)}, {fmt(hi)}]"
+    has_zero, has_claim = lo <= 0 <= hi, lo <= claimed <= hi
+    if has_zero and has_claim:
+        return f"inconclusive: {span} spans both no effect and the claimed {fmt(claimed)}"
+    if has_zero:
+        return f"does not hold: no detectable difference, {span} (claimed {fmt(claimed)})"
+    if (lo > 0) != (claimed > 0):
+        return f"does not hold: pooled is worse, {span} (claimed {fmt(claimed)})"
+    smaller = lo > claimed if claimed < 0 else hi < claimed  # the whole interval between 0 and the claim
+    if has_claim or not smaller:
+        return f"holds: {span} (claimed {fmt(claimed)})"
+    return f"partly: a real change, smaller than claimed: {span} (claimed {fmt(claimed)})"
+
+
 def claims_table(df: pd.DataFrame, timed: str = "llama-small", shape: str = "llama-7b") -> pd.DataFrame:
+    """One row per measure; ``df`` is the runs frame (one row per run, with ``repeat`` and ``noisy``)."""
+
     def fmt(x: float, scale: float, unit: str) -> str:
-        return "n/a" if math.isnan(x) else f"{x * scale:.3g}{unit}"
+        return "n/a" if x != x else f"{x * scale:.3g}{unit}"
 
-    def row(claim: Claim, model: str, wl: str, col: str, what: str, lower: bool, note: str, noise: float):
-        scale, unit = UNITS.get(col.split(".")[0], (1.0, ""))
-        n, p, g = (_pick(df, model, wl, a, col) for a in ("naive", "pooled", "paged"))
-        name = f"{claim.name} ({note})" if note else claim.name
-        return [name, claim.article, what, f"{fmt(n, scale, unit)} -> {fmt(p, scale, unit)} (paged {fmt(g, scale, unit)})",
-                _verdict(_change(claim.naive, claim.pooled), _change(n, p), lower, noise)]
-
-    rows = [row(CLAIMS[i], timed, wl, col, f"{what}, {timed}, {wl.removeprefix('claims_')} workload", lower, note, NOISE)
-            for i, wl, col, what, lower, note in MEASURES]
-    rows += [row(CLAIMS[3], shape, wl, "memory.model_peak_bytes",
-                 f"weights (f16) + KV peak incl. growth transients, {shape} shape, memory-only, "
-                 f"{wl.removeprefix('claims_')} workload, cache.size 2048 f16 (exact bytes)", True, "", 0.0)
-             for wl in ("claims_single", "claims_continuous")]
+    rows = []
+    for m in MEASURES:
+        claim = CLAIMS[m.claim]
+        model = timed if m.model == "timed" else shape
+        scale, unit = UNITS.get(m.metric.split(".")[0], (1.0, ""))
+        naive = _runs(df, model, m.workload, "naive")
+        pooled = _runs(df, model, m.pooled_workload or m.workload, "pooled")
+        paged = _runs(df, model, m.pooled_workload or m.workload, "paged")
+        a, b = _by_round(naive, m.metric), _by_round(pooled, m.metric)
+        rounds = sorted(a.keys() & b.keys())
+        fraction = claim.unit == "fraction"
+        iv = (paired_diff if fraction else paired)([a[r] for r in rounds], [b[r] for r in rounds])
+        if not fraction and iv.n:
+            iv = Interval(iv.center - 1, iv.low - 1, iv.high - 1, iv.n)
+        noisy = int(naive[naive["repeat"].isin(rounds)]["noisy"].sum() + pooled[pooled["repeat"].isin(rounds)]["noisy"].sum()) \
+            if "noisy" in df else 0
+        exact = m.model == "shape"
+        med = [pd.Series(list(_by_round(x, m.metric).values()), dtype=float).median() for x in (naive, pooled, paged)]
+        name = f"{claim.name} ({m.note})" if m.note else claim.name
+        what = f"{m.what}, {model}, {m.workload.removeprefix('claims_')} workload"
+        rows.append([name, claim.article, what,
+                     f"{fmt(med[0], scale, unit)} -> {fmt(med[1], scale, unit)} (paged {fmt(med[2], scale, unit)})",
+                     len(rounds), claim_verdict(claim.change, iv, noisy, exact, fraction)])
     return pd.DataFrame(rows, columns=["claim", "article (naive -> pooled)", "kvbench measures",
-                                       "measured (naive -> pooled)", "verdict"])
+                                       "measured medians (naive -> pooled)", "rounds", "verdict"])
 
 
 def consistency_notes(df: pd.DataFrame, shape: str = "llama-7b") -> list[str]:
     """What the article's numbers imply, checked against the 7B shape's exact byte counts."""
     out = []
-    w = _pick(df, shape, "claims_single", "naive", "memory.weights_bytes")
-    kv_tok = _pick(df, shape, "claims_single", "naive", "memory.kv_bytes_per_token")
+    runs = _runs(df, shape, "claims_single", "naive")
+    w = pd.to_numeric(runs.get("memory.weights_bytes", pd.Series(dtype=float)), errors="coerce").median()
+    kv_tok = pd.to_numeric(runs.get("memory.kv_bytes_per_token", pd.Series(dtype=float)), errors="coerce").median()
     if not math.isnan(w) and not math.isnan(kv_tok):
         kv512 = 512 * kv_tok
         out.append(f"LLaMA-7B's weights alone are {w / GB:.1f} GB in f16, more than the article's 12 GB peak "
@@ -127,15 +180,20 @@ def consistency_notes(df: pd.DataFrame, shape: str = "llama-7b") -> list[str]:
                    f"claimed 4.8 GB saving is {4.8e9 / kv512:.0f}x the entire KV cache, so it cannot come from how "
                    f"that cache is allocated.")
     out.append("A pre-allocated pool reserves its full size up front: at equal cache.size it holds more memory "
-               "than per-sequence growth, not less (see the KV reserved columns of the report).")
+               "than per-sequence growth, not less. Sized to what the workload needs, it holds about what naive "
+               "growth peaks at (compare the two peak-memory rows of each model).")
     return out
 
 
 def claims_markdown(df: pd.DataFrame) -> str:
     t = claims_table(df)
     lines = ["## Claims vs measured (experiment=seed_claims)", "",
-             "Each row: the article's claim, what kvbench measures for it (definitions: docs/metrics.md), "
-             "naive -> pooled (paged in brackets), and a verdict computed from the relative change.", "",
+             "Each row: the article's claim, what kvbench measures for it (definitions: docs/metrics.md), the "
+             "medians naive -> pooled (paged in brackets), and a verdict from the paired change naive -> pooled "
+             "over rounds with its 95% interval: *holds* (the interval excludes no effect and reaches the claimed "
+             "size), *partly* (a real change, smaller than claimed), *does not hold* (no detectable change while "
+             "the claim is excluded, or a change the other way), *inconclusive* (the interval spans both no "
+             "effect and the claim, a single round, or noisy runs). Fractions are compared in points.", "",
              t.to_markdown(index=False), "", "What the article's numbers imply:", ""]
     lines += [f"- {n}" for n in consistency_notes(df)]
     return "\n".join(lines) + "\n"

@@ -284,6 +284,7 @@ def cmd_report(args) -> dict:
     d = Path(args.sweep_dir)
     if not d.is_dir():
         raise ConfigError(f"{d}: not a directory; pass a sweep directory (results/multirun/...)")
+    # write_report raises ConfigError (exit 2) when the directory holds no readable record
     out = write_report(d, plots=not args.no_plots)
     return {"report": str(out), "csv": str(d / "report.csv"), "html": str(d / "report.html")}
 
@@ -291,11 +292,11 @@ def cmd_report(args) -> dict:
 def cmd_compare(args) -> dict:
     from harness.compare import compare, load_metrics, load_rules, render
 
-    for p in (args.baseline, args.current):
-        if not Path(p).exists():
-            raise ConfigError(f"{p}: no such file or directory")
-    rows = compare(load_metrics(Path(args.baseline)), load_metrics(Path(args.current)),
-                   load_rules(Path(args.rules) if args.rules else None))
+    from harness.compare import check_coverage
+
+    base, cur = load_metrics(Path(args.baseline)), load_metrics(Path(args.current))
+    rows = compare(base, cur, load_rules(Path(args.rules) if args.rules else None))
+    check_coverage(rows, args.baseline, args.current)
     regressed = [r.metric for r in rows if r.status == "regressed"]
     return {"table": render(rows, args.all), "regressed": regressed,
             "rows": [{"metric": r.metric, "baseline": r.base, "current": r.cur,

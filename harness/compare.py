@@ -13,7 +13,21 @@ factors when a neighbour is busy:
 - ``relative``: fails when the change exceeds ``tolerance`` in the bad direction AND, where both
   sides carry an IQR, the medians moved by more than the larger IQR (noise band). Meant for
   ratios measured in one run (paged/pooled step time), which a slow machine scales away.
-- ``gate: false``: reported, never fails (absolute wall times by default).
+- ``gate: false``: reported, never fails (raw wall times by default: a busy neighbour swings them by
+  integer factors).
+
+Absolute speed is gated through normalised times (``norm.*``, docs/metrics.md): a time measured in
+units of the calibration probe run in the same process, taken as the fastest of many short steps. A
+machine that is uniformly faster or slower scales it away, a busy neighbour barely moves the fastest
+step (it only ever adds time), and an engine that does more work per step moves it in full. Default:
+gated at 50%.
+
+A sweep directory's points are matched by their overrides without the round; each metric is the
+median over the point's rounds, from runs that were ok and not flagged as noisy where there are any.
+
+The gate refuses to pass vacuously: an empty or unreadable baseline or current, no metric in common,
+no gated metric compared, or most of the baseline's metrics missing from the current run is bad input
+(ConfigError, exit 2), never "0 regressed".
 """
 
 from __future__ import annotations
@@ -41,6 +55,9 @@ class Rule:
 DEFAULT_RULES = [
     Rule("*alloc*per*step*", kind="exact", direction="lower"),
     Rule("*ratio*", kind="relative", direction="lower", tolerance=0.25),
+    Rule("*norm.*min", kind="relative", direction="lower", tolerance=0.5),
+    Rule("*norm.*", kind="relative", direction="lower", tolerance=0.5, gate=False),
+    Rule("*noise.*", kind="relative", direction="lower", tolerance=0.5, gate=False),
     Rule("*tokens_per_s*", kind="relative", direction="higher", tolerance=0.5, gate=False),
     Rule("time.*", kind="relative", direction="lower", tolerance=0.5, gate=False),
     Rule("*latency*", kind="relative", direction="lower", tolerance=0.5, gate=False),
@@ -73,28 +90,56 @@ def _numeric(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
+def _point_name(overrides: list[str], fallback: str) -> str:
+    skip = ("quiet=", "force=", "repeat=", "repeats=", "retry_noisy=")
+    return " ".join(sorted(o for o in overrides if not o.startswith(skip))) or fallback
+
+
+def _sweep_metrics(path: Path) -> dict[str, Value]:
+    """Per point (overrides without the round), the median of each numeric metric over its rounds."""
+    import numpy as np
+
+    from harness.point import point_id
+    from harness.records import load_records
+
+    recs = load_records(path)
+    if not recs:
+        raise ConfigError(f"{path}: no readable record.json under it; pass a sweep directory with records")
+    points: dict[str, list] = {}
+    for _, rec in recs:
+        if rec.status == "ok":
+            points.setdefault(_point_name(rec.overrides, point_id(rec.config)), []).append(rec)
+    out = {}
+    for point, group in points.items():
+        clean = [r for r in group if not r.metrics.get("noise.flagged")] or group
+        names = dict.fromkeys(k for r in clean for k, v in r.metrics.items() if _numeric(v))
+        for k in names:
+            xs = np.asarray([r.metrics[k] for r in clean if _numeric(r.metrics.get(k))], dtype=float)
+            iqr = float(np.subtract(*np.percentile(xs, [75, 25]))) if xs.size >= 3 else None
+            out[f"{point}/{k}"] = Value(float(np.median(xs)), iqr)
+    return out
+
+
 def load_metrics(path: Path) -> dict[str, Value]:
     """Metrics of a pytest-benchmark JSON file or of a directory of records."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or directory")
     if path.is_dir():
-        from harness.records import load_records
-
-        out = {}
-        for p, rec in load_records(path):
-            if rec.status != "ok":
-                continue
-            point = " ".join(sorted(o for o in rec.overrides if not o.startswith(("quiet", "force")))) or rec.config_hash
-            for k, v in rec.metrics.items():
-                if _numeric(v):
-                    out[f"{point}/{k}"] = Value(float(v))
-        return out
+        return _sweep_metrics(path)
     try:
         doc = json.loads(path.read_text())
         benches = doc["benchmarks"]
+        if not isinstance(benches, list):
+            raise TypeError("'benchmarks' is not a list")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path}: neither a sweep directory nor a pytest-benchmark JSON file ({e})") from None
     out = {}
-    for b in benches:
+    for i, b in enumerate(benches):
+        if not isinstance(b, dict) or not isinstance(b.get("stats", {}), dict) \
+                or not isinstance(b.get("extra_info") or {}, dict):
+            raise ConfigError(f"{path}: benchmarks[{i}] is not a pytest-benchmark entry (a dict with 'name', "
+                              "'stats' and 'extra_info' dicts); regenerate it with --benchmark-json")
         name = b.get("name", "?")
         st = b.get("stats", {})
         if _numeric(st.get("median")):
@@ -102,6 +147,8 @@ def load_metrics(path: Path) -> dict[str, Value]:
         for k, v in (b.get("extra_info") or {}).items():
             if _numeric(v):
                 out[f"{name}.{k}"] = Value(float(v))
+    if not out:
+        raise ConfigError(f"{path}: no benchmark metrics in it; is it the output of --benchmark-json?")
     return out
 
 
@@ -145,6 +192,25 @@ def compare(base: dict[str, Value], cur: dict[str, Value], rules: list[Rule]) ->
     return [judge(n, base.get(n), cur.get(n), rule_for(n, rules)) for n in sorted(base.keys() | cur.keys())]
 
 
+MAX_MISSING = 0.5  # more than this share of the baseline's metrics absent: not the same benchmark
+
+
+def check_coverage(rows: list[Row], baseline: str, current: str) -> None:
+    """A gate that compared nothing must not pass: ConfigError (exit 2) when it would be vacuous."""
+    compared = [r for r in rows if r.base is not None and r.cur is not None]
+    missing = [r for r in rows if r.status == "missing"]
+    n_base = len(compared) + len(missing)
+    if not compared:
+        raise ConfigError(f"no metric of {baseline} is in {current}: they are not the same benchmark "
+                          "(or the sweep's points differ); regenerate the baseline")
+    if not any(r.rule.gate for r in compared):
+        raise ConfigError(f"none of the {len(compared)} metrics in common is gated by the rules: the gate would "
+                          "pass whatever happened; add a gated rule or compare other files")
+    if len(missing) > MAX_MISSING * n_base:
+        raise ConfigError(f"{len(missing)} of the baseline's {n_base} metrics are missing from {current} "
+                          f"(first: {missing[0].metric}); the run is incomplete or not the same benchmark")
+
+
 def render(rows: list[Row], show_all: bool = False) -> str:
     from tabulate import tabulate
 
@@ -157,7 +223,11 @@ def render(rows: list[Row], show_all: bool = False) -> str:
               f"{r.rule.kind} {r.rule.direction}" + (f" tol {r.rule.tolerance:.0%}" if r.rule.kind == "relative" else "")
               + ("" if r.rule.gate else " (not gated)")] for r in shown]
     n_reg = sum(r.status == "regressed" for r in rows)
-    head = f"{len(rows)} metrics compared, {n_reg} regressed, {len(rows) - len(shown)} unchanged (within 5%) not shown"
+    both = [r for r in rows if r.base is not None and r.cur is not None]
+    n_gated = sum(r.rule.gate for r in both)
+    n_new, n_missing = sum(r.status == "new" for r in rows), sum(r.status == "missing" for r in rows)
+    head = (f"{len(both)} metrics compared ({n_gated} gated), {n_reg} regressed; {n_missing} missing, {n_new} new; "
+            f"{len(rows) - len(shown)} unchanged (within 5%) not shown")
     if not table:
         return head
     return head + "\n" + tabulate(table, headers=["status", "metric", "baseline", "current", "change", "rule"])

@@ -82,6 +82,9 @@ class WorkloadConf:
     n_requests: int = 16
     arrival: ArrivalConf = field(default_factory=ArrivalConf)
     parallel: Optional[int] = None  # a scenario that fixes its own concurrency overrides the run's parallel
+    # size the cache to what this workload needs (parallel x its longest request, in whole blocks) instead
+    # of cache.size: the pool a llama.cpp user would configure for it (harness.workload.fit_cache_size)
+    fit_cache: bool = False
 
 
 @dataclass
@@ -133,6 +136,19 @@ class TrackersConf:
 
 
 @dataclass
+class NoiseConf:
+    """Noise detection (harness/noise.py, docs/metrics.md "Noise"): when a point counts as measured under
+    contention. A flagged point is marked in its record and the report, never reused by a resumed sweep,
+    and rerun up to ``retry_noisy`` times."""
+
+    track: bool = True  # calibration probe before/after and /proc/stat accounting around the loop
+    max_other_cpu: float = 0.2  # CPUs other processes used, on average over the measured loop
+    max_steal: float = 0.05  # share of CPU time the hypervisor gave to other guests
+    max_probe_slowdown: float = 1.75  # dispatch chain: slowest median over fastest repetition (quiet: < 1.1;
+    # one CPU burner beside 2 threads: 2.4-2.7 on the development VM)
+
+
+@dataclass
 class RunConfig:
     model: ModelConf = field(default_factory=ModelConf)
     allocator: Allocator = Allocator.pooled
@@ -153,6 +169,10 @@ class RunConfig:
     force: bool = False  # rerun points an earlier sweep already finished (default: reuse their records)
     isolate: bool = True  # run each point in a fresh process (crash-safe, clean peak RSS and malloc state)
     timeout_s: float = 0.0  # stop a point that runs longer (isolated points only); 0 = no limit
+    repeats: int = 1  # runs of every point, interleaved in rounds (A B C A B C ...); see docs/metrics.md
+    repeat: int = 0  # which round this run is (set by the sweep: the outermost sweep key)
+    retry_noisy: int = 0  # rerun a point flagged as noisy up to this many times (--retry-noisy K)
+    noise: NoiseConf = field(default_factory=NoiseConf)
 
 
 def register_configs() -> None:
@@ -184,6 +204,21 @@ def _unknown_keys(cfg, schema, prefix: str = "") -> list[str]:
     return out
 
 
+def _model_exists(name: str) -> None:
+    """A preset name or an existing file: a typo must stop the sweep before anything runs."""
+    from pathlib import Path
+
+    from engine.gguf.presets import PRESETS
+
+    if name in PRESETS:
+        return
+    p = Path(name).expanduser()
+    if not p.is_file():
+        what = "is a directory" if p.is_dir() else "no such file"
+        raise ConfigError(f"model.name = {name!r}: {what} and not a preset; give a .gguf file or one of "
+                          f"{', '.join(PRESETS)}")
+
+
 def effective_parallel(cfg: DictConfig) -> int:
     """parallel, unless the workload fixes its own (``workload.parallel``)."""
     p = OmegaConf.select(cfg, "workload.parallel")
@@ -202,9 +237,14 @@ def validate(cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}; the keys are those of harness/config.py (RunConfig)")
     for key in ("cache.size", "cache.block_size", "parallel", "ubatch", "n_batch", "threads",
-                "workload.n_requests"):
+                "workload.n_requests", "repeats"):
         _positive(cfg, key)
     _positive(cfg, "cache.offload_layers", 0)
+    for key in ("repeat", "retry_noisy", "noise.max_other_cpu", "noise.max_steal", "timeout_s"):
+        _positive(cfg, key, 0)
+    _positive(cfg, "noise.max_probe_slowdown", 1)
+    if cfg.repeat >= cfg.repeats:
+        raise ConfigError(f"repeat = {cfg.repeat}: rounds are numbered 0 .. repeats - 1 = {cfg.repeats - 1}")
     _positive(cfg, "trackers.sample_interval_ms", 0)
     alloc = Allocator(cfg.allocator).value if not isinstance(cfg.allocator, Allocator) else cfg.allocator.value
     size, bs, par = cfg.cache.size, cfg.cache.block_size, effective_parallel(cfg)
@@ -215,6 +255,7 @@ def validate(cfg: DictConfig) -> None:
     if par > capacity:
         raise ConfigError(f"parallel = {par}: more sequences than cache.size = {size} can hold "
                           f"({capacity} {unit}); lower parallel or raise cache.size")
+    _model_exists(cfg.model.name)
     if cfg.model.dtype not in ("f32", "f16", "bf16"):
         raise ConfigError(f"model.dtype = {cfg.model.dtype!r}: expected f32, f16 or bf16")
     if cfg.device != "cpu" and not str(cfg.device).startswith("cuda"):

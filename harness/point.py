@@ -26,26 +26,39 @@ from omegaconf import DictConfig, OmegaConf
 from harness.records import RECORD_NAME, Record, read_record, write_record
 
 POINT_CONFIG = "point.yaml"
-_NOT_SEMANTIC = ("quiet", "force", "isolate", "name", "timeout_s")  # labels and switches, not measurements
+# labels and switches, not measurements (how many rounds a sweep has does not change round 0's run)
+_NOT_SEMANTIC = ("quiet", "force", "isolate", "name", "timeout_s", "repeats", "retry_noisy", "noise")
+
+
+def _hash(conf: dict, drop: tuple[str, ...], version: str = "") -> str:
+    conf = {k: v for k, v in conf.items() if k not in drop}
+    blob = json.dumps([version, conf], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def config_hash(cfg: DictConfig) -> str:
     """What identifies a measurement: the resolved config without labels and switches, plus the kvbench version."""
     from importlib.metadata import PackageNotFoundError, version
 
-    conf = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    for k in _NOT_SEMANTIC:
-        conf.pop(k, None)
     try:
         v = version("kvbench")
     except PackageNotFoundError:
         v = "unknown"
-    blob = json.dumps([v, conf], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _hash(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), _NOT_SEMANTIC, v)
+
+
+def point_id(conf: dict) -> str:
+    """What identifies a sweep point across its rounds: a record's config without ``repeat``."""
+    return _hash(conf, _NOT_SEMANTIC + ("repeat",))
+
+
+def reusable(rec: Record) -> bool:
+    """Resume reuses only clean measurements: not failed, not degraded, not measured under contention."""
+    return rec.status == "ok" and not rec.metrics.get("noise.flagged") and not rec.resumed_from
 
 
 def find_done(search_root: Path, h: str, exclude: Path) -> Path | None:
-    """An ok record with config hash h under search_root (not in exclude), newest first."""
+    """A reusable record with config hash h under search_root (not in exclude), newest first."""
     best = None
     for p in search_root.rglob(RECORD_NAME):
         if exclude in p.parents:
@@ -54,7 +67,7 @@ def find_done(search_root: Path, h: str, exclude: Path) -> Path | None:
             rec = read_record(p)
         except (OSError, ValueError, TypeError):
             continue
-        if rec.status == "ok" and rec.config_hash == h and not rec.resumed_from:
+        if rec.config_hash == h and reusable(rec):
             if best is None or p.stat().st_mtime > best.stat().st_mtime:
                 best = p
     return best
@@ -71,6 +84,13 @@ def _describe_exit(code: int) -> str:
     return f"the point's process exited with status {code} without writing a record"
 
 
+def _ignore_sigint() -> None:
+    """In the child: Ctrl-C goes to the whole foreground process group, and a child interrupted in the
+    middle of its imports prints a traceback. The child ignores SIGINT instead; the parent gets the
+    KeyboardInterrupt, and subprocess.run kills the child on its way out (no record: the point reruns)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def run_isolated(cfg: DictConfig, out_dir: Path, overrides: list[str], choices: dict[str, str]) -> Record:
     out_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out_dir / POINT_CONFIG, resolve=True)
@@ -81,7 +101,8 @@ def run_isolated(cfg: DictConfig, out_dir: Path, overrides: list[str], choices: 
     timeout = cfg.timeout_s if cfg.timeout_s and cfg.timeout_s > 0 else None
     cmd = [sys.executable, "-m", "harness.point", str(out_dir)]
     try:
-        proc = subprocess.run(cmd, timeout=timeout, env=dict(os.environ), stdout=None, stderr=None)
+        proc = subprocess.run(cmd, timeout=timeout, env=dict(os.environ), stdout=None, stderr=None,
+                              preexec_fn=_ignore_sigint)
         code = proc.returncode
     except subprocess.TimeoutExpired:
         code = None
@@ -109,14 +130,16 @@ def main(argv: list[str]) -> int:
     loaded = OmegaConf.load(out_dir / POINT_CONFIG)
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), loaded)
     point = json.loads((out_dir / "point.json").read_text())
-    fault = os.environ.get("KVBENCH_FAULT_INJECT", "")
-    if fault:  # testing the crash path: die the way the OS would kill a point
-        from harness.faults import inject
+    if os.environ.get("KVBENCH_FAULT_INJECT"):  # testing the crash path: die the way the OS would kill a point
+        from harness.faults import inject_signals
 
-        inject(fault, cfg)
+        inject_signals(cfg)
     run_point(cfg, out_dir, point["overrides"], point["choices"])
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent says what happened
+        sys.exit(130)

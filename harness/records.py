@@ -22,7 +22,7 @@ SCHEMA = "kvbench-record/1"
 
 @dataclass
 class Record:
-    status: str  # "ok" | "failed"
+    status: str  # "ok" | "degraded" (some requests failed) | "failed" (all failed, or the point crashed)
     config: dict[str, Any]  # the resolved sweep point config
     metrics: dict[str, Any] = field(default_factory=dict)  # flat names, docs/metrics.md
     error: str = ""  # why it failed: one line
@@ -34,6 +34,7 @@ class Record:
     duration_s: float = 0.0
     config_hash: str = ""  # harness.point.config_hash: what identifies the measurement
     resumed_from: str = ""  # set when a rerun reused this point's record from an earlier sweep
+    noisy_attempts: list[str] = field(default_factory=list)  # noise.reason of earlier attempts (--retry-noisy)
     schema: str = SCHEMA
 
 

@@ -7,6 +7,7 @@ sweep goes on. Only an interrupt stops it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import sys
@@ -27,14 +28,42 @@ from engine.memory.kv_cache import CacheSpec
 from engine.runtime.batch import Batch
 from engine.runtime.sampling import SamplingParams
 from engine.runtime.scheduler import Scheduler
+from harness import faults
 from harness.config import effective_parallel, validate
 from harness.env import collect_env
 from harness.records import RECORD_NAME, Record, write_record
-from harness.trackers import FragmentationTracker, LatencyTracker, MemoryTracker
+from harness.trackers import FragmentationTracker, LatencyTracker, MemoryTracker, NoiseTracker
+from harness.workload import fit_cache_size
 
 
 # In a memory-only run these describe the kvbench process, not the modeled one: not reported.
 _NOT_MODELED = ("memory.peak_rss", "memory.rss_start", "fragmentation.allocator", "memory.cuda_")
+
+# norm.<name>: a time divided by the calibration probe's unit measured in the same run (noise.unit_us),
+# so a machine that is uniformly faster or slower scales it away (docs/metrics.md, "Normalised times").
+NORMALIZED = {
+    "norm.decode_step.min": "latency.decode_step_ms.min",
+    "norm.decode_step.p50": "latency.decode_step_ms.p50",
+    "norm.prefill_step.min": "latency.prefill_step_ms.min",
+    "norm.tpot.p50": "latency.tpot_ms.p50",
+    "norm.ttft.p50": "latency.ttft_ms.p50",
+}
+
+
+def normalized(metrics: dict) -> dict[str, float]:
+    unit = metrics.get("noise.unit_us")
+    if not unit:
+        return {}
+    return {k: metrics[v] * 1e3 / unit for k, v in NORMALIZED.items() if isinstance(metrics.get(v), float)}
+
+
+def outcome(results) -> tuple[str, str]:
+    """(status, reason) of a point from its requests: ok, degraded (some failed) or failed (all failed)."""
+    failed = [r for r in results if r.status == "failed"]
+    if not failed:
+        return "ok", ""
+    reason = f"{len(failed)} of {len(results)} requests failed: {failed[0].error}"
+    return ("failed" if len(failed) == len(results) else "degraded"), reason
 
 
 def cache_spec(cfg: DictConfig) -> CacheSpec:
@@ -103,13 +132,17 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
         validate(cfg)
         torch.set_num_threads(cfg.threads)
         lm = load_model(cfg.model.name, cfg.device, cfg.model.dtype, allow_memory_only=True)
+        faults.slow_down(lm.model, faults.slowdown())  # test-only (KVBENCH_FAULT_INJECT=slow:k); 1 = untouched
         spec = cache_spec(cfg)
-        metrics: dict = {"run.memory_only": lm.memory_only}
+        workload = instantiate(cfg.workload)
+        timed = workload.generate(lm.config.n_vocab, cfg.seed)
+        if workload.fit_cache:
+            spec = dataclasses.replace(spec, size=fit_cache_size(timed, spec.n_seq_max, spec.block_size))
+        metrics: dict = {"run.memory_only": lm.memory_only, "run.cache_size": spec.size}
         if cfg.probe_logit_error and not lm.memory_only:
             metrics |= probe_logit_error(lm, spec)
         mem = create_memory(lm, spec)
         eng = create_engine(lm, mem, cfg.ubatch)
-        timed = instantiate(cfg.workload).generate(lm.config.n_vocab, cfg.seed)
         if cfg.warmup:
             eng.warmup()
         sched = Scheduler(eng, effective_parallel(cfg), SamplingParams(seed=cfg.seed), eos_id=None,
@@ -117,6 +150,8 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
         tc = cfg.trackers
         kw = dict(sample_interval_ms=tc.sample_interval_ms)
         trackers = []
+        if cfg.noise.track and not lm.memory_only:  # first in, last out: its probes sit outside the others
+            trackers.append(NoiseTracker(cfg.noise, **kw))
         if tc.latency and not lm.memory_only:  # a memory-only run has no timings worth reporting
             trackers.append(LatencyTracker(sched, **kw))
         if tc.memory:
@@ -151,12 +186,10 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
                                                   + metrics["memory.kv_reserved_transient_peak_bytes"])
             clean = [r for r in res if r.status == "done" and r.preemptions == 0]
             metrics["stability.requests_clean"] = len(clean) / len(res) if res else float("nan")
+        metrics |= normalized(metrics)
         rec.metrics = metrics
         rec.env = collect_env(lm.device)
-        failed = [r for r in res if r.status == "failed"]
-        rec.status = "ok"
-        if failed:
-            rec.error = f"{len(failed)} of {len(res)} requests failed: {failed[0].error}"
+        rec.status, rec.error = outcome(res)
         mem.close()
     except KvbenchError as e:
         rec.error = str(e)

@@ -36,13 +36,47 @@ class ReportCallback(Callback):
         from harness.report import write_report
 
         sweep_dir = Path(config.hydra.sweep.dir)
+        _STATE["dir"] = sweep_dir
         out = write_report(sweep_dir)
         print(f"kvbench: report written to {out}", file=sys.stderr)
+
+
+# What main() needs to know after Hydra returns (or is interrupted): where the records are.
+_STATE: dict = {"dir": None, "points": 0}
+
+
+def _fmt(m: dict, key: str, spec: str, scale: float = 1.0) -> str:
+    v = m.get(key)
+    return format(v * scale, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else "n/a"
+
+
+def summary_line(rec) -> str:
+    """One line per finished point, whatever it holds (a failed point has no metrics)."""
+    m, alloc = rec.metrics, rec.config.get("allocator", "?")
+    if rec.status == "failed":
+        return f"FAILED: {rec.error}"
+    if m.get("run.memory_only"):
+        line = (f"{alloc:<7} memory-only: weights {_fmt(m, 'memory.weights_bytes', '.2f', 2**-30)} GiB "
+                f"+ KV peak {_fmt(m, 'memory.kv_reserved_transient_peak_bytes', '.0f', 2**-20)} MiB")
+    else:
+        line = (f"{alloc:<7} TPOT p50 {_fmt(m, 'latency.tpot_ms.p50', '.2f')} ms, "
+                f"peak RSS {_fmt(m, 'memory.peak_rss_bytes', '.0f', 2**-20)} MiB, "
+                f"kv_waste {_fmt(m, 'fragmentation.kv_waste.time_weighted', '.3f')}")
+    if rec.status == "degraded":
+        line += f"; DEGRADED: {rec.error}"
+    if m.get("noise.flagged"):
+        line += f"; NOISY: {m.get('noise.reason')}"
+    return line
+
+
+def _noisy(rec) -> bool:
+    return rec.status == "ok" and bool(rec.metrics.get("noise.flagged"))
 
 
 @hydra.main(version_base="1.3", config_path=str(EXPERIMENTS), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
     import dataclasses
+    import shutil
 
     from hydra.types import RunMode
 
@@ -55,6 +89,7 @@ def hydra_main(cfg: DictConfig) -> None:
     overrides = list(hc.overrides.task)
     choices = {k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
     sweep_dir = Path(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir)
+    _STATE["dir"] = sweep_dir if hc.mode == RunMode.MULTIRUN else out
     done = None if cfg.force else find_done(sweep_dir.parent, config_hash(cfg), exclude=out)
     if done is not None:
         from harness.records import read_record
@@ -63,18 +98,18 @@ def hydra_main(cfg: DictConfig) -> None:
         write_record(out / RECORD_NAME, rec)
         print(f"kvbench: {out}: done before in {done.parent}, skipped (--force reruns it)", file=sys.stderr)
         return
-    rec = run_isolated(cfg, out, overrides, choices) if cfg.isolate else run_point(cfg, out, overrides, choices)
-    m = rec.metrics
-    if rec.status == "ok" and m.get("run.memory_only"):
-        line = (f"{rec.config['allocator']:<7} memory-only: weights {m['memory.weights_bytes'] / 2**30:.2f} GiB "
-                f"+ KV peak {m['memory.kv_reserved_transient_peak_bytes'] / 2**20:.0f} MiB")
-    elif rec.status == "ok":
-        line = (f"{rec.config['allocator']:<7} TPOT p50 {m.get('latency.tpot_ms.p50', float('nan')):.2f} ms, "
-                f"peak RSS {m.get('memory.peak_rss_bytes', 0) / 2**20:.0f} MiB, "
-                f"kv_waste {m.get('fragmentation.kv_waste.time_weighted', float('nan')):.3f}")
-    else:
-        line = f"FAILED: {rec.error}"
-    print(f"kvbench: {out}: {line}", file=sys.stderr)
+    run = run_isolated if cfg.isolate else run_point
+    rec = run(cfg, out, overrides, choices)
+    noisy: list[str] = []
+    while _noisy(rec) and len(noisy) < cfg.retry_noisy:  # --retry-noisy K: measure it again, keep the evidence
+        noisy.append(rec.metrics.get("noise.reason", ""))
+        shutil.copyfile(out / RECORD_NAME, out / f"noisy-attempt-{len(noisy)}.json")
+        print(f"kvbench: {out}: noisy ({noisy[-1]}); rerunning ({len(noisy)} of {cfg.retry_noisy})", file=sys.stderr)
+        rec = run(cfg, out, overrides, choices)
+    if noisy:
+        rec = dataclasses.replace(rec, noisy_attempts=noisy)
+        write_record(out / RECORD_NAME, rec)
+    print(f"kvbench: {out}: {summary_line(rec)}", file=sys.stderr)
 
 
 # -- validation of a whole sweep before it starts ---------------------------------------------------
@@ -133,6 +168,8 @@ def sweep_points(argv: list[str]) -> list[list[str]]:
     swept = [o.input_line for o in parsed if o.is_sweep_override()]
     if swept and not ({"-m", "--multirun"} & set(argv)):
         raise ConfigError(f"'{swept[0]}' is a sweep; add -m (--multirun) to run every point")
+    if any(o.get_key_element() in ("repeats", "repeat") for o in parsed if o.is_sweep_override()):
+        raise ConfigError("repeats cannot be swept: give one number (every point then runs that many rounds)")
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     with initialize_config_dir(config_dir=str(EXPERIMENTS), version_base="1.3"):
         try:
@@ -141,7 +178,9 @@ def sweep_points(argv: list[str]) -> list[list[str]]:
             raise ConfigError(_message(e)) from None
     params = OmegaConf.select(base, "hydra.sweeper.params") or {}
     if not ({"-m", "--multirun"} & set(argv)):
-        params = {}  # a single run ignores the experiment's sweep, as Hydra does
+        if any(o.get_key_element() == "repeats" for o in parsed) and base.repeats > 1:
+            raise ConfigError(f"repeats = {base.repeats} runs every point {base.repeats} times: add -m (--multirun)")
+        params = {}  # a single run ignores the experiment's sweep and its repeats, as Hydra does
     lines = [f"{k}={v}" for k, v in params.items()] + overrides
     batches = BasicSweeper.split_arguments(parser.parse_overrides(lines), None)
     return [list(p) for batch in batches for p in batch] or [[]]
@@ -165,15 +204,59 @@ def prevalidate(argv: list[str]) -> int:
     return len(points)
 
 
-def main(argv: list[str]) -> int:
-    """``kvbench run [--quiet] [--force] [hydra args and overrides]``."""
+def _take_flags(argv: list[str]) -> list[str]:
+    """kvbench's own flags as overrides: --quiet, --force, --retry-noisy K."""
     argv = list(argv)
     for flag, override in (("--quiet", "quiet=true"), ("--force", "force=true")):
         if flag in argv:
             argv.remove(flag)
             argv.append(override)
-    if not any(a in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c") for a in argv):
-        prevalidate(argv)
-    sys.argv = ["kvbench run"] + argv
-    hydra_main()
-    return 0
+    if "--retry-noisy" in argv:
+        i = argv.index("--retry-noisy")
+        if i + 1 >= len(argv) or not argv[i + 1].isdigit():
+            raise ConfigError("--retry-noisy K: K, the most reruns of a noisy point, must be a number >= 0")
+        k = argv[i + 1]
+        argv[i:i + 2] = []
+        argv.append(f"retry_noisy={k}")
+    return argv
+
+
+def sweep_exit_status(where: Path | None, expected: int) -> int:
+    """0 when every point is ok, 1 when some point failed, is degraded, or left no record."""
+    from harness.records import load_records
+
+    if where is None:
+        return 1
+    recs = [r for _, r in load_records(where)]
+    return 0 if len(recs) >= expected and all(r.status == "ok" for r in recs) else 1
+
+
+def _done(where: Path | None) -> int:
+    """Points a rerun will reuse: clean ok records (not failed, degraded or noisy)."""
+    from harness.point import reusable
+    from harness.records import load_records
+
+    return 0 if where is None or not where.exists() else sum(reusable(r) for _, r in load_records(where))
+
+
+def main(argv: list[str]) -> int:
+    """``kvbench run [--quiet] [--force] [--retry-noisy K] [hydra args and overrides]``.
+
+    Exit status: 0 every point ok; 1 the sweep finished with failed or degraded points; 2 bad input
+    found before anything ran (ConfigError and the rest of the KvbenchError family, raised from
+    here); 130 interrupted (Ctrl-C), after one line saying how far it got."""
+    argv = _take_flags(argv)
+    info_only = any(a in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c") for a in argv)
+    _STATE.update(dir=None, points=0)
+    try:
+        if not info_only:
+            _STATE["points"] = prevalidate(argv)
+        sys.argv = ["kvbench run"] + argv
+        hydra_main()
+    except KeyboardInterrupt:
+        print(f"interrupted: {_done(_STATE['dir'])} of {_STATE['points'] or '?'} points done; "
+              "rerun the same command to resume", file=sys.stderr)
+        return 130
+    if info_only:
+        return 0
+    return sweep_exit_status(_STATE["dir"], _STATE["points"])

@@ -43,10 +43,11 @@ def arrival_times(arrival, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 class Workload:
-    def __init__(self, n_requests: int = 16, arrival=None, parallel: int | None = None) -> None:
+    def __init__(self, n_requests: int = 16, arrival=None, parallel: int | None = None, fit_cache: bool = False) -> None:
         self.n_requests = n_requests
         self.arrival = arrival
         self.parallel = parallel  # read by the run (harness.config.effective_parallel), not here
+        self.fit_cache = fit_cache  # read by the run (fit_cache_size), not here
 
     def lengths(self, rng: np.random.Generator) -> list[tuple[int, int]]:
         """(prompt length, output length) per request."""
@@ -120,3 +121,12 @@ class ChurnWorkload(Workload):
         p = rng.integers(self.p[0], self.p[1] + 1, self.n_requests)
         o = rng.integers(self.o[0], self.o[1] + 1, self.n_requests)
         return list(zip(p.tolist(), o.tolist()))
+
+
+def fit_cache_size(timed: list[TimedRequest], parallel: int, block_size: int) -> int:
+    """The cache a workload needs so that no request is ever preempted: ``parallel`` of its longest
+    requests held at once (prompt + output tokens), in whole blocks. How one sizes llama.cpp's
+    ``-c`` for ``-np`` slots."""
+    longest = max((len(t.request.prompt) + t.request.n_predict for t in timed), default=1)
+    cells = min(parallel, max(1, len(timed))) * longest
+    return -(-cells // block_size) * block_size

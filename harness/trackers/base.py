@@ -8,12 +8,16 @@ import numpy as np
 
 
 def summarize(prefix: str, values, scale: float = 1.0) -> dict[str, float]:
-    """mean, p50, p90, p99 (and n) of values times scale, as ``prefix.mean`` ...; NaN when empty."""
+    """mean, min, p50, p90, p99 (and n) of values times scale, as ``prefix.mean`` ...; NaN when empty.
+
+    min is there for the gates: a busy neighbour only ever adds time, and the fastest of many short
+    steps is the one it touched least (docs/metrics.md, "Normalised times")."""
     x = np.asarray(list(values), dtype=np.float64) * scale
     if x.size == 0:
-        return {f"{prefix}.{k}": float("nan") for k in ("mean", "p50", "p90", "p99")} | {f"{prefix}.n": 0}
+        return {f"{prefix}.{k}": float("nan") for k in ("mean", "min", "p50", "p90", "p99")} | {f"{prefix}.n": 0}
     return {
         f"{prefix}.mean": float(x.mean()),
+        f"{prefix}.min": float(x.min()),
         f"{prefix}.p50": float(np.percentile(x, 50)),
         f"{prefix}.p90": float(np.percentile(x, 90)),
         f"{prefix}.p99": float(np.percentile(x, 99)),

@@ -8,7 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-from tests.integration.harness.test_sweep import SMALL, kvbench
+from tests.integration.harness.test_sweep import SMALL as _SMALL
+from tests.integration.harness.test_sweep import kvbench
+
+# Resume reuses only clean points; noise tracking is off here so that what is reused does not depend on
+# what else this machine is doing (tests/integration/harness/test_noise.py covers noisy points).
+SMALL = _SMALL + ["noise.track=false"]
 
 
 def records(d: Path) -> dict[str, dict]:
@@ -20,7 +25,7 @@ def test_a_point_killed_like_an_oom_is_recorded_and_the_sweep_goes_on(tmp_path):
     r = subprocess.run([sys.executable, "-m", "harness.cli", "run", "-m", "allocator=naive,pooled,paged",
                         f"hydra.sweep.dir={tmp_path / 's'}", *SMALL], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr  # finished, with a failed point
     recs = records(tmp_path / "s")
     assert [recs[k]["status"] for k in ("0", "1", "2")] == ["ok", "failed", "ok"]
     assert "SIGKILL" in recs["1"]["error"] and "out of memory" in recs["1"]["error"]
@@ -55,3 +60,32 @@ def test_a_killed_sweep_resumes_and_force_reruns(tmp_path):
     r = kvbench(tmp_path, "run", *cmd[4:], "--force", f"hydra.sweep.dir={third}")
     assert r.returncode == 0, r.stderr
     assert all(not v["resumed_from"] for v in records(third).values())
+
+
+def test_failed_degraded_and_noisy_points_are_not_reused(tmp_path):
+    base = [sys.executable, "-m", "harness.cli", "run", "-m", "allocator=naive,pooled", *_SMALL]
+    first = tmp_path / "results" / "multirun" / "first"
+    # max_probe_slowdown=1 flags every point (a probe's median is never exactly its best): noisy on purpose
+    r = kvbench(tmp_path, "run", *base[4:], "noise.max_probe_slowdown=1", "--retry-noisy", "1",
+                f"hydra.sweep.dir={first}")
+    assert r.returncode == 0, r.stderr  # noisy points are ok points, marked
+    recs = records(first)
+    assert all(v["metrics"]["noise.flagged"] and len(v["noisy_attempts"]) == 1 for v in recs.values())
+    assert all((first / k / "noisy-attempt-1.json").exists() for k in recs)  # the evidence is kept
+    assert r.stderr.count("rerunning (1 of 1)") == 2
+    md = (first / "report.md").read_text()
+    assert "## Noise" in md and "2 measured under contention" in md
+
+    second = tmp_path / "results" / "multirun" / "second"
+    r = kvbench(tmp_path, "run", *base[4:], f"hydra.sweep.dir={second}")
+    assert r.returncode == 0, r.stderr
+    assert all(not v["resumed_from"] for v in records(second).values())  # noisy: measured again
+
+    third = tmp_path / "results" / "multirun" / "third"
+    r = kvbench(tmp_path, "run", "-m", "allocator=naive,pooled", *_SMALL[:-2], "cache.size=16", "cache.block_size=8",
+                "--quiet", f"hydra.sweep.dir={third}")
+    assert r.returncode == 1
+    fourth = tmp_path / "results" / "multirun" / "fourth"
+    r = kvbench(tmp_path, "run", "-m", "allocator=naive,pooled", *_SMALL[:-2], "cache.size=16", "cache.block_size=8",
+                "--quiet", f"hydra.sweep.dir={fourth}")
+    assert r.returncode == 1 and all(not v["resumed_from"] for v in records(fourth).values())  # failed: rerun

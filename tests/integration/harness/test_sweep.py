@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,19 +22,28 @@ def kvbench(cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedPr
 
 
 @pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory):
+def sweep(tmp_path_factory):
+    """4 points; at cache.size 16 every 18-token request fails, so those points fail and the sweep goes on."""
     d = tmp_path_factory.mktemp("sweep")
-    r = kvbench(d, "run", "-m", "allocator=naive,paged", "model.name=llama-tiny,/nonexistent/model.gguf",
-                f"hydra.sweep.dir={d / 'multirun'}", *SMALL)
-    assert r.returncode == 0, r.stderr
-    return d / "multirun"
+    r = kvbench(d, "run", "-m", "allocator=naive,paged", "cache.size=64,16", "cache.block_size=8",
+                f"hydra.sweep.dir={d / 'multirun'}", *[a for a in SMALL if not a.startswith("cache.size")])
+    return r, d / "multirun"
 
 
-def test_every_point_has_a_record_and_the_failed_one_says_why(sweep_dir):
+@pytest.fixture(scope="module")
+def sweep_dir(sweep):
+    return sweep[1]
+
+
+def test_every_point_has_a_record_and_the_failed_one_says_why(sweep):
+    r, sweep_dir = sweep
+    assert r.returncode == 1, r.stderr  # the sweep finished, with failed points
+    assert "Traceback" not in r.stderr
     recs = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/record.json")}
     assert sorted(recs) == ["0", "1", "2", "3"]
     failed = [r for r in recs.values() if r["status"] == "failed"]
-    assert len(failed) == 2 and all("/nonexistent/model.gguf" in r["error"] for r in failed)
+    assert len(failed) == 2 and all(r["config"]["cache"]["size"] == 16 for r in failed)
+    assert all(r["error"].startswith("4 of 4 requests failed") for r in failed)
     ok = [r for r in recs.values() if r["status"] == "ok"]
     for r in ok:
         m = r["metrics"]
@@ -41,6 +52,7 @@ def test_every_point_has_a_record_and_the_failed_one_says_why(sweep_dir):
         assert 0 <= m["fragmentation.kv_waste.time_weighted"] <= 1
         assert r["env"]["versions"]["torch"] and r["config"]["cache"]["size"] == 64
         assert set(r["timeline"]) == {"memory", "fragmentation"}
+        assert isinstance(m["noise.flagged"], bool) and m["noise.unit_us"] > 0 and m["norm.decode_step.min"] > 0
     by_alloc = {r["config"]["allocator"]: r["metrics"] for r in ok}
     assert by_alloc["paged"]["alloc.calls_per_decode_step"] == 0
     assert by_alloc["naive"]["alloc.calls_per_decode_step"] > 0
@@ -50,7 +62,7 @@ def test_report_and_plots_written_at_the_end(sweep_dir):
     df = pd.read_csv(sweep_dir / "report.csv")
     assert len(df) == 4 and sorted(df["status"]) == ["failed", "failed", "ok", "ok"]
     md = (sweep_dir / "report.md").read_text()
-    assert "## Failed runs" in md and "nonexistent" in md
+    assert "## Failed runs" in md and "requests failed" in md
     html = (sweep_dir / "report.html").read_text()
     assert "data:image/png;base64," in html  # self-contained
     pngs = {p.stem for p in (sweep_dir / "plots").glob("*.png")}
@@ -70,6 +82,34 @@ def test_report_command_skips_a_corrupt_record(sweep_dir, tmp_path):
     assert len(pd.read_csv(d / "report.csv")) == 3
 
 
+def test_report_of_a_directory_without_records_is_bad_input(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = kvbench(tmp_path, "report", str(tmp_path / "empty"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("kvbench report: error:") and "no readable record.json" in r.stderr
+
+
+def test_repeats_run_in_rounds_and_the_report_gives_intervals(tmp_path):
+    d = tmp_path / "rounds"
+    r = kvbench(tmp_path, "run", "-m", "allocator=naive,pooled", "repeats=3", f"hydra.sweep.dir={d}", *SMALL)
+    assert r.returncode == 0, r.stderr
+    order = [(json.loads((d / str(i) / "record.json").read_text())["config"]["repeat"],
+              json.loads((d / str(i) / "record.json").read_text())["config"]["allocator"]) for i in range(6)]
+    assert order == [(0, "naive"), (0, "pooled"), (1, "naive"), (1, "pooled"), (2, "naive"), (2, "pooled")]
+    points, runs = pd.read_csv(d / "report.csv"), pd.read_csv(d / "runs.csv")
+    assert len(points) == 2 and len(runs) == 6 and (points["runs"] == 3).all()
+    lo, mid, hi = (points[f"latency.tpot_ms.p50{s}"] for s in (".ci95_low", "", ".ci95_high"))
+    assert ((lo <= mid) & (mid <= hi) & (lo < hi)).all()
+    bpt = points["memory.kv_bytes_per_token"]  # exact: a zero-width interval
+    assert (points["memory.kv_bytes_per_token.ci95_low"] == bpt).all()
+    comp = pd.read_csv(d / "comparisons.csv")
+    tpot = comp[comp["metric"] == "latency.tpot_ms.p50"].iloc[0]
+    assert tpot["variant"] == "pooled" and tpot["baseline"] == "naive" and tpot["rounds"] == 3
+    assert tpot["ci95_low"] <= tpot["estimate"] <= tpot["ci95_high"]
+    md = (d / "report.md").read_text()
+    assert "## Comparisons (paired by round)" in md and "pooled vs naive" in md
+
+
 def test_single_point_run(tmp_path):
     r = kvbench(tmp_path, "run", "allocator=pooled", f"hydra.run.dir={tmp_path / 'one'}", *SMALL)
     assert r.returncode == 0, r.stderr
@@ -83,6 +123,36 @@ def test_bad_input_stops_before_anything_runs(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "cache.block_size = 48" in r.stderr
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["model.name=/nonexistent/model.gguf"], "model.name = '/nonexistent/model.gguf': no such file"),
+    (["-m", "model.name=llama-tiny,/nonexistent/model.gguf"], "no such file"),
+    (["-m", "allocator=naive,pooled", "repeats=1,3"], "repeats cannot be swept"),
+    (["repeats=3"], "add -m"),
+])
+def test_bad_sweeps_exit_2_before_anything_runs(tmp_path, args, says):
+    r = kvbench(tmp_path, "run", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and says in r.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+    d = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "-m", "allocator=naive,pooled,paged",
+                             "workload.n_requests=40", f"hydra.sweep.dir={d}", *SMALL[:1], *SMALL[2:]],
+                            cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.time() + 120
+    while not (d / "0" / "record.json").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # the second point is running now
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines()[-1] == "interrupted: 1 of 3 points done; rerun the same command to resume"
 
 
 def test_recurrent_models_in_a_sweep_separate_kv_from_state(tmp_path):

@@ -1,24 +1,33 @@
 """The seed-claims comparison: verdicts from numbers, and the 7B shape's exact bytes."""
 
-import math
-
+import numpy as np
 import pandas as pd
 
 from engine.loader import create_engine, create_memory, load_model
 from engine.runtime.scheduler import Request, Scheduler
-from harness.claims import _change, _verdict, claims_table, consistency_notes
+from harness.claims import claim_verdict, claims_table, consistency_notes
+from harness.stats import Interval
 
 
-def test_verdicts_follow_the_numbers():
-    claimed = _change(85, 52)  # -39%
-    assert _verdict(claimed, _change(85, 50), True).startswith("holds")
-    assert _verdict(claimed, _change(85, 70), True).startswith("partly")
-    assert "no measurable difference" in _verdict(claimed, _change(85, 84), True)
-    assert "no measurable difference" in _verdict(claimed, _change(85, 86.5), True)
-    assert "worse" in _verdict(claimed, _change(85, 90), True)
-    assert "worse" in _verdict(_change(0.28, 0.07), _change(0.0, 0.5), True)  # naive 0 -> pooled 0.5
-    assert _verdict(claimed, float("nan"), True).startswith("not measured")
-    assert math.isinf(_change(0.0, 0.3)) and _change(0.0, 0.0) == 0.0
+def _iv(center, low, high, n=3):
+    return Interval(center, low, high, n)
+
+
+def test_verdicts_follow_the_interval():
+    claimed = 52 / 85 - 1  # -39%
+    v = lambda iv, noisy=0, exact=False: claim_verdict(claimed, iv, noisy, exact, fraction=False)  # noqa: E731
+    assert v(_iv(-0.40, -0.45, -0.35)).startswith("holds")  # contains the claim
+    assert v(_iv(-0.60, -0.65, -0.55)).startswith("holds")  # beyond it
+    assert v(_iv(-0.15, -0.20, -0.10)).startswith("partly")  # real, smaller than claimed
+    assert v(_iv(-0.01, -0.03, 0.02)).startswith("does not hold: no detectable")  # excludes the claim
+    assert v(_iv(-0.20, -0.50, 0.05)).startswith("inconclusive")  # spans no effect and the claim
+    assert "pooled is worse" in v(_iv(0.10, 0.05, 0.15))
+    assert v(_iv(-0.40, -0.45, -0.35), noisy=2).startswith("inconclusive: 2")  # noisy runs: no verdict
+    assert v(_iv(-0.40, float("nan"), float("nan"), n=1)).startswith("inconclusive")  # one round
+    assert v(_iv(0.05, float("nan"), float("nan"), n=1), exact=True).startswith("does not hold")  # exact bytes
+    assert v(_iv(float("nan"), float("nan"), float("nan"), n=0)).startswith("not measured")
+    # fractions in points: 28% -> 7% is -21 points; naive 0 -> pooled 0.5 is +50 points, the other way
+    assert "worse" in claim_verdict(0.07 - 0.28, _iv(0.5, 0.45, 0.55), 0, False, fraction=True)
 
 
 def test_memory_only_7b_counts_real_bytes():
@@ -38,22 +47,51 @@ def test_memory_only_7b_counts_real_bytes():
     assert st.reserved_bytes == 0 and st.reserved_peak_bytes >= 512 * bpt  # freed at the end; peaked above 512 tokens
 
 
-def test_claims_table_and_notes_from_a_frame():
+def _runs_frame(rounds=3, pooled_lat=95.0, noisy_round=None):
+    """A runs frame as harness.report.records_frame builds it: one row per (point, round)."""
+    rng = np.random.default_rng(0)
     rows = []
-    for model in ("llama-small", "llama-7b"):
-        for wl in ("claims_single", "claims_continuous"):
-            for a, lat in (("naive", 100.0), ("pooled", 95.0), ("paged", 96.0)):
-                rows.append({"model.name": model, "workload": wl, "allocator": a, "status": "ok",
-                             "latency.ttft_ms.p50": lat, "latency.tpot_ms.p50": lat / 10, "latency.e2e_ms.p50": lat * 5,
-                             "fragmentation.kv_waste.time_weighted": 0.0 if a == "naive" else 0.5,
-                             "fragmentation.allocator.time_weighted": 0.03,
-                             "stability.steps_within_25pct": 0.97, "stability.requests_clean": 1.0,
-                             "memory.peak_rss_bytes": 8e8, "memory.model_peak_bytes": 13.8e9 if a == "naive" else 14.5e9,
-                             "memory.weights_bytes": 13.48e9, "memory.kv_bytes_per_token": 524288})
-    df = pd.DataFrame(rows)
-    t = claims_table(df)
-    assert len(t) == 10 and set(t["claim"].str.split(" \\(").str[0]) == {
+    for r in range(rounds):
+        slow = 1 + rng.uniform(0, 0.3)  # the same round is slow for every variant
+        for model in ("llama-small", "llama-7b"):
+            for wl in ("claims_single", "claims_single_sized", "claims_continuous"):
+                for a, lat in (("naive", 100.0), ("pooled", pooled_lat), ("paged", 96.0)):
+                    sized = wl == "claims_single_sized" and a != "naive"
+                    rows.append({"model.name": model, "workload": wl, "allocator": a, "status": "ok", "repeat": r,
+                                 "noisy": r == noisy_round, "latency.ttft_ms.p50": lat * slow,
+                                 "latency.tpot_ms.p50": lat / 10 * slow, "latency.e2e_ms.p50": lat * 5 * slow,
+                                 "fragmentation.kv_waste.time_weighted": 0.0 if a == "naive" else 0.5 + 0.01 * r,
+                                 "fragmentation.allocator.time_weighted": 0.03 + 0.001 * r,
+                                 "stability.steps_within_25pct": 0.97 - 0.01 * r, "stability.requests_clean": 1.0,
+                                 "memory.peak_rss_bytes": 8e8 * (1 + 0.01 * r),
+                                 "memory.model_peak_bytes": 13.8e9 if a == "naive" else 13.75e9 if sized else 14.5e9,
+                                 "memory.weights_bytes": 13.48e9, "memory.kv_bytes_per_token": 524288})
+    return pd.DataFrame(rows)
+
+
+def test_claims_table_pairs_rounds_and_gives_verdicts():
+    t = claims_table(_runs_frame())
+    assert len(t) == 12 and set(t["claim"].str.split(" \\(").str[0]) == {
         "single-request latency", "memory fragmentation", "continuous inference stability", "peak memory"}
-    assert t["verdict"].str.startswith("does not hold").all()
-    notes = " ".join(consistency_notes(df))
+    assert (t["rounds"] == 3).all()
+    lat = t[t["claim"].str.startswith("single-request")]["verdict"]
+    assert lat.str.startswith("partly").all()  # -5% in every round, paired exactly: real, smaller than -39%
+    frag = t[t["claim"].str.startswith("memory fragmentation")]["verdict"]
+    assert "worse" in frag.iloc[0]  # kv_waste 0 -> 0.5
+    peak = t[t["kvbench measures"].str.contains("llama-7b")]["verdict"].tolist()
+    assert peak[0].startswith("does not hold: pooled is worse")  # equal cache.size: +5.1%, exact
+    assert peak[1].startswith("partly")  # sized to the workload: -0.4%, exact, smaller than -40%
+    notes = " ".join(consistency_notes(_runs_frame()))
     assert "13.5 GB" in notes and "0.268 GB" in notes and "18x" in notes
+
+
+def test_noisy_rounds_make_timed_verdicts_inconclusive():
+    t = claims_table(_runs_frame(noisy_round=1))
+    timed = t[~t["kvbench measures"].str.contains("llama-7b")]
+    assert timed["verdict"].str.startswith("inconclusive").all()
+
+
+def test_a_single_round_gives_no_timed_verdict():
+    t = claims_table(_runs_frame(rounds=1, pooled_lat=50.0))
+    lat = t[t["claim"].str.startswith("single-request")]["verdict"]
+    assert lat.str.startswith("inconclusive").all()

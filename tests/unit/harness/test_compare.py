@@ -82,3 +82,65 @@ def test_sweep_directories_match_points_by_overrides(tmp_path, capsys):
     assert "allocator=naive/latency.tpot_ms.p50" in m  # quiet=true is not part of the point
     assert main(["compare", str(b), str(c)]) == 1
     assert "allocator=pooled/alloc.calls_per_decode_step" in capsys.readouterr().out
+
+
+def _sweep(d, rounds, step_min_norm=50.0, noisy_round=None, scale=1.0):
+    """A sweep dir with naive/pooled points over rounds, as `kvbench run repeats=N` writes it."""
+    n = 0
+    for r in range(rounds):
+        for a in ("naive", "pooled"):
+            m = {"latency.tpot_ms.p50": scale * (2.0 + 0.1 * r), "norm.decode_step.min": scale * step_min_norm,
+                 "alloc.calls_per_decode_step": 8 if a == "naive" else 0, "noise.flagged": r == noisy_round}
+            write_record(d / str(n) / "record.json", Record("ok", {"allocator": a, "repeat": r}, metrics=m,
+                                                            overrides=[f"repeat={r}", f"allocator={a}", "repeats=3"]))
+            n += 1
+    return d
+
+
+def test_sweep_points_are_medians_over_rounds_without_noisy_runs(tmp_path):
+    d = _sweep(tmp_path / "s", 3, noisy_round=2)
+    m = C.load_metrics(d)
+    assert m["allocator=naive/latency.tpot_ms.p50"].value == pytest.approx(2.05)  # rounds 0, 1 (2 was noisy)
+    assert not any("repeat" in k for k in m)
+
+
+def test_a_uniform_slowdown_fails_through_normalised_times(tmp_path, capsys):
+    base = _sweep(tmp_path / "b", 3)
+    slow = _sweep(tmp_path / "w", 3, scale=2.0)  # every time doubled, probe unchanged: the engine got slower
+    assert main(["compare", str(base), str(slow)]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSED" in out and "norm.decode_step.min" in out
+    assert "metrics compared" in out and "gated" in out
+
+
+@pytest.mark.parametrize("case", ["empty_dir", "no_common", "mostly_missing", "nothing_gated", "bad_entries",
+                                  "bad_stats", "no_benchmarks"])
+def test_a_gate_that_would_pass_vacuously_is_bad_input(tmp_path, capsys, case):
+    base = bench_json(tmp_path / "b.json", t1=(1.0, 0.01, {"ratio.paged_over_pooled.decode_step": 1.0,
+                                                             "alloc.pooled.per_decode_step": 0,
+                                                             "norm.decode_step.pooled.min": 50.0}))
+    cur = tmp_path / "c.json"
+    if case == "empty_dir":
+        (tmp_path / "empty").mkdir()
+        args = [str(tmp_path / "empty"), str(base)]
+    elif case == "no_common":
+        args = [str(base), str(bench_json(cur, other=(1.0, 0.01, {"x.ratio": 1.0})))]
+    elif case == "mostly_missing":
+        cur.write_text(json.dumps({"benchmarks": [{"name": "t1", "stats": {}, "extra_info": {
+            "alloc.pooled.per_decode_step": 0}}]}))  # 1 of the baseline's 4 metrics
+        args = [str(base), str(cur)]
+    elif case == "nothing_gated":
+        only_time = bench_json(tmp_path / "t.json", t1=(1.0, 0.01, {}))
+        args = [str(only_time), str(only_time)]
+    elif case == "bad_entries":
+        cur.write_text(json.dumps({"benchmarks": [1, 2]}))
+        args = [str(base), str(cur)]
+    elif case == "bad_stats":
+        cur.write_text(json.dumps({"benchmarks": [{"name": "t1", "stats": "fast"}]}))
+        args = [str(base), str(cur)]
+    else:
+        cur.write_text(json.dumps({"benchmarks": []}))
+        args = [str(base), str(cur)]
+    assert main(["compare", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvbench compare: error:") and err.count("\n") == 1

@@ -49,10 +49,13 @@ def test_bad_values_name_the_key(argv, words):
 
 def test_sweep_points_cross_command_line_and_experiment():
     pts = sweep.sweep_points(["-m", "experiment=default", "parallel=2,4"])
-    assert len(pts) == 2 * 2 * 2  # parallel x allocator x cache.size (the experiment's params)
-    assert sum("allocator=naive" in p for p in pts) == 4
+    assert len(pts) == 3 * 2 * 2 * 2  # rounds (the experiment's repeats) x allocator x cache.size x parallel
+    assert sum("allocator=naive" in p for p in pts) == 12
+    # rounds are the outermost loop: every point once, then every point again (A B C A B C)
+    assert [p[0] for p in pts] == ["repeat=0"] * 8 + ["repeat=1"] * 8 + ["repeat=2"] * 8
+    assert [p[1:] for p in pts[:8]] == [p[1:] for p in pts[8:16]]
     # the command line wins over the experiment's sweep of the same key
-    assert len(sweep.sweep_points(["-m", "experiment=default", "allocator=paged"])) == 2
+    assert len(sweep.sweep_points(["-m", "experiment=default", "allocator=paged", "repeats=1"])) == 2
 
 
 def test_good_configs_pass():

@@ -1,0 +1,42 @@
+"""The CI gate (tests/bench/test_ci_gate.py + kvbench compare + results/baselines/gates.yaml) catches a
+uniform 2x slowdown and passes an unchanged engine measured beside a CPU burner.
+
+A uniform slowdown leaves every same-run ratio where it was, so only the normalised times
+(``norm.*``: the fastest step time over the calibration probe's unit, docs/metrics.md) can catch
+it. The slowdown is a test-only fault (KVBENCH_FAULT_INJECT=slow:2: each forward pass spins as long
+again as it took). The baseline is measured here, in the same session, so the test does not depend
+on which machine wrote results/baselines/ci-bench.json.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from harness.cli import main
+from tests.integration.harness.test_noise import burner
+
+REPO = Path(__file__).resolve().parents[3]
+RULES = REPO / "results" / "baselines" / "gates.yaml"
+
+
+def bench(out: Path, **env) -> Path:
+    r = subprocess.run([sys.executable, "-m", "pytest", "tests/bench/test_ci_gate.py", "-k", "decode_step",
+                        "--benchmark-only", f"--benchmark-json={out}", "-q", "-p", "no:cacheprovider"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, **env))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return out
+
+
+def test_the_gate_fails_a_2x_slower_engine_and_passes_a_noisy_unchanged_one(tmp_path, capsys):
+    base = bench(tmp_path / "base.json")
+    slow = bench(tmp_path / "slow.json", KVBENCH_FAULT_INJECT="slow:2")
+    with burner():
+        noisy = bench(tmp_path / "noisy.json")
+
+    assert main(["compare", str(base), str(slow), "--rules", str(RULES)]) == 1
+    out = capsys.readouterr().out
+    regressed = [line.split()[1] for line in out.splitlines() if line.startswith("REGRESSED")]
+    assert regressed and all(".norm.decode_step." in m for m in regressed), out  # ratios cannot see it
+
+    assert main(["compare", str(base), str(noisy), "--rules", str(RULES)]) == 0, capsys.readouterr().out

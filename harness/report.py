@@ -62,15 +62,16 @@ _RUN_COLUMNS = {"job", "status", "error", "repeat", "point", "resumed_from", "no
 DIMENSIONS = [("allocator", ("allocator",), "naive"),
               ("cache type (K/V)", ("cache.type_k", "cache.type_v"), "f32/f32"),
               ("offload", ("cache.offload",), "device")]
-# (metric, header, lower is better, paired as a ratio (True) or as a difference (False: fractions that can be 0))
+# (metric, header, lower is better, paired as a ratio (True) or as a difference (False: fractions that can
+# be 0), timed: a neighbour's CPU use moves it, so noisy runs make its verdict inconclusive)
 COMPARED = [
-    ("latency.tpot_ms.p50", "TPOT p50", True, True),
-    ("latency.decode_step_ms.p50", "decode step p50", True, True),
-    ("latency.ttft_ms.p50", "TTFT p50", True, True),
-    ("throughput.tokens_per_s", "throughput", False, True),
-    ("memory.peak_rss_bytes", "peak RSS", True, True),
-    ("memory.kv_reserved_peak_bytes", "KV reserved", True, True),
-    ("memory.model_peak_bytes", "modeled peak", True, True),
+    ("latency.tpot_ms.p50", "TPOT p50", True, True, True),
+    ("latency.decode_step_ms.p50", "decode step p50", True, True, True),
+    ("latency.ttft_ms.p50", "TTFT p50", True, True, True),
+    ("throughput.tokens_per_s", "throughput", False, True, True),
+    ("memory.peak_rss_bytes", "peak RSS", True, True, False),
+    ("memory.kv_reserved_peak_bytes", "KV reserved", True, True, False),
+    ("memory.model_peak_bytes", "modeled peak", True, True, False),
 ]
 
 
@@ -185,7 +186,7 @@ def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
                 b = g[lv == var]
                 rounds = sorted(set(a["repeat"]) & set(b["repeat"]))
                 noisy = int(a[a["repeat"].isin(rounds)]["noisy"].sum() + b[b["repeat"].isin(rounds)]["noisy"].sum())
-                for metric, _, lower, ratio in COMPARED:
+                for metric, _, lower, ratio, timed in COMPARED:
                     if metric not in g:
                         continue
                     xa = [_first(a, r, metric) for r in rounds]
@@ -195,7 +196,7 @@ def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
                         continue
                     est, lo, hi = (iv.center - 1, iv.low - 1, iv.high - 1) if ratio else (iv.center, iv.low, iv.high)
                     out.append([dim, base, var, cond, metric, "ratio" if ratio else "difference", lower, iv.n, noisy,
-                                est, lo, hi, comparison_verdict(lo, hi, iv.n, noisy, lower)])
+                                est, lo, hi, comparison_verdict(lo, hi, iv.n, noisy if timed else 0, lower)])
     return pd.DataFrame(out, columns=cols)
 
 
@@ -219,7 +220,11 @@ def comparison_verdict(lo: float, hi: float, n: int, noisy: int, lower_is_better
 
 # -- Markdown / HTML ------------------------------------------------------------------------------
 def _fmt(x, scale: float = 1.0) -> str:
-    return "" if not _is_number(x) else f"{x * scale:.3g}"
+    """3 significant digits, without exponents for the magnitudes a report shows (5410, not 5.41e+03)."""
+    if not _is_number(x):
+        return ""
+    v = x * scale
+    return f"{v:.0f}" if 1000 <= abs(v) < 1e7 else f"{v:.3g}"
 
 
 def _cell(row, col: str, scale: float) -> str:
@@ -260,7 +265,7 @@ def comparisons_markdown(comp: pd.DataFrame) -> str:
         if g["noisy_runs"].max():
             r["condition"] += f" ({int(g['noisy_runs'].max())} noisy runs)"
         for x in g.itertuples():
-            header = next(h for m, h, _, _ in COMPARED if m == x.metric)
+            header = next(c[1] for c in COMPARED if c[0] == x.metric)
             iv = f" [{_pct(x.ci95_low)}, {_pct(x.ci95_high)}]" if _is_number(x.ci95_low) else ""
             r[header] = f"{_pct(x.estimate)}{iv}: {x.verdict}"
         rows.append(r)

@@ -60,3 +60,48 @@ def test_report_skips_bad_records_and_lists_failed_runs(tmp_path):
 
 def test_flatten():
     assert R.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+
+
+def _round(tmp_path, job, alloc, repeat, tpot, status="ok", resumed="", noisy=False):
+    rec = _rec(status=status, alloc=alloc, **{"latency.tpot_ms.p50": tpot, "memory.kv_bytes_per_token": 2048,
+                                               "noise.flagged": noisy, "noise.reason": "busy" if noisy else ""})
+    rec.config["repeat"] = repeat
+    rec.resumed_from = resumed
+    if status == "degraded":
+        rec.error = "1 of 4 requests failed: too long"
+    R.write_record(tmp_path / str(job) / R.RECORD_NAME, rec)
+
+
+def test_points_aggregate_rounds_with_intervals_and_the_report_says_what_it_reused(tmp_path):
+    tpots = {"naive": [2.0, 2.2, 2.1], "pooled": [1.8, 2.0, 1.85]}
+    job = 0
+    for r in range(3):
+        for a in ("naive", "pooled"):
+            _round(tmp_path, job, a, r, tpots[a][r], resumed="/old/sweep/4/record.json" if job == 0 else "",
+                   noisy=(job == 5))
+            job += 1
+    md = write_report(tmp_path, plots=False).read_text()
+    points = pd.read_csv(tmp_path / "report.csv")
+    assert len(points) == 2 and list(points["runs"]) == [3, 3] and list(points["noisy"]) == [0, 1]
+    naive = points[points["allocator"] == "naive"].iloc[0]
+    assert naive["latency.tpot_ms.p50"] == 2.1  # the median
+    assert naive["latency.tpot_ms.p50.ci95_low"] < 2.0 and naive["latency.tpot_ms.p50.ci95_high"] > 2.2
+    assert naive["memory.kv_bytes_per_token.ci95_low"] == naive["memory.kv_bytes_per_token.ci95_high"] == 2048
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == 6
+    comp = pd.read_csv(tmp_path / "comparisons.csv")
+    tpot = comp[comp["metric"] == "latency.tpot_ms.p50"].iloc[0]
+    assert (tpot["baseline"], tpot["variant"], tpot["rounds"], tpot["noisy_runs"]) == ("naive", "pooled", 3, 1)
+    assert tpot["verdict"].startswith("inconclusive")  # a noisy run in the pairs
+    assert "## Reused from earlier sweeps" in md and "`0`: from `/old/sweep/4/record.json`" in md
+    assert "## Noise" in md and "`5`: busy" in md and "1 measured under contention" in md
+
+
+def test_degraded_runs_are_listed_and_an_empty_directory_is_an_error(tmp_path):
+    from engine.errors import ConfigError
+
+    _round(tmp_path / "s", 0, "naive", 0, 2.0, status="degraded")
+    md = write_report(tmp_path / "s", plots=False).read_text()
+    assert "## Degraded runs (some requests failed)" in md and "1 of 4 requests failed" in md
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no readable record"):
+        write_report(tmp_path / "empty")

@@ -99,6 +99,7 @@ def _sweep_metrics(path: Path) -> dict[str, Value]:
     """Per point (overrides without the round), the median of each numeric metric over its rounds."""
     import numpy as np
 
+    from harness.noise import normalized
     from harness.point import point_id
     from harness.records import load_records
 
@@ -108,6 +109,8 @@ def _sweep_metrics(path: Path) -> dict[str, Value]:
     points: dict[str, list] = {}
     for _, rec in recs:
         if rec.status == "ok":
+            # normalised times recomputed from the record's own times and probe unit, so they always agree
+            rec.metrics |= normalized(rec.metrics)
             points.setdefault(_point_name(rec.overrides, point_id(rec.config)), []).append(rec)
     out = {}
     for point, group in points.items():

@@ -17,7 +17,8 @@ says so. A point records, over its measured loop:
   displaced thread, so its median against its fastest repetition detects a neighbour), one larger
   matmul (compute) and a streaming sum (memory bandwidth).
 
-``judge`` turns these into ``noise.flagged`` and a one-line ``noise.reason``. The thresholds are the
+``judge`` turns these into ``noise.flagged`` and a one-line ``noise.reason``; ``normalized`` divides a
+run's times by the probe's unit. The thresholds are the
 ``noise.*`` keys of a run config (``harness.config.NoiseConf``); docs/metrics.md says why they are
 where they are.
 """
@@ -38,7 +39,7 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 # -- calibration probe ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Calibration:
-    """Speeds of three fixed kernels; ``*_best`` is the fastest repetition, the others the median.
+    """Speeds of four fixed kernels; ``*_best`` is the fastest repetition, the others the median.
 
     The fastest repetition is what the machine can do when nothing interferes (noise only ever
     adds time); the median shows interference that lasted through the probe."""
@@ -179,6 +180,24 @@ def loadavg() -> float:
         return os.getloadavg()[0]
     except OSError:
         return float("nan")
+
+
+# norm.<name>: a time divided by the calibration probe's unit measured in the same run (noise.unit_us),
+# so a machine that is uniformly faster or slower scales it away (docs/metrics.md, "Normalised times").
+NORMALIZED = {
+    "norm.decode_step.min": "latency.decode_step_ms.min",
+    "norm.decode_step.p50": "latency.decode_step_ms.p50",
+    "norm.prefill_step.min": "latency.prefill_step_ms.min",
+    "norm.tpot.p50": "latency.tpot_ms.p50",
+    "norm.ttft.p50": "latency.ttft_ms.p50",
+}
+
+
+def normalized(metrics: dict) -> dict[str, float]:
+    unit = metrics.get("noise.unit_us")
+    if not unit:
+        return {}
+    return {k: metrics[v] * 1e3 / unit for k, v in NORMALIZED.items() if isinstance(metrics.get(v), float)}
 
 
 # -- the verdict ----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from engine.runtime.scheduler import Scheduler
 from harness import faults
 from harness.config import effective_parallel, validate
 from harness.env import collect_env
+from harness.noise import normalized
 from harness.records import RECORD_NAME, Record, write_record
 from harness.trackers import FragmentationTracker, LatencyTracker, MemoryTracker, NoiseTracker
 from harness.workload import fit_cache_size
@@ -38,24 +39,6 @@ from harness.workload import fit_cache_size
 
 # In a memory-only run these describe the kvbench process, not the modeled one: not reported.
 _NOT_MODELED = ("memory.peak_rss", "memory.rss_start", "fragmentation.allocator", "memory.cuda_")
-
-# norm.<name>: a time divided by the calibration probe's unit measured in the same run (noise.unit_us),
-# so a machine that is uniformly faster or slower scales it away (docs/metrics.md, "Normalised times").
-NORMALIZED = {
-    "norm.decode_step.min": "latency.decode_step_ms.min",
-    "norm.decode_step.p50": "latency.decode_step_ms.p50",
-    "norm.prefill_step.min": "latency.prefill_step_ms.min",
-    "norm.tpot.p50": "latency.tpot_ms.p50",
-    "norm.ttft.p50": "latency.ttft_ms.p50",
-}
-
-
-def normalized(metrics: dict) -> dict[str, float]:
-    unit = metrics.get("noise.unit_us")
-    if not unit:
-        return {}
-    return {k: metrics[v] * 1e3 / unit for k, v in NORMALIZED.items() if isinstance(metrics.get(v), float)}
-
 
 def outcome(results) -> tuple[str, str]:
     """(status, reason) of a point from its requests: ok, degraded (some failed) or failed (all failed)."""

@@ -84,13 +84,14 @@ def test_sweep_directories_match_points_by_overrides(tmp_path, capsys):
     assert "allocator=pooled/alloc.calls_per_decode_step" in capsys.readouterr().out
 
 
-def _sweep(d, rounds, step_min_norm=50.0, noisy_round=None, scale=1.0):
+def _sweep(d, rounds, noisy_round=None, scale=1.0):
     """A sweep dir with naive/pooled points over rounds, as `kvbench run repeats=N` writes it."""
     n = 0
     for r in range(rounds):
         for a in ("naive", "pooled"):
-            m = {"latency.tpot_ms.p50": scale * (2.0 + 0.1 * r), "norm.decode_step.min": scale * step_min_norm,
-                 "alloc.calls_per_decode_step": 8 if a == "naive" else 0, "noise.flagged": r == noisy_round}
+            m = {"latency.tpot_ms.p50": scale * (2.0 + 0.1 * r), "latency.decode_step_ms.min": scale * 1.7,
+                 "noise.unit_us": 1000.0, "alloc.calls_per_decode_step": 8 if a == "naive" else 0,
+                 "noise.flagged": r == noisy_round}
             write_record(d / str(n) / "record.json", Record("ok", {"allocator": a, "repeat": r}, metrics=m,
                                                             overrides=[f"repeat={r}", f"allocator={a}", "repeats=3"]))
             n += 1
@@ -106,7 +107,7 @@ def test_sweep_points_are_medians_over_rounds_without_noisy_runs(tmp_path):
 
 def test_a_uniform_slowdown_fails_through_normalised_times(tmp_path, capsys):
     base = _sweep(tmp_path / "b", 3)
-    slow = _sweep(tmp_path / "w", 3, scale=2.0)  # every time doubled, probe unchanged: the engine got slower
+    slow = _sweep(tmp_path / "w", 3, scale=2.0)  # every latency doubled, probe unchanged: the engine got slower
     assert main(["compare", str(base), str(slow)]) == 1
     out = capsys.readouterr().out
     assert "REGRESSED" in out and "norm.decode_step.min" in out

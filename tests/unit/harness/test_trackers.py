@@ -107,3 +107,24 @@ def test_peak_rss_is_reset_and_sees_a_spike():
 def test_allocator_view_is_a_fraction():
     f = allocator_fragmentation(torch.device("cpu"))
     assert np.isnan(f) or 0.0 <= f <= 1.0
+
+
+def test_outcome_of_a_run_from_its_requests():
+    from types import SimpleNamespace as R
+
+    from harness.run import outcome
+
+    done, bad = R(status="done", error=""), R(status="failed", error="prompt of 70 tokens > cache.size 64")
+    assert outcome([done, done]) == ("ok", "")
+    status, reason = outcome([done, bad])
+    assert status == "degraded" and reason.startswith("1 of 2 requests failed: prompt of 70")
+    assert outcome([bad, bad])[0] == "failed"
+
+
+def test_normalised_times_divide_by_the_probe_unit():
+    from harness.noise import normalized
+
+    m = {"noise.unit_us": 1000.0, "latency.decode_step_ms.min": 2.0, "latency.tpot_ms.p50": float("nan")}
+    out = normalized(m)
+    assert out["norm.decode_step.min"] == 2.0 and out["norm.tpot.p50"] != out["norm.tpot.p50"]  # NaN stays NaN
+    assert normalized({"latency.decode_step_ms.min": 2.0}) == {}  # no probe, no normalised times

@@ -46,3 +46,16 @@ def test_arrivals_have_the_rate_and_spread_asked(process, cv):
 
 def test_no_arrival_process_means_everything_at_zero():
     assert (arrival_times(ArrivalConf(), 5, np.random.default_rng(0)) == 0).all()
+
+
+def test_fit_cache_holds_parallel_longest_requests_in_whole_blocks():
+    from harness.workload import fit_cache_size
+
+    timed = ChurnWorkload(n_requests=8, prompt_min=10, prompt_max=60, output_min=5, output_max=40,
+                          arrival=ArrivalConf()).generate(1000, 3)
+    longest = max(len(t.request.prompt) + t.request.n_predict for t in timed)
+    assert fit_cache_size(timed, 4, 1) == 4 * longest
+    assert fit_cache_size(timed, 4, 16) == -(-4 * longest // 16) * 16
+    assert fit_cache_size(timed[:2], 4, 1) == 2 * max(len(t.request.prompt) + t.request.n_predict for t in timed[:2])
+    single = FixedWorkload(n_requests=3, prompt_len=448, output_len=64, arrival=ArrivalConf()).generate(1000, 0)
+    assert fit_cache_size(single, 1, 16) == 512  # claims_single_sized: llama.cpp's -c for one 512-token slot

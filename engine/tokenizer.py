@@ -21,7 +21,7 @@ from typing import Any
 from gguf import TokenType
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from engine.errors import ModelFileError, UnsupportedError
+from engine.errors import KvbenchError, ModelFileError, UnsupportedError
 
 # tokenizer.ggml.pre -> split regex (llama.cpp's llama-vocab.cpp pre-tokenizer families).
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -45,11 +45,20 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """Every split (l, r) of every piece with both halves in the vocab, best-scoring piece first."""
+    """Every split (l, r) of every piece with both halves in the vocab, best-scoring piece first.
+
+    Linear in the total length of the tokens: a split point k can only work if some token has
+    length k and some token has length len(tok) - k, so only those k are tried (a vocabulary has a
+    few dozen distinct lengths). Trying every k costs O(len(tok)^2) per token, and one damaged
+    token of a million characters then takes hours."""
     vocab = {t: i for i, t in enumerate(tokens)}
+    lengths = sorted({len(t) for t in vocab})
+    have = set(lengths)
     out = []
     for tok, score in dict(zip(tokens, scores)).items():
-        local = [(tok[:k], tok[k:], score) for k in range(1, len(tok)) if tok[:k] in vocab and tok[k:] in vocab]
+        n = len(tok)
+        local = [(tok[:k], tok[k:], score) for k in lengths if 0 < k < n and (n - k) in have
+                 and tok[:k] in vocab and tok[k:] in vocab]
         out.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
     out.sort(key=lambda v: (v[2], len(v[0]), len(v[1])), reverse=True)  # stable: ties keep id order
     return [(a, b) for a, b, _ in out]
@@ -69,22 +78,35 @@ class GGUFTokenizer:
         self.eos_id = meta.get("tokenizer.ggml.eos_token_id")
         default_bos = self.kind == "llama"
         self.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_bos)) and self.bos_id is not None
-        if self.kind == "llama":
-            scores = meta.get("tokenizer.ggml.scores")
-            if scores is None:
-                raise ModelFileError(f"{source}: a 'llama' tokenizer needs tokenizer.ggml.scores")
-            self.tk = self._build_spm(list(scores), bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
-        elif self.kind == "gpt2":
-            merges = meta.get("tokenizer.ggml.merges")
-            if merges is None:
-                raise ModelFileError(f"{source}: a 'gpt2' tokenizer needs tokenizer.ggml.merges")
-            self.tk = self._build_bpe(list(merges), str(meta.get("tokenizer.ggml.pre", "default")))
-        else:
+        for key, tid in (("bos", self.bos_id), ("eos", self.eos_id)):
+            if tid is not None and not (isinstance(tid, int) and 0 <= tid < n):
+                raise ModelFileError(f"{source}: tokenizer.ggml.{key}_token_id = {tid} is not a token id "
+                                     f"(the vocabulary has {n} tokens)")
+        if len(self.types) != n:
+            raise ModelFileError(f"{source}: tokenizer.ggml.token_type has {len(self.types)} entries for {n} tokens")
+        if self.kind not in ("llama", "gpt2"):
             raise UnsupportedError(
                 f"{source}: tokenizer model {self.kind!r} (tokenizer.ggml.model) is not supported; "
                 "supported: llama (SentencePiece), gpt2 (byte-level BPE)"
             )
-        self._add_specials()
+        key = "tokenizer.ggml.scores" if self.kind == "llama" else "tokenizer.ggml.merges"
+        table = meta.get(key)
+        if table is None:
+            raise ModelFileError(f"{source}: a {self.kind!r} tokenizer needs {key}")
+        if self.kind == "llama" and len(table) != n:
+            raise ModelFileError(f"{source}: {key} has {len(table)} entries for {n} tokens")
+        try:
+            if self.kind == "llama":
+                self.tk = self._build_spm(list(table), bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+            else:
+                self.tk = self._build_bpe(list(table), str(meta.get("tokenizer.ggml.pre", "default")))
+            self._add_specials()
+        except KvbenchError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- the tokenizers library raises a bare Exception for an
+            # inconsistent vocabulary (a merge of tokens that do not exist...): bad input, said in one line
+            raise ModelFileError(f"{source}: the tokenizer cannot be built from this file's vocabulary "
+                                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); the file is damaged") from None
 
     def _build_spm(self, scores: list[float], add_space_prefix: bool) -> Tokenizer:
         vocab = {t: i for i, t in enumerate(self.tokens)}

@@ -27,6 +27,9 @@ DEFAULT_ALIGNMENT = 32
 # GGUF value type codes -> fixed byte size (None: variable, string or array).
 _SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY = 8, 9
+# integer and double tensor types: llama.cpp stores no model weights in them
+_NOT_WEIGHTS = {GGMLQuantizationType[n] for n in ("I8", "I16", "I32", "I64", "F64")
+                if n in GGMLQuantizationType.__members__}
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,7 @@ def check_header(path: str | os.PathLike) -> HeaderSummary:
             infos.append((name, dims, ttype, offset))
         data_offset = cur.pos + (-cur.pos) % alignment
 
+        regions = []
         for name, dims, ttype, offset in infos:
             try:
                 qtype = GGMLQuantizationType(ttype)
@@ -192,6 +196,18 @@ def check_header(path: str | os.PathLike) -> HeaderSummary:
                     f"{path}: truncated: tensor {name!r} needs bytes [{start}, {start + n_bytes}) "
                     f"but the file has {size}; re-download or re-convert the model"
                 )
+            if qtype in _NOT_WEIGHTS:
+                raise UnsupportedError(f"{path}: tensor {name!r} has type {qtype.name}; model weights are float or "
+                                       "quantized types (F32, F16, BF16, Q*_*, IQ*...): the type id is damaged or "
+                                       "the file is not a model")
+            regions.append((start, start + n_bytes, name))
+        # As llama.cpp's loader: every tensor inside the data section (checked above: offsets are unsigned
+        # and relative to it), aligned (above), and no two tensors sharing bytes. A changed type id or data
+        # offset usually shows up here: GGUF has no checksum, so this is the check there is.
+        regions.sort()
+        for (s0, e0, n0), (s1, e1, n1) in zip(regions, regions[1:]):
+            if s1 < e0:
+                raise cur.fail(f"tensors {n0!r} [{s0}, {e0}) and {n1!r} [{s1}, {e1}) overlap")
     return HeaderSummary(version, n_tensors, n_kv, data_offset, size)
 
 

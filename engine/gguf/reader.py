@@ -8,6 +8,7 @@ tensor must have, and errors that name the file and the key or tensor.
 from __future__ import annotations
 
 import os
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ from engine.gguf.keymap import ARCHS, expand
 from engine.model.config import ATTN, SSM, ModelConfig
 
 _MISSING = object()
+
+MAX_LAYERS = 4096  # shape-only files: the deepest real models have a few hundred layers
+MAX_VOCAB = 1 << 24  # 16.7M tokens: real vocabularies have at most a few hundred thousand
+_BLOCK = re.compile(r"blk\.(\d+)\.")
 
 # Tensor types whose GGUF data numpy can view directly (no dequantization step).
 _NATIVE = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16}
@@ -56,7 +61,13 @@ class GGUFFile:
                     "the file was not written by a compatible converter"
                 )
             return default
-        return field.contents()
+        try:
+            return field.contents()  # gguf decodes strings here, lazily
+        except UnicodeDecodeError as e:
+            raise ModelFileError(f"{self.path}: metadata key {key!r} holds a string that is not valid UTF-8 "
+                                 f"(byte {e.start}: {e.reason}); the file is damaged -- re-convert it") from None
+        except (ValueError, IndexError, TypeError) as e:
+            raise ModelFileError(f"{self.path}: metadata key {key!r} cannot be read ({e}); the file is damaged") from None
 
     def get_scalar(self, key: str, default: Any = _MISSING) -> Any:
         field = self.reader.fields.get(key)
@@ -101,6 +112,7 @@ class GGUFFile:
                 "supported; supported: none, linear, and llama-3 (rope_freqs tensor)"
             )
         n_layer = int(g("block_count"))
+        self._check_layer_count(n_layer, f"{arch}.block_count")
         extra: dict = {}
         n_head_kv = n_head
         if spec.recurrent:
@@ -119,6 +131,8 @@ class GGUFFile:
                 n_expert=int(g("expert_count", 0)), n_expert_used=int(g("expert_used_count", 0)),
                 moe_layers=tuple(f"blk.{il}.ffn_gate_inp.weight" in self.tensors for il in range(n_layer)),
             )
+        if not 0 < int(n_vocab) <= MAX_VOCAB:
+            raise ModelFileError(f"{self.path}: vocabulary size {int(n_vocab)} is not plausible (1 .. {MAX_VOCAB})")
         try:
             return ModelConfig(
                 arch=arch,
@@ -148,6 +162,18 @@ class GGUFFile:
             )
         except ModelFileError as e:
             raise ModelFileError(f"{self.path}: {e}") from None
+
+    def _check_layer_count(self, n_layer: int, key: str) -> None:
+        """Bound the layer count by what the file holds, before anything is built per layer: a file
+        with tensors has exactly blocks 0 .. n_layer - 1; a shape-only file at most MAX_LAYERS."""
+        blocks = {int(m.group(1)) for name in self.tensors if (m := _BLOCK.match(name))}
+        if self.tensors:
+            have = max(blocks) + 1 if blocks else 0
+            if n_layer != have:
+                raise ModelFileError(f"{self.path}: {key} = {n_layer}, but the file has tensors for {have} blocks "
+                                     f"(blk.0 .. blk.{have - 1}); the metadata and the tensors disagree")
+        elif not 1 <= n_layer <= MAX_LAYERS:
+            raise ModelFileError(f"{self.path}: {key} = {n_layer} is not a plausible layer count (1 .. {MAX_LAYERS})")
 
     # -- tensors -------------------------------------------------------------------------------
     def tensor_types(self) -> dict[str, str]:

@@ -35,6 +35,16 @@ from engine.errors import StateFileError
 MAGIC = b"KVBSTATE"
 FORMAT_VERSION = 1
 _MAX_HEADER = 1 << 20
+MAX_POS = 1 << 24  # positions a state may hold: far beyond any model's context, far below a garbage int32
+WRITERS = ("naive", "pooled", "paged")  # memory kinds that write states (engine/memory/kv_cache.py ALLOCATORS)
+
+# Every header field and its type. A field not listed here, or of another type, is refused: the CRC
+# only proves the bytes are the ones written, not that a writer (or an editor) wrote sense.
+_COMMON = {"format": str, "n_tokens": int, "n_seq_ids": int, "arch": str, "model": str, "n_layer": int,
+           "layers": list, "row_bytes_k": int, "row_bytes_v": int, "seq_id": (int, type(None)), "written_by": str}
+_KV = {"n_embd_k_gqa": int, "n_embd_v_gqa": int, "n_swa": int, "rope_type": str, "rope_freq_base": (float, int),
+       "rope_freq_scale": (float, int), "type_k": str, "type_v": str}
+_RECURRENT = {"kind": str, "n_embd_r": int, "n_embd_s": int}
 
 
 @dataclass
@@ -83,12 +93,11 @@ def read_state(f: BinaryIO, source: str = "state") -> StateData:
         raise bad("checksum mismatch (truncated or corrupted)")
     try:
         header = json.loads(blob[16 : 16 + hdr_len])
-        n = int(header["n_tokens"])
-        n_ids = int(header["n_seq_ids"])
-        n_layer = int(header["n_layer"])
-        rk, rv = int(header["row_bytes_k"]), int(header["row_bytes_v"])
-    except (ValueError, KeyError, TypeError) as e:
+    except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
         raise bad(f"malformed header ({e})") from None
+    _check_header_types(header, bad)  # before any value is used: sizes below are ints, not inf or "many"
+    n, n_ids, n_layer = header["n_tokens"], header["n_seq_ids"], header["n_layer"]
+    rk, rv = header["row_bytes_k"], header["row_bytes_v"]
     off = 16 + hdr_len
     need = 4 * n + 4 * n + 4 * n_ids + n_layer * n * (rk + rv)
     if min(n, n_ids, n_layer, rk, rv) < 0 or off + need + 4 != len(blob):
@@ -103,7 +112,11 @@ def read_state(f: BinaryIO, source: str = "state") -> StateData:
         raise bad("owner counts do not add up")
     if n and (pos.min() < 0 or ids.min() < 0):
         raise bad("negative position or sequence id")
+    if n and pos.max() >= MAX_POS:
+        raise bad(f"position {int(pos.max())} is beyond any context (positions lie in [0, {MAX_POS}))")
     seqs = np.split(ids, np.cumsum(counts)[:-1]) if n else []
+    _check_header_values(header, seqs, bad)
+    _check_positions(pos, seqs, counts, bad)
     k, v = [], []
     for _ in range(n_layer):
         k.append(blob[off : off + n * rk])
@@ -111,6 +124,54 @@ def read_state(f: BinaryIO, source: str = "state") -> StateData:
         v.append(blob[off : off + n * rv])
         off += n * rv
     return StateData(header, pos, seqs, k, v)
+
+
+def _check_header_types(header: dict, bad) -> None:
+    """Every field present with its type, nothing else."""
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    schema = _COMMON | (_RECURRENT if "kind" in header else _KV)
+    for key, want in schema.items():
+        if key not in header:
+            raise bad(f"header field {key!r} is missing")
+        v = header[key]
+        if isinstance(v, bool) or not isinstance(v, want):
+            raise bad(f"header field {key!r} = {v!r} has the wrong type")
+    extra = sorted(set(header) - set(schema))
+    if extra:
+        raise bad(f"unknown header field {extra[0]!r}")
+
+
+def _check_header_values(header: dict, seqs: list[np.ndarray], bad) -> None:
+    """The values the data itself can confirm, and the names a writer can have written."""
+    if header["format"] != "kvbench-state":
+        raise bad(f"header field 'format' = {header['format']!r} (expected 'kvbench-state')")
+    if header["written_by"] not in WRITERS:
+        raise bad(f"header field 'written_by' = {header['written_by']!r} (expected one of {', '.join(WRITERS)})")
+    if "kind" in header and header["kind"] != "recurrent":
+        raise bad(f"header field 'kind' = {header['kind']!r} (expected 'recurrent')")
+    layers = header["layers"]
+    if len(layers) != header["n_layer"] or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                   for x in layers):
+        raise bad(f"header field 'layers' = {layers!r} does not list {header['n_layer']} layer indices")
+    seq = header["seq_id"]
+    if seq is not None and (seq < 0 or any(len(s) != 1 or int(s[0]) != seq for s in seqs)):
+        raise bad(f"header field 'seq_id' = {seq} but the tokens belong to other sequences")
+
+
+def _check_positions(pos: np.ndarray, seqs: list[np.ndarray], counts: np.ndarray, bad) -> None:
+    """Within a sequence, positions are distinct (sorted, they ascend strictly); a token's owners are distinct."""
+    if not len(pos):
+        return
+    owners = np.concatenate(seqs).astype(np.int64)
+    tok = np.repeat(np.arange(len(pos)), counts.astype(np.int64))
+    if len(np.unique(np.stack([tok, owners]), axis=1)[0]) != len(owners):
+        raise bad("a token lists the same sequence twice among its owners")
+    pairs = np.stack([owners, pos[tok].astype(np.int64)])
+    uniq, n_each = np.unique(pairs, axis=1, return_counts=True)
+    if (n_each > 1).any():
+        s, p = uniq[:, int(np.argmax(n_each > 1))]
+        raise bad(f"sequence {s} holds position {p} twice (a sequence's positions must ascend strictly)")
 
 
 class StateFiles:

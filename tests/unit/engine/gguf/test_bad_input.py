@@ -1,5 +1,6 @@
 """Damaged and inconsistent files: one clear error from the family, before any large allocation."""
 
+import struct
 import subprocess
 import sys
 
@@ -26,6 +27,8 @@ def _cases(good, d):
     tt_off = ed.key_value_offset(good, "tokenizer.ggml.token_type")
     name_off = ed.key_value_offset(good, "general.name")
     type_off, _ = ed.tensor_info_offset(good, "blk.0.attn_q.weight")
+    norm_type_off, _ = ed.tensor_info_offset(good, "blk.0.attn_norm.weight")
+    q_embd_off = struct.unpack_from("<Q", data, ed.tensor_info_offset(good, "token_embd.weight")[0] + 4)[0]
     q8k = random_block_bytes(GGMLQuantizationType.Q8_K, 256, 256)
     (d / "truncated-data.gguf").write_bytes(data[: size // 2])
     (d / "truncated-kv.gguf").write_bytes(data[:200])
@@ -63,6 +66,15 @@ def _cases(good, d):
             ["blk.0.attn_q.weight", "Q8_K"]),
         "heads-not-dividing": (ed.rewrite(good, d / "heads.gguf", set_keys={
             "llama.attention.head_count_kv": (3, GGUFValueType.UINT32)}), ModelFileError, ["head_count_kv", "3"]),
+        # found by the reliability campaign (tests/fuzz/gguf_fuzz.py)
+        "name-not-utf8": (ed.patch(good, d / "name8.gguf", name_off + 8, "B", 0xFF), ModelFileError,
+                          ["general.name", "UTF-8"]),
+        "huge-block-count": (ed.patch(good, d / "blocks.gguf", ed.key_value_offset(good, "llama.block_count"), "I",
+                                      352_334_179), ModelFileError, ["llama.block_count", "352334179", "4 blocks"]),
+        "overlapping-tensors": (ed.patch(good, d / "overlap.gguf", type_off + 4, "Q", q_embd_off), ModelFileError,
+                                ["overlap", "blk.0.attn_q.weight"]),
+        "integer-tensor-type": (ed.patch(good, d / "i32.gguf", norm_type_off, "I", int(GGMLQuantizationType.I32)),
+                                UnsupportedError, ["blk.0.attn_norm.weight", "I32"]),
     }
 
 
@@ -75,6 +87,7 @@ CASE_NAMES = [
     "truncated-data", "truncated-kv", "empty", "wrong-magic", "version-1", "version-99", "absurd-tensor-count",
     "absurd-kv-count", "absurd-string-length", "absurd-int-array", "absurd-string-array", "unknown-tensor-type",
     "unknown-arch", "missing-key", "shape-mismatch", "missing-tensor", "undequantizable-type", "heads-not-dividing",
+    "name-not-utf8", "huge-block-count", "overlapping-tensors", "integer-tensor-type",
 ]
 
 
@@ -117,3 +130,20 @@ def test_gguf_v2_loads(good, tmp_path):
     """v2 and v3 share the layout kvbench reads (v3 only added big-endian files)."""
     lm = load_model(ed.patch(good, tmp_path / "v2.gguf", 4, "I", 2))
     assert lm.file.header.version == 2 and lm.config.n_layer == 4
+
+
+def test_a_token_that_is_not_utf8_is_a_clear_error(good, tmp_path):
+    off = ed.key_value_offset(good, "tokenizer.ggml.tokens") + 4 + 8 + 8  # item type, count, first length
+    lm = load_model(ed.patch(good, tmp_path / "tok8.gguf", off, "B", 0xC0))
+    with pytest.raises(ModelFileError, match="tokenizer.ggml.tokens.*UTF-8"):
+        lm.tokenizer
+
+
+def test_a_million_character_token_builds_in_linear_time(good, tmp_path):
+    """merges_from_scores used to try every split of every token: O(length^2), hours for this token."""
+    from tests.fuzz.gguf_fuzz import _long_token
+
+    path = tmp_path / "long.gguf"
+    path.write_bytes(_long_token(good.read_bytes(), 1_000_000))
+    lm = load_model(path)
+    assert len(lm.tokenizer.tokens[0]) == 1_000_000 and lm.tokenizer.encode("hello")

@@ -489,6 +489,22 @@ def _set_counts(h, body):  # first token's owner count 0, second's 2: the total 
     return body
 
 
+def _repeat_pos(h, body):  # a token gets the position of another token of the same sequence
+    n = h["n_tokens"]
+    counts = np.frombuffer(bytes(body[4 * n:8 * n]), "<u4")
+    ids = np.frombuffer(bytes(body[8 * n:8 * n + 4 * h["n_seq_ids"]]), "<i4")
+    first = ids[np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)]  # each token's first owner
+    a = 0
+    b = int(np.nonzero(first[1:] == first[0])[0][0]) + 1
+    body[4 * b:4 * b + 4] = body[4 * a:4 * a + 4]
+    return body
+
+
+def _far_pos(h, body):
+    body[0:4] = struct.pack("<i", 2**30)
+    return body
+
+
 def _neg_pos(h, body):
     body[0:4] = struct.pack("<i", -3)
     return body
@@ -505,6 +521,14 @@ BAD_FIELDS = {
     "header_list": (lambda h: [h], None),
     "zero_owners": (None, _set_counts),
     "negative_pos": (None, _neg_pos),
+    # found by the reliability campaign: accepted before the header schema and the position checks
+    "repeated_pos": (None, _repeat_pos),
+    "far_pos": (None, _far_pos),
+    "other_format": (lambda h: dict(h, format="something-else"), None),
+    "unknown_writer": (lambda h: dict(h, written_by="mystery"), None),
+    "seq_id_of_another": (lambda h: dict(h, seq_id=3), None),
+    "unknown_field": (lambda h: dict(h, comment="hi"), None),
+    "bool_layers": (lambda h: dict(h, n_layer=True), None),
 }
 
 

@@ -58,6 +58,8 @@ def _add_model_args(p: argparse.ArgumentParser, memory: bool = True) -> None:
                        help="with --offload host|disk: the first N layers stay on the device")
         p.add_argument("--growth", default="cat", choices=["cat", "double"], help="naive: growth policy")
         p.add_argument("--ubatch", "-ub", type=int, default=512, help="tokens per forward pass")
+        p.add_argument("--no-memory-check", action="store_true",
+                       help="allocate even when the planned memory exceeds what the machine has available")
 
 
 def _setup(args) -> None:
@@ -77,6 +79,15 @@ def _cache_spec(args, n_tokens: int, n_seq: int, n_ctx: int) -> CacheSpec:
                      n_seq_max=n_seq, growth=args.growth)
 
 
+def _memory(args, lm, spec: CacheSpec):
+    """The KV memory, after checking that what it and a ubatch will take fits in what the machine has."""
+    from engine.memory.plan import check, plan
+
+    if not args.no_memory_check:
+        check(plan(lm.config, spec, args.ubatch), lm.device, spec, override="--no-memory-check")
+    return create_memory(lm, spec)
+
+
 def _prompt_tokens(args, lm) -> list[int]:
     if args.tokens is not None:
         return _parse_tokens(args.tokens)
@@ -93,7 +104,7 @@ def cmd_generate(args) -> dict:
         raise ConfigError(f"--parallel {args.parallel}: must be positive")
     lm = load_model(args.model, args.device, args.dtype)
     prompt = _prompt_tokens(args, lm)
-    mem = create_memory(lm, _cache_spec(args, len(prompt) + args.n_predict, args.parallel, lm.config.n_ctx_train))
+    mem = _memory(args, lm, _cache_spec(args, len(prompt) + args.n_predict, args.parallel, lm.config.n_ctx_train))
     eng = create_engine(lm, mem, args.ubatch)
     if not args.no_warmup:
         eng.warmup()
@@ -145,7 +156,7 @@ def cmd_logits(args) -> dict:
     _setup(args)
     tokens = _parse_tokens(args.tokens)
     lm = load_model(args.model, args.device, args.dtype)
-    mem = create_memory(lm, _cache_spec(args, len(tokens), 1, max(lm.config.n_ctx_train, len(tokens))))
+    mem = _memory(args, lm, _cache_spec(args, len(tokens), 1, max(lm.config.n_ctx_train, len(tokens))))
     eng = create_engine(lm, mem, args.ubatch)
     b = Batch()
     b.add_sequence(tokens, 0, output="all")

@@ -173,6 +173,10 @@ class RunConfig:
     repeat: int = 0  # which round this run is (set by the sweep: the outermost sweep key)
     retry_noisy: int = 0  # rerun a point flagged as noisy up to this many times (--retry-noisy K)
     noise: NoiseConf = field(default_factory=NoiseConf)
+    # refuse a point whose planned memory (weights, KV at cache.size, state, activations) exceeds what the
+    # machine has available, before anything is allocated (engine/memory/plan.py)
+    memory_check: bool = True
+    resume_from: str = ""  # earlier sweep directories (comma-separated) whose clean points may be reused (--resume-from)
 
 
 def register_configs() -> None:

@@ -6,9 +6,12 @@ If the child dies without a record (killed by the OS for memory, a segfault in a
 timeout), the parent writes a failed record that says how it died. A fresh process per point
 also keeps measurements apart: peak RSS, malloc's free lists and torch's caches start clean.
 
-Resume: a point whose config hash matches an ``ok`` record of an earlier sweep (a sibling of this
-sweep's directory, e.g. the same command run before it was killed) is not run again; its record
-is copied into this job directory with ``resumed_from`` set, so this sweep's report covers it.
+Resume: a point whose config hash matches a clean record (``ok``, not noisy) already in this sweep's
+directory (the same command rerun with the same ``hydra.sweep.dir``), or in a directory the user
+names with ``--resume-from``, is not run again: its own record is kept, or the other one is copied in
+with ``resumed_from`` set, so this sweep's report covers it and says where it came from. Nothing is
+searched beyond those directories, and no record is ever deleted: one that must be replaced (failed,
+degraded, noisy, or of another config) is renamed ``record.replaced-<k>.json`` first.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from harness.records import RECORD_NAME, Record, read_record, write_record
 
 POINT_CONFIG = "point.yaml"
 # labels and switches, not measurements (how many rounds a sweep has does not change round 0's run)
-_NOT_SEMANTIC = ("quiet", "force", "isolate", "name", "timeout_s", "repeats", "retry_noisy", "noise")
+_NOT_SEMANTIC = ("quiet", "force", "isolate", "name", "timeout_s", "repeats", "retry_noisy", "noise", "memory_check",
+                 "resume_from")
 
 
 def _hash(conf: dict, drop: tuple[str, ...], version: str = "") -> str:
@@ -54,23 +58,35 @@ def point_id(conf: dict) -> str:
 
 def reusable(rec: Record) -> bool:
     """Resume reuses only clean measurements: not failed, not degraded, not measured under contention."""
-    return rec.status == "ok" and not rec.metrics.get("noise.flagged") and not rec.resumed_from
+    return rec.status == "ok" and not rec.metrics.get("noise.flagged")
 
 
-def find_done(search_root: Path, h: str, exclude: Path) -> Path | None:
-    """A reusable record with config hash h under search_root (not in exclude), newest first."""
+def find_done(roots: list[Path], h: str, exclude: Path) -> Path | None:
+    """A reusable original record (not itself a copy) with config hash h under roots (not in exclude), newest first."""
     best = None
-    for p in search_root.rglob(RECORD_NAME):
-        if exclude in p.parents:
-            continue
-        try:
-            rec = read_record(p)
-        except (OSError, ValueError, TypeError):
-            continue
-        if rec.config_hash == h and reusable(rec):
-            if best is None or p.stat().st_mtime > best.stat().st_mtime:
-                best = p
+    for root in roots:
+        for p in Path(root).rglob(RECORD_NAME) if Path(root).is_dir() else []:
+            if exclude in p.parents:
+                continue
+            try:
+                rec = read_record(p)
+            except (OSError, ValueError, TypeError):
+                continue
+            if rec.config_hash == h and reusable(rec) and not rec.resumed_from:
+                if best is None or p.stat().st_mtime > best.stat().st_mtime:
+                    best = p
     return best
+
+
+def set_aside(path: Path) -> Path | None:
+    """Rename a record that is about to be replaced to record.replaced-<k>.json; never delete it."""
+    if not path.exists():
+        return None
+    k = 1
+    while (dst := path.with_name(f"record.replaced-{k}.json")).exists():
+        k += 1
+    path.rename(dst)
+    return dst
 
 
 def _describe_exit(code: int) -> str:
@@ -96,8 +112,7 @@ def run_isolated(cfg: DictConfig, out_dir: Path, overrides: list[str], choices: 
     OmegaConf.save(cfg, out_dir / POINT_CONFIG, resolve=True)
     (out_dir / "point.json").write_text(json.dumps({"overrides": overrides, "choices": choices}))
     record_path = out_dir / RECORD_NAME
-    if record_path.exists():
-        record_path.unlink()  # a record here must come from this run
+    set_aside(record_path)  # a record here must come from this run; an older one is kept beside it
     timeout = cfg.timeout_s if cfg.timeout_s and cfg.timeout_s > 0 else None
     cmd = [sys.executable, "-m", "harness.point", str(out_dir)]
     try:

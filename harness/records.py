@@ -54,7 +54,29 @@ def write_record(path: Path, rec: Record) -> Path:
     return path
 
 
+STATUSES = ("ok", "degraded", "failed")
+_SCALAR = (str, int, float, bool, type(None))
+# field -> (type, check of its contents); a record that fails any of them is skipped like a torn one
+_FIELDS = {
+    "status": (str, lambda v: v in STATUSES),
+    "config": (dict, lambda v: all(isinstance(k, str) for k in v)),
+    "metrics": (dict, lambda v: all(isinstance(k, str) and isinstance(x, _SCALAR) for k, x in v.items())),
+    "error": (str, None),
+    "overrides": (list, lambda v: all(isinstance(x, str) for x in v)),
+    "choices": (dict, lambda v: all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())),
+    "timeline": (dict, lambda v: all(isinstance(t, dict) and all(isinstance(s, list) for s in t.values())
+                                     for t in v.values())),
+    "env": (dict, None),
+    "started_at": (str, None),
+    "duration_s": ((int, float), lambda v: not isinstance(v, bool)),
+    "config_hash": (str, None),
+    "resumed_from": (str, None),
+    "noisy_attempts": (list, lambda v: all(isinstance(x, str) for x in v)),
+}
+
+
 def read_record(path: Path) -> Record:
+    """A record, validated field by field: ValueError says what is wrong (load_records skips it)."""
     with open(path) as f:
         d = json.load(f)
     if not isinstance(d, dict) or d.get("schema") != SCHEMA:
@@ -62,6 +84,12 @@ def read_record(path: Path) -> Record:
     missing = {"status", "config"} - d.keys()
     if missing:
         raise ValueError(f"missing fields {sorted(missing)}")
+    for key, (kind, ok) in _FIELDS.items():
+        if key not in d:
+            continue
+        v = d[key]
+        if not isinstance(v, kind) or (ok is not None and not ok(v)):
+            raise ValueError(f"field {key!r} is {type(v).__name__} {str(v)[:60]!r}, not a valid {key}")
     return Record(**{k: v for k, v in d.items() if k in Record.__dataclass_fields__})
 
 

@@ -25,6 +25,8 @@ from tqdm import tqdm
 from engine.errors import KvbenchError
 from engine.loader import create_engine, create_memory, load_model
 from engine.memory.kv_cache import CacheSpec
+from engine.memory.plan import check as check_memory
+from engine.memory.plan import plan as plan_memory
 from engine.runtime.batch import Batch
 from engine.runtime.sampling import SamplingParams
 from engine.runtime.scheduler import Scheduler
@@ -121,6 +123,8 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
         timed = workload.generate(lm.config.n_vocab, cfg.seed)
         if workload.fit_cache:
             spec = dataclasses.replace(spec, size=fit_cache_size(timed, spec.n_seq_max, spec.block_size))
+        if cfg.memory_check and not lm.memory_only:  # before the KV cache is allocated (weights are resident)
+            check_memory(plan_memory(lm.config, spec, cfg.ubatch), lm.device, spec)
         metrics: dict = {"run.memory_only": lm.memory_only, "run.cache_size": spec.size}
         if cfg.probe_logit_error and not lm.memory_only:
             metrics |= probe_logit_error(lm, spec)

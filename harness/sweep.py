@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, KvbenchError
 from harness.config import register_configs, validate
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -76,12 +76,11 @@ def _noisy(rec) -> bool:
 @hydra.main(version_base="1.3", config_path=str(EXPERIMENTS), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
     import dataclasses
-    import shutil
 
     from hydra.types import RunMode
 
-    from harness.point import config_hash, find_done, run_isolated
-    from harness.records import RECORD_NAME, write_record
+    from harness.point import config_hash, find_done, reusable, run_isolated, set_aside
+    from harness.records import RECORD_NAME, read_record, write_record
     from harness.run import run_point
 
     hc = HydraConfig.get()
@@ -90,20 +89,30 @@ def hydra_main(cfg: DictConfig) -> None:
     choices = {k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
     sweep_dir = Path(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir)
     _STATE["dir"] = sweep_dir if hc.mode == RunMode.MULTIRUN else out
-    done = None if cfg.force else find_done(sweep_dir.parent, config_hash(cfg), exclude=out)
+    h, own = config_hash(cfg), out / RECORD_NAME
+    if own.exists() and not cfg.force:  # the same sweep rerun into the same directory: keep what it finished
+        try:
+            prev = read_record(own)
+        except (OSError, ValueError, TypeError):
+            prev = None
+        if prev is not None and prev.config_hash == h and reusable(prev):
+            print(f"kvbench: {out}: finished before in this sweep directory, kept (--force reruns it)",
+                  file=sys.stderr)
+            return
+    roots = [sweep_dir] + [Path(p) for p in str(cfg.resume_from).split(",") if p]
+    done = None if cfg.force else find_done(roots, h, exclude=out)
+    set_aside(own)  # failed, degraded, noisy or another config's: kept as record.replaced-<k>.json
     if done is not None:
-        from harness.records import read_record
-
         rec = dataclasses.replace(read_record(done), resumed_from=str(done), overrides=overrides, choices=choices)
-        write_record(out / RECORD_NAME, rec)
-        print(f"kvbench: {out}: done before in {done.parent}, skipped (--force reruns it)", file=sys.stderr)
+        write_record(own, rec)
+        print(f"kvbench: {out}: reused {done} (same config, finished cleanly; --force reruns it)", file=sys.stderr)
         return
     run = run_isolated if cfg.isolate else run_point
     rec = run(cfg, out, overrides, choices)
     noisy: list[str] = []
     while _noisy(rec) and len(noisy) < cfg.retry_noisy:  # --retry-noisy K: measure it again, keep the evidence
         noisy.append(rec.metrics.get("noise.reason", ""))
-        shutil.copyfile(out / RECORD_NAME, out / f"noisy-attempt-{len(noisy)}.json")
+        own.rename(out / f"noisy-attempt-{len(noisy)}.json")
         print(f"kvbench: {out}: noisy ({noisy[-1]}); rerunning ({len(noisy)} of {cfg.retry_noisy})", file=sys.stderr)
         rec = run(cfg, out, overrides, choices)
     if noisy:
@@ -191,6 +200,7 @@ def prevalidate(argv: list[str]) -> int:
     from hydra import compose, initialize_config_dir
 
     points = sweep_points(argv)
+    models: dict = {}
     with initialize_config_dir(config_dir=str(EXPERIMENTS), version_base="1.3"):
         for ov in points:
             try:
@@ -199,14 +209,48 @@ def prevalidate(argv: list[str]) -> int:
                 raise ConfigError(_message(e)) from None
             try:
                 validate(cfg)
-            except ConfigError as e:
-                raise ConfigError(f"{e} (point: {' '.join(ov) or 'defaults'})") from None
+                if cfg.memory_check:
+                    check_planned_memory(cfg, models)
+            except KvbenchError as e:
+                raise type(e)(f"{e} (point: {' '.join(ov) or 'defaults'})") from None
     return len(points)
 
 
+def check_planned_memory(cfg: DictConfig, models: dict) -> None:
+    """The point's planned memory against what the machine has, from the model file's header only."""
+    import torch
+
+    from engine.gguf.reader import open_gguf
+    from engine.loader import DTYPES, resolve_model_path
+    from engine.memory.plan import check, plan
+    from harness.run import cache_spec
+
+    name = cfg.model.name
+    if name not in models:
+        models[name] = open_gguf(resolve_model_path(name)).config()
+    mc = models[name]
+    if not mc.weights_present or OmegaConf.select(cfg, "workload.fit_cache"):
+        return  # memory-only: nothing is allocated; a workload-sized cache is checked when the point runs
+    itemsize = torch.empty((), dtype=DTYPES[cfg.model.dtype]).element_size()
+    spec = cache_spec(cfg)
+    check(plan(mc, spec, cfg.ubatch, mc.n_params * itemsize), torch.device(cfg.device.split(":")[0]), spec)
+
+
 def _take_flags(argv: list[str]) -> list[str]:
-    """kvbench's own flags as overrides: --quiet, --force, --retry-noisy K."""
+    """kvbench's own flags as overrides: --quiet, --force, --retry-noisy K, --resume-from DIR (repeatable)."""
     argv = list(argv)
+    dirs = []
+    while "--resume-from" in argv:
+        i = argv.index("--resume-from")
+        if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+            raise ConfigError("--resume-from DIR: give the sweep directory whose finished points to reuse")
+        d = Path(argv[i + 1])
+        if not d.is_dir():
+            raise ConfigError(f"--resume-from {d}: not a directory; give an earlier sweep's directory")
+        dirs.append(str(d.resolve()))
+        argv[i:i + 2] = []
+    if dirs:
+        argv.append("resume_from='" + ",".join(dirs) + "'")
     for flag, override in (("--quiet", "quiet=true"), ("--force", "force=true")):
         if flag in argv:
             argv.remove(flag)
@@ -254,8 +298,10 @@ def main(argv: list[str]) -> int:
         sys.argv = ["kvbench run"] + argv
         hydra_main()
     except KeyboardInterrupt:
-        print(f"interrupted: {_done(_STATE['dir'])} of {_STATE['points'] or '?'} points done; "
-              "rerun the same command to resume", file=sys.stderr)
+        where = _STATE["dir"]
+        hint = f"rerun the same command with --resume-from {where}" if where else "rerun the same command"
+        print(f"interrupted: {_done(where)} of {_STATE['points'] or '?'} points done; {hint} to resume",
+              file=sys.stderr)
         return 130
     if info_only:
         return 0

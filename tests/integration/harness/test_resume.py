@@ -32,7 +32,7 @@ def test_a_point_killed_like_an_oom_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert "SIGKILL" in (tmp_path / "s" / "report.md").read_text()
 
 
-def test_a_killed_sweep_resumes_and_force_reruns(tmp_path):
+def test_a_killed_sweep_resumes_in_place_and_from_a_named_dir_and_force_reruns(tmp_path):
     cmd = [sys.executable, "-m", "harness.cli", "run", "-m", "allocator=naive,pooled,paged", *SMALL]
     first = tmp_path / "results" / "multirun" / "first"
     proc = subprocess.Popen(cmd + [f"hydra.sweep.dir={first}"], cwd=tmp_path, start_new_session=True,
@@ -44,22 +44,34 @@ def test_a_killed_sweep_resumes_and_force_reruns(tmp_path):
     proc.wait()
     done_first = records(first)
     assert "0" in done_first and len(done_first) < 3
+    kept = (first / "0" / "record.json").read_text()
 
+    # an unrelated sweep beside it is never searched
+    beside = tmp_path / "results" / "multirun" / "beside"
+    r = kvbench(tmp_path, "run", *cmd[4:], f"hydra.sweep.dir={beside}")
+    assert r.returncode == 0 and all(not v["resumed_from"] for v in records(beside).values())
+
+    # the same command into the same directory resumes there: the finished record is kept as it was
+    r = kvbench(tmp_path, "run", *cmd[4:], f"hydra.sweep.dir={first}")
+    assert r.returncode == 0, r.stderr
+    recs = records(first)
+    assert sorted(recs) == ["0", "1", "2"] and all(v["status"] == "ok" for v in recs.values())
+    assert (first / "0" / "record.json").read_text() == kept and "kept" in r.stderr
+    assert not list(first.glob("*/record.replaced-*.json"))  # nothing had to be replaced
+    assert len((first / "report.csv").read_text().strip().splitlines()) == 4  # header + 3 points
+
+    # a new directory reuses what the user names, and says where from
     second = tmp_path / "results" / "multirun" / "second"
-    r = kvbench(tmp_path, "run", *cmd[4:], f"hydra.sweep.dir={second}")
+    r = kvbench(tmp_path, "run", *cmd[4:], "--resume-from", str(first), f"hydra.sweep.dir={second}")
     assert r.returncode == 0, r.stderr
     recs = records(second)
-    assert sorted(recs) == ["0", "1", "2"] and all(v["status"] == "ok" for v in recs.values())
-    assert recs["0"]["resumed_from"].startswith(str(first))  # reused, not rerun
-    assert all(not recs[k]["resumed_from"].startswith(str(second)) for k in recs)
-    fresh = [k for k in recs if not recs[k]["resumed_from"]]
-    assert set(fresh) >= {"2"} and "0" not in fresh
-    assert len((second / "report.csv").read_text().strip().splitlines()) == 4  # header + 3 points
+    assert all(v["resumed_from"].startswith(str(first)) for v in recs.values()) and r.stderr.count("reused") == 3
+    assert "## Reused from earlier sweeps" in (second / "report.md").read_text()
 
-    third = tmp_path / "results" / "multirun" / "third"
-    r = kvbench(tmp_path, "run", *cmd[4:], "--force", f"hydra.sweep.dir={third}")
+    r = kvbench(tmp_path, "run", *cmd[4:], "--force", f"hydra.sweep.dir={first}")
     assert r.returncode == 0, r.stderr
-    assert all(not v["resumed_from"] for v in records(third).values())
+    assert all(not v["resumed_from"] for v in records(first).values())
+    assert len(list(first.glob("*/record.replaced-*.json"))) == 3  # the earlier records are kept, not deleted
 
 
 def test_failed_degraded_and_noisy_points_are_not_reused(tmp_path):
@@ -77,15 +89,17 @@ def test_failed_degraded_and_noisy_points_are_not_reused(tmp_path):
     assert "## Noise" in md and "2 measured under contention" in md
 
     second = tmp_path / "results" / "multirun" / "second"
-    r = kvbench(tmp_path, "run", *base[4:], f"hydra.sweep.dir={second}")
+    r = kvbench(tmp_path, "run", *base[4:], "--resume-from", str(first), f"hydra.sweep.dir={second}")
     assert r.returncode == 0, r.stderr
     assert all(not v["resumed_from"] for v in records(second).values())  # noisy: measured again
+    r = kvbench(tmp_path, "run", *base[4:], f"hydra.sweep.dir={first}")  # in place: remeasured, old ones kept
+    assert r.returncode == 0 and len(list(first.glob("*/record.replaced-*.json"))) == 2
 
     third = tmp_path / "results" / "multirun" / "third"
     r = kvbench(tmp_path, "run", "-m", "allocator=naive,pooled", *_SMALL[:-2], "cache.size=16", "cache.block_size=8",
                 "--quiet", f"hydra.sweep.dir={third}")
     assert r.returncode == 1
-    fourth = tmp_path / "results" / "multirun" / "fourth"
     r = kvbench(tmp_path, "run", "-m", "allocator=naive,pooled", *_SMALL[:-2], "cache.size=16", "cache.block_size=8",
-                "--quiet", f"hydra.sweep.dir={fourth}")
-    assert r.returncode == 1 and all(not v["resumed_from"] for v in records(fourth).values())  # failed: rerun
+                "--quiet", f"hydra.sweep.dir={third}")
+    assert r.returncode == 1 and "kept" not in r.stderr  # failed: measured again in place
+    assert len(list(third.glob("*/record.replaced-*.json"))) == 2

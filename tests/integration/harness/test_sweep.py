@@ -152,7 +152,8 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    assert err.strip().splitlines()[-1] == "interrupted: 1 of 3 points done; rerun the same command to resume"
+    assert err.strip().splitlines()[-1] == (f"interrupted: 1 of 3 points done; rerun the same command with "
+                                            f"--resume-from {d} to resume")
 
 
 def test_recurrent_models_in_a_sweep_separate_kv_from_state(tmp_path):
@@ -167,3 +168,10 @@ def test_recurrent_models_in_a_sweep_separate_kv_from_state(tmp_path):
     assert "memory.breakdown.s.device" in recs["hybrid-tiny"] and "memory.breakdown.k.device" in recs["hybrid-tiny"]
     md = (d / "report.md").read_text()
     assert "## Recurrent state vs KV cache" in md and (d / "plots" / "memory_vs_context.png").exists()
+
+
+def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path):
+    r = kvbench(tmp_path, "run", "-m", "cache.size=1024,1000000000000")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "cache.size = 1000000000000: this run needs about" in r.stderr and "memory_check=false" in r.stderr
+    assert not (tmp_path / "results").exists()

@@ -105,3 +105,18 @@ def test_degraded_runs_are_listed_and_an_empty_directory_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no readable record"):
         write_report(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("field, value", [("metrics", "oops"), ("config", None), ("timeline", "x"),
+                                          ("status", "great"), ("overrides", [1, 2]), ("metrics", {"a": [1]}),
+                                          ("duration_s", "long"), ("choices", {"workload": 3})])
+def test_a_wrong_typed_record_is_skipped_with_a_warning(tmp_path, field, value):
+    R.write_record(tmp_path / "0" / R.RECORD_NAME, _rec(alloc="naive"))
+    bad = json.loads(R.write_record(tmp_path / "1" / R.RECORD_NAME, _rec(alloc="pooled")).read_text())
+    bad[field] = value
+    (tmp_path / "1" / R.RECORD_NAME).write_text(json.dumps(bad))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        write_report(tmp_path, plots=False)
+    assert any("skipping" in str(x.message) and field in str(x.message) for x in w)
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == 1

@@ -183,10 +183,13 @@ def cmd_info(args) -> dict:
     from engine.loader import resolve_model_path
     from engine.memory.codecs import CACHE_TYPES, bytes_per_value
 
+    from engine.tokenizer import GGUFTokenizer
+
     path = resolve_model_path(args.model)
     f = open_gguf(path)
     cfg = f.config()
     f.check_tensors(cfg)
+    tok = GGUFTokenizer(f.tokenizer_metadata(), str(path))  # a damaged vocabulary is part of what info reports
     types = Counter(f.tensor_types().values())
     return {
         "path": str(path),
@@ -196,6 +199,7 @@ def cmd_info(args) -> dict:
         "name": cfg.name,
         "n_params": cfg.n_params,
         "weights_present": cfg.weights_present,
+        "tokenizer": {"model": tok.kind, "n_tokens": tok.n_vocab},
         "shapes": {k: getattr(cfg, k) for k in (
             "n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "n_ff", "n_ctx_train",
             "n_embd_head_k", "n_embd_head_v", "n_rot", "n_swa")},

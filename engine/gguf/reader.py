@@ -160,8 +160,8 @@ class GGUFFile:
                 eos_id=_opt_int(self.get("tokenizer.ggml.eos_token_id", None)),
                 weights_present=bool(self.tensors),
             )
-        except ModelFileError as e:
-            raise ModelFileError(f"{self.path}: {e}") from None
+        except ModelFileError as e:  # ModelConfig's own checks do not know the file; metadata reads do
+            raise (e if str(e).startswith(str(self.path)) else ModelFileError(f"{self.path}: {e}")) from None
 
     def _check_layer_count(self, n_layer: int, key: str) -> None:
         """Bound the layer count by what the file holds, before anything is built per layer: a file

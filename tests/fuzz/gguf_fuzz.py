@@ -22,27 +22,16 @@ targeted ones the first campaign found (invalid UTF-8 in strings, a huge block_c
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import signal
 import struct
 import sys
 import tempfile
-import time
-import traceback
 from collections import Counter
 from pathlib import Path
 
-CASE_TIMEOUT_S = 10
-MAX_RSS_MIB = 1024
+from tests.fuzz.common import CASE_TIMEOUT_S, FINDINGS, MAX_RSS_MIB, classify, drive, main
 
 _BOUNDARY = [0, 1, 2, 3, 7, 255, 256, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 1 << 32, 1 << 40,
              (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
-
-
-class Hang(BaseException):
-    """Raised by SIGALRM: a BaseException, so that no ``except Exception`` in the code under test eats it."""
 
 
 def seed_files(d: Path) -> list[Path]:
@@ -157,7 +146,7 @@ def _long_token(data: bytes, length: int) -> bytes:
     return meta + b"\0" * ((-len(meta)) % alignment) + data[data_start:]
 
 
-def run_case(path: Path) -> None:
+def run_case(path: Path) -> str:
     """What a user's file goes through: header, metadata, config, tensors, weights, tokenizer, one prefill."""
     from engine.loader import create_engine, create_memory, load_model
 
@@ -165,127 +154,41 @@ def run_case(path: Path) -> None:
     ids = lm.tokenizer.encode("hello world, ünïcödé")
     lm.tokenizer.decode(ids)
     create_engine(lm, create_memory(lm, size=32)).prefill({0: ids[:16]})
-
-
-def _hwm_reset() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _hwm_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def classify(path: Path, timeout_s: float, max_rss_mib: float) -> tuple[str, str]:
-    """(outcome, detail) of one case: loaded | clean | crash | hang | memory."""
-    from engine.errors import KvbenchError
-
-    def alarm(*_):
-        raise Hang()
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    _hwm_reset()
-    start = _hwm_mib()
-    signal.setitimer(signal.ITIMER_REAL, timeout_s)
-    try:
-        run_case(path)
-        outcome, detail = "loaded", ""
-    except KvbenchError as e:
-        outcome, detail = "clean", str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        if "\n" in str(e):
-            outcome, detail = "crash", f"multi-line message: {str(e)[:300]!r}"
-    except Hang:
-        outcome, detail = "hang", f"still running after {timeout_s} s"
-    except Exception as e:  # noqa: BLE001 -- that is the finding
-        outcome, detail = "crash", "".join(traceback.format_exception_only(type(e), e)).strip()[:300]
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-    grew = _hwm_mib() - start
-    if grew > max_rss_mib and outcome != "crash":
-        outcome, detail = "memory", f"peak RSS grew {grew:.0f} MiB ({outcome}: {detail})"
-    return outcome, detail
+    return "loaded"
 
 
 def campaign(cases: int, seed: int | None, workdir: Path, timeout_s: float = CASE_TIMEOUT_S,
              max_rss_mib: float = MAX_RSS_MIB, deadline_s: float | None = None) -> dict:
     """Run ``cases`` hypothesis-drawn mutations; returns counts and the findings (kind, mutation, detail)."""
     import torch
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis import strategies as st
 
     torch.set_num_threads(1)
     seeds = seed_files(workdir / "seeds")
     data = [p.read_bytes() for p in seeds]
     fields = [int_fields(p) for p in seeds]
     strings = [string_spans(p) for p in seeds]
-    counts: Counter = Counter()
-    by_mutation: Counter = Counter()
     loaded_ints: Counter = Counter()  # integer overwrites that still loaded, by the key or tensor they hit
-    findings: list[dict] = []
     case_path = workdir / "case.gguf"
-    t0 = time.monotonic()
+    kept = workdir / "findings"
 
-    @settings(max_examples=cases, deadline=None, database=None, phases=[Phase.generate],
-              derandomize=seed is None, suppress_health_check=list(HealthCheck))
-    @given(st.data())
-    def one(d):
-        if deadline_s is not None and time.monotonic() - t0 > deadline_s:
-            return
-
-        def draw(label, *args):
-            if len(args) == 1:
-                return d.draw(st.sampled_from(args[0]), label=label)
-            return d.draw(st.integers(args[0], max(args[0], args[1])), label=label)
-
+    def one_case(draw):
         i = draw("seed", 0, len(seeds) - 1)
         mutated, what = mutate(data[i], draw, fields[i], strings[i])
         case_path.write_bytes(mutated)
-        outcome, detail = classify(case_path, timeout_s, max_rss_mib)
-        counts[outcome] += 1
-        by_mutation[f"{what.split()[0]}:{outcome}"] += 1
+        outcome, detail = classify(lambda: run_case(case_path), timeout_s, max_rss_mib)
         if what.startswith("int") and outcome == "loaded":
             loaded_ints[what.split()[1].split(".")[-2] if what.count(".") > 1 else what.split()[1]] += 1
-        if outcome in ("crash", "hang", "memory"):
-            keep = workdir / "findings" / f"{len(findings):04d}-{outcome}.gguf"
-            keep.parent.mkdir(exist_ok=True)
-            keep.write_bytes(mutated)
-            findings.append({"outcome": outcome, "seed": seeds[i].name, "mutation": what, "detail": detail,
-                             "file": str(keep)})
+        extra = {"seed": seeds[i].name}
+        if outcome in FINDINGS:  # keep the file that did it
+            kept.mkdir(exist_ok=True)
+            extra["file"] = str(kept / f"{len(list(kept.iterdir())):04d}-{outcome}.gguf")
+            Path(extra["file"]).write_bytes(mutated)
+        return outcome, what, detail, extra
 
-    if seed is not None:
-        one = __import__("hypothesis").seed(seed)(one)
-    one()
-    return {"cases": sum(counts.values()), "counts": dict(counts), "by_mutation": dict(sorted(by_mutation.items())),
-            "loaded_int_overwrites": dict(loaded_ints.most_common()),
-            "findings": findings, "seconds": round(time.monotonic() - t0, 1)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", type=int, default=6000)
-    ap.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: derandomized)")
-    ap.add_argument("--case-timeout", type=float, default=CASE_TIMEOUT_S)
-    ap.add_argument("--max-rss-mib", type=float, default=MAX_RSS_MIB)
-    ap.add_argument("--deadline", type=float, default=None, help="stop drawing new cases after this many seconds")
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--out", default=None, help="write the report as JSON here")
-    a = ap.parse_args(argv)
-    workdir = Path(a.workdir or tempfile.mkdtemp(prefix="kvbench-fuzz-"))
-    os.environ.setdefault("KVBENCH_CACHE", str(workdir / "cache"))
-    rep = campaign(a.cases, a.seed, workdir, a.case_timeout, a.max_rss_mib, a.deadline)
-    text = json.dumps(rep, indent=1)
-    if a.out:
-        Path(a.out).write_text(text)
-    print(json.dumps({k: rep[k] for k in ("cases", "counts", "seconds")}))
-    for f in rep["findings"][:20]:
-        print(f"{f['outcome']:<7} {f['mutation']:<40} {f['detail'][:160]}", file=sys.stderr)
-    return 0 if not rep["findings"] else 1
+    rep = drive(cases, seed, deadline_s, one_case)
+    rep["loaded_int_overwrites"] = dict(loaded_ints.most_common())
+    return rep
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(__doc__, campaign, 6000))

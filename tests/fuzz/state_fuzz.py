@@ -15,19 +15,15 @@ positions, owner counts and owner ids overwritten.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
-import os
 import struct
 import sys
-import tempfile
-import time
 import zlib
-from collections import Counter
 from pathlib import Path
 
-from tests.fuzz.gguf_fuzz import Hang, _hwm_mib, _hwm_reset, seed_files
+from tests.fuzz.common import CASE_TIMEOUT_S, MAX_RSS_MIB, Finding, classify, drive, main
+from tests.fuzz.gguf_fuzz import seed_files
 
 _VALUES = [None, True, 0, -1, 1, 2**31, 2**40, -(2**40), 1.5, float("inf"), "", "x", "pooled", "kvbench-state",
            [], [0], [0, 1, 2, 3], {}, {"a": 1}]
@@ -110,111 +106,46 @@ def mutate(blob: bytes, draw) -> tuple[bytes, str]:
     return _frame(header, bytes(body)), f"body {region}"
 
 
-def classify(src: Sources, kind: str, blob: bytes, seq: int | None, allocator: str, type_k: str,
-             timeout_s: float, max_rss_mib: float) -> tuple[str, str]:
-    import signal
-    import traceback
-
+def restore(src: Sources, kind: str, blob: bytes, seq: int | None, allocator: str, type_k: str) -> str:
+    """Restore ``blob`` into a live memory: restored (and it saves itself again), or refused with the
+    memory exactly as it was (``Finding`` otherwise)."""
     from engine.errors import KvbenchError
 
     mem = src.target(kind, allocator, type_k)
     before = io.BytesIO()
     mem.state_write(before)
-
-    def alarm(*_):
-        raise Hang()
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    _hwm_reset()
-    start = _hwm_mib()
-    signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
         mem.state_read(io.BytesIO(blob), seq, source="case")
-        again = io.BytesIO()
-        mem.state_write(again)  # restored: the memory must be able to write itself again
-        outcome, detail = "restored", ""
+        mem.state_write(io.BytesIO())
+        return "restored"
     except KvbenchError as e:
         after = io.BytesIO()
         mem.state_write(after)
         if after.getvalue() != before.getvalue():
-            outcome, detail = "crash", f"refused but the memory changed: {e}"
-        else:
-            outcome, detail = "clean", str(e)[:300]
-    except Hang:
-        outcome, detail = "hang", f"still running after {timeout_s} s"
-    except Exception as e:  # noqa: BLE001 -- the finding
-        outcome, detail = "crash", "".join(traceback.format_exception_only(type(e), e)).strip()[:300]
+            raise Finding(f"refused ({e}) but the memory changed") from None
+        raise
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-    grew = _hwm_mib() - start
-    if grew > max_rss_mib and outcome != "crash":
-        outcome, detail = "memory", f"peak RSS grew {grew:.0f} MiB"
-    mem.close()
-    return outcome, detail
+        mem.close()
 
 
-def campaign(cases: int, seed: int | None, workdir: Path, timeout_s: float = 10, max_rss_mib: float = 1024,
-             deadline_s: float | None = None) -> dict:
+def campaign(cases: int, seed: int | None, workdir: Path, timeout_s: float = CASE_TIMEOUT_S,
+             max_rss_mib: float = MAX_RSS_MIB, deadline_s: float | None = None) -> dict:
     import torch
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis import strategies as st
 
     torch.set_num_threads(1)
     src = Sources(workdir)
-    counts: Counter = Counter()
-    by_mutation: Counter = Counter()
-    findings: list[dict] = []
-    t0 = time.monotonic()
 
-    @settings(max_examples=cases, deadline=None, database=None, phases=[Phase.generate],
-              derandomize=seed is None, suppress_health_check=list(HealthCheck))
-    @given(st.data())
-    def one(d):
-        if deadline_s is not None and time.monotonic() - t0 > deadline_s:
-            return
-
-        def draw(label, *args):
-            if len(args) == 1:
-                return d.draw(st.sampled_from(args[0]), label=label)
-            return d.draw(st.integers(args[0], max(args[0], args[1])), label=label)
-
+    def one_case(draw):
         kind, blob, seq = src.states[draw("state", 0, len(src.states) - 1)]
         mutated, what = mutate(blob, draw)
         alloc = draw("allocator", ["naive", "pooled", "paged"])
         type_k = draw("type", ["f32", "q8_0", "q4_0"])
         into = None if seq is None else draw("into", [0, 2, 3])
-        outcome, detail = classify(src, kind, mutated, into, alloc, type_k, timeout_s, max_rss_mib)
-        counts[outcome] += 1
-        by_mutation[f"{what.split()[0]}:{outcome}"] += 1
-        if outcome in ("crash", "hang", "memory"):
-            findings.append({"outcome": outcome, "mutation": what, "detail": detail, "allocator": alloc})
+        outcome, detail = classify(lambda: restore(src, kind, mutated, into, alloc, type_k), timeout_s, max_rss_mib)
+        return outcome, what, detail, {"allocator": alloc}
 
-    if seed is not None:
-        one = __import__("hypothesis").seed(seed)(one)
-    one()
-    return {"cases": sum(counts.values()), "counts": dict(counts), "by_mutation": dict(sorted(by_mutation.items())),
-            "findings": findings, "seconds": round(time.monotonic() - t0, 1)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", type=int, default=3000)
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--deadline", type=float, default=None)
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
-    workdir = Path(a.workdir or tempfile.mkdtemp(prefix="kvbench-state-fuzz-"))
-    os.environ.setdefault("KVBENCH_CACHE", str(workdir / "cache"))
-    rep = campaign(a.cases, a.seed, workdir, deadline_s=a.deadline)
-    if a.out:
-        Path(a.out).write_text(json.dumps(rep, indent=1))
-    print(json.dumps({k: rep[k] for k in ("cases", "counts", "seconds")}))
-    for f in rep["findings"][:20]:
-        print(f"{f['outcome']:<7} {f['mutation']:<40} {f['detail'][:160]}", file=sys.stderr)
-    return 0 if not rep["findings"] else 1
+    return drive(cases, seed, deadline_s, one_case)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(__doc__, campaign, 3000))

@@ -13,14 +13,17 @@ from pathlib import Path
 
 import torch
 
+from engine import alloc
+from engine.config import ModelConfig
 from engine.errors import ConfigError, DeviceError, UnsupportedError
-from engine.gguf.reader import GGUFFile, open_gguf
-from engine.alloc import create_kv_cache
-from engine.memory.kv_cache import CacheSpec, KVCache
-from engine.model.config import ModelConfig
+from engine.gguf import presets
 from engine.gguf.keymap import ARCHS
+from engine.gguf.reader import GGUFFile, open_gguf
+from engine.memory.base import Memory
+from engine.memory.kv_cache import CacheSpec
 from engine.model.hybrid import HybridLM
 from engine.model.llama import Transformer
+from engine.model.memory_only import MemoryOnlyModel
 from engine.runtime.engine import Engine
 from engine.tokenizer import GGUFTokenizer
 
@@ -42,8 +45,6 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
     """A preset name (built into the cache on first use) or a path to a .gguf file."""
-    from engine.gguf import presets
-
     name = str(model)
     if name in presets.PRESETS:
         return presets.ensure_preset(name)
@@ -70,7 +71,7 @@ class LoadedModel:
 
     @property
     def memory_only(self) -> bool:
-        return bool(getattr(self.model, "memory_only", False))
+        return isinstance(self.model, MemoryOnlyModel)
 
     def weight_bytes(self) -> int:
         """Bytes of the parameters (exact on the meta device too: counted from shapes)."""
@@ -88,8 +89,6 @@ def load_model(model: str | os.PathLike, device: str = "cpu", dtype: str = "f32"
     f = open_gguf(path)
     cfg = f.config()
     if memory_only or (allow_memory_only and not cfg.weights_present):
-        from engine.model.memory_only import MemoryOnlyModel
-
         if cfg.ssm_layers:
             raise UnsupportedError(f"{path}: memory-only runs support attention models; {cfg.arch} has recurrent "
                                    "layers (give the file its weights to run it)")
@@ -107,22 +106,9 @@ def create_memory(lm: LoadedModel, spec: CacheSpec | None = None, **overrides):
     offload_layers, n_seq_max, growth) or keyword overrides of the defaults.
 
     Attention-only models get a KV cache; Mamba a recurrent memory; hybrids (Jamba) both, the KV
-    cache over the attention layers only."""
-    from dataclasses import replace
-
-    from engine.memory.hybrid import HybridMemory
-    from engine.memory.recurrent import RECURRENT_ALLOCATORS
-
-    spec = replace(spec or CacheSpec(), **overrides)
-    cfg = lm.config
-    if not cfg.ssm_layers:
-        return create_kv_cache(cfg, spec, lm.device, lm.dtype, lm.model.rope)
-    rs = RECURRENT_ALLOCATORS[spec.allocator](cfg, spec, lm.device, layers=cfg.ssm_layers)
-    if not cfg.attn_layers:
-        return rs
-    kv = create_kv_cache(cfg, spec, lm.device, lm.dtype, lm.model.rope, layers=cfg.attn_layers)
-    return HybridMemory(kv, rs)
+    cache over the attention layers only (engine/alloc's factory)."""
+    return alloc.create_memory(lm.config, spec, lm.device, lm.dtype, lm.model.rope, **overrides)
 
 
-def create_engine(lm: LoadedModel, memory: KVCache, n_ubatch: int = 512) -> Engine:
+def create_engine(lm: LoadedModel, memory: Memory, n_ubatch: int = 512) -> Engine:
     return Engine(lm.model, memory, n_ubatch)

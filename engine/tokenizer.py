@@ -19,7 +19,15 @@ from functools import cached_property
 from typing import Any
 
 from gguf import TokenType
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+)
 
 from engine.errors import KvbenchError, ModelFileError, UnsupportedError
 

@@ -16,16 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.alloc import ALLOCATORS
 from engine.atomic import atomic_open
+from engine.batch import Batch
 from engine.errors import ConfigError, KvbenchError, MemoryFullError
 from engine.gguf.presets import PRESETS
 from engine.loader import create_engine, create_memory, load_model
 from engine.memory.codecs import CACHE_TYPES
-from engine.memory.kv_cache import ALLOCATORS, CacheSpec
+from engine.memory.kv_cache import CacheSpec
 from engine.memory.tiers import TIER_NAMES
-from engine.runtime.batch import Batch
 from engine.runtime.sampling import SamplingParams
 from engine.runtime.scheduler import Request, Scheduler
+from harness.config import cache_spec
 
 DEFAULT_MODEL = "llama-tiny"
 
@@ -74,9 +76,9 @@ def _cache_spec(args, n_tokens: int, n_seq: int, n_ctx: int) -> CacheSpec:
     if size is None:  # what the run needs (whole blocks per sequence), capped by the model
         per_seq = -(-n_tokens // args.block_size) * args.block_size
         size = min(-(-n_ctx // args.block_size) * args.block_size, n_seq * per_seq)
-    return CacheSpec(allocator=args.allocator, size=size, block_size=args.block_size, type_k=args.type_k,
-                     type_v=args.type_v, offload=args.offload, offload_layers=args.offload_layers,
-                     n_seq_max=n_seq, growth=args.growth)
+    return cache_spec(args.allocator, {"size": size, "block_size": args.block_size, "type_k": args.type_k,
+                                       "type_v": args.type_v, "offload": args.offload,
+                                       "offload_layers": args.offload_layers, "growth": args.growth}, n_seq)
 
 
 def _memory(args, lm, spec: CacheSpec):
@@ -123,7 +125,7 @@ def cmd_generate(args) -> dict:
     if failed:
         raise MemoryFullError(f"{len(failed)} of {args.parallel} sequences failed: {failed[0].error}")
     pre = [x for x in steps if x.n_prefill and not x.n_decode]
-    dec = [x for x in steps if x.n_decode and not x.n_prefill]
+    dec = [x for x in steps if x.is_decode]
     pre_s, dec_s = sum(x.seconds for x in pre), sum(x.seconds for x in dec)
     n_pre, n_dec = sum(x.n_prefill for x in pre), sum(x.n_decode for x in dec)
     seqs = [{"id": r.id, "status": r.status, "error": r.error, "tokens": r.tokens, "preemptions": r.preemptions,
@@ -179,10 +181,10 @@ def cmd_tokenize(args) -> dict:
 
 
 def cmd_info(args) -> dict:
+    from engine.gguf.keymap import n_params
     from engine.gguf.reader import open_gguf
     from engine.loader import resolve_model_path
     from engine.memory.codecs import CACHE_TYPES, bytes_per_value
-
     from engine.tokenizer import GGUFTokenizer
 
     path = resolve_model_path(args.model)
@@ -197,7 +199,7 @@ def cmd_info(args) -> dict:
         "gguf_version": f.header.version,
         "architecture": cfg.arch,
         "name": cfg.name,
-        "n_params": cfg.n_params,
+        "n_params": n_params(cfg),
         "weights_present": cfg.weights_present,
         "tokenizer": {"model": tok.kind, "n_tokens": tok.n_vocab},
         "shapes": {k: getattr(cfg, k) for k in (
@@ -305,9 +307,13 @@ def cmd_report(args) -> dict:
 
 
 def cmd_compare(args) -> dict:
-    from harness.compare import compare, load_metrics, load_rules, render
-
-    from harness.compare import check_coverage
+    from harness.compare import (
+        check_coverage,
+        compare,
+        load_metrics,
+        load_rules,
+        render,
+    )
 
     base, cur = load_metrics(Path(args.baseline)), load_metrics(Path(args.current))
     rows = compare(base, cur, load_rules(Path(args.rules) if args.rules else None))

@@ -100,8 +100,7 @@ def _sweep_metrics(path: Path) -> dict[str, Value]:
     import numpy as np
 
     from harness.noise import normalized
-    from harness.point import point_id
-    from harness.records import load_records
+    from harness.records import load_records, point_id
 
     recs = load_records(path)
     if not recs:

@@ -10,44 +10,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from engine.alloc import ALLOCATORS
 from engine.errors import ConfigError
+from engine.gguf.presets import PRESETS
+from engine.loader import DTYPES
+from engine.memory.codecs import CACHE_TYPES
+from engine.memory.kv_cache import GROWTH, CacheSpec
+from engine.memory.tiers import TIER_NAMES
+from harness.workload import (
+    WORKLOADS,
+    ArrivalProcess,
+    ChurnWorkload,
+    FixedWorkload,
+    SharedPrefixWorkload,
+    ShareGPTWorkload,
+)
 
-
-class Allocator(Enum):
-    naive = "naive"
-    pooled = "pooled"
-    paged = "paged"
-
-
-class CacheType(Enum):
-    f32 = "f32"
-    f16 = "f16"
-    bf16 = "bf16"
-    q8_0 = "q8_0"
-    q4_0 = "q4_0"
-
-
-class Tier(Enum):
-    device = "device"
-    host = "host"
-    disk = "disk"
-
-
-class Growth(Enum):
-    cat = "cat"
-    double = "double"
-
-
-class ArrivalProcess(Enum):
-    none = "none"  # every request is there at t = 0 (they queue for the parallel slots)
-    closed = "closed"  # each request arrives when the previous one has finished: no queueing
-    poisson = "poisson"
-    gamma = "gamma"
+# The choices come from the engine's registries: a new allocator, cache type or tier needs no edit here.
+Allocator = Enum("Allocator", {name: name for name in ALLOCATORS})
+CacheType = Enum("CacheType", {name: name for name in CACHE_TYPES})
+Tier = Enum("Tier", {name: name for name in TIER_NAMES})
+Growth = Enum("Growth", {name: name for name in GROWTH})
 
 
 @dataclass
@@ -65,66 +54,6 @@ class CacheConf:
     offload: Tier = Tier.device
     offload_layers: int = 0  # with host/disk: the first N layers stay on the device
     growth: Growth = Growth.cat  # naive only
-
-
-@dataclass
-class ArrivalConf:
-    process: ArrivalProcess = ArrivalProcess.none
-    rate: float = 8.0  # requests per second (poisson, gamma)
-    cv: float = 2.0  # gamma: coefficient of variation of inter-arrival times (1 = poisson)
-
-
-@dataclass
-class WorkloadConf:
-    """Base of the workload group; ``_target_`` names the generator class in harness.workload."""
-
-    _target_: str = MISSING
-    n_requests: int = 16
-    arrival: ArrivalConf = field(default_factory=ArrivalConf)
-    parallel: Optional[int] = None  # a scenario that fixes its own concurrency overrides the run's parallel
-    # size the cache to what this workload needs (parallel x its longest request, in whole blocks) instead
-    # of cache.size: the pool a llama.cpp user would configure for it (harness.workload.fit_cache_size)
-    fit_cache: bool = False
-
-
-@dataclass
-class FixedWorkloadConf(WorkloadConf):
-    _target_: str = "harness.workload.FixedWorkload"
-    prompt_len: int = 64
-    output_len: int = 64
-
-
-@dataclass
-class ShareGPTWorkloadConf(WorkloadConf):
-    """Log-normal lengths with ShareGPT's means (vLLM paper: 161 in, 338 out), scaled down by ``scale``."""
-
-    _target_: str = "harness.workload.ShareGPTWorkload"
-    mean_prompt: float = 161.0
-    mean_output: float = 338.0
-    sigma: float = 0.8  # log-space spread
-    scale: float = 0.25  # multiplies both means; 1.0 for the paper's lengths
-    min_len: int = 4
-    max_len: int = 1024
-
-
-@dataclass
-class SharedPrefixWorkloadConf(WorkloadConf):
-    _target_: str = "harness.workload.SharedPrefixWorkload"
-    n_prefixes: int = 1  # distinct system prompts, assigned round-robin
-    prefix_len: int = 96
-    suffix_len: int = 16
-    output_len: int = 32
-
-
-@dataclass
-class ChurnWorkloadConf(WorkloadConf):
-    """Uniform prompt and output lengths in wide ranges: sequences end at different times."""
-
-    _target_: str = "harness.workload.ChurnWorkload"
-    prompt_min: int = 8
-    prompt_max: int = 128
-    output_min: int = 8
-    output_max: int = 128
 
 
 @dataclass
@@ -182,8 +111,8 @@ class RunConfig:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
-    for name, node in [("base_fixed", FixedWorkloadConf), ("base_sharegpt", ShareGPTWorkloadConf),
-                       ("base_shared_prefix", SharedPrefixWorkloadConf), ("base_churn", ChurnWorkloadConf)]:
+    for name, node in [("base_fixed", FixedWorkload), ("base_sharegpt", ShareGPTWorkload),
+                       ("base_shared_prefix", SharedPrefixWorkload), ("base_churn", ChurnWorkload)]:
         cs.store(group="workload", name=name, node=node)
 
 
@@ -194,7 +123,6 @@ def _positive(cfg, key: str, minimum: float = 1) -> None:
         raise ConfigError(f"{key} = {v}: must be >= {minimum}")
 
 
-_WORKLOADS = (FixedWorkloadConf, ShareGPTWorkloadConf, SharedPrefixWorkloadConf, ChurnWorkloadConf)
 
 
 def _unknown_keys(cfg, schema, prefix: str = "") -> list[str]:
@@ -210,10 +138,6 @@ def _unknown_keys(cfg, schema, prefix: str = "") -> list[str]:
 
 def _model_exists(name: str) -> None:
     """A preset name or an existing file: a typo must stop the sweep before anything runs."""
-    from pathlib import Path
-
-    from engine.gguf.presets import PRESETS
-
     if name in PRESETS:
         return
     p = Path(name).expanduser()
@@ -221,6 +145,18 @@ def _model_exists(name: str) -> None:
         what = "is a directory" if p.is_dir() else "no such file"
         raise ConfigError(f"model.name = {name!r}: {what} and not a preset; give a .gguf file or one of "
                           f"{', '.join(PRESETS)}")
+
+
+def cache_spec(allocator, cache, n_seq_max: int) -> CacheSpec:
+    """The one converter from the harness's cache settings (a sweep point's ``allocator`` and ``cache.*``,
+    or the CLI's flags in the same names) to the engine's CacheSpec."""
+
+    def v(x):
+        return x.value if isinstance(x, Enum) else x
+
+    return CacheSpec(allocator=v(allocator), size=int(cache["size"]), block_size=int(cache["block_size"]),
+                     type_k=v(cache["type_k"]), type_v=v(cache["type_v"]), offload=v(cache["offload"]),
+                     offload_layers=int(cache["offload_layers"]), n_seq_max=int(n_seq_max), growth=v(cache["growth"]))
 
 
 def effective_parallel(cfg: DictConfig) -> int:
@@ -233,7 +169,7 @@ def validate(cfg: DictConfig) -> None:
     """Checks a schema cannot express; ConfigError naming the key. Cheap: no model is loaded."""
     unknown = _unknown_keys(cfg, OmegaConf.structured(RunConfig))
     target = OmegaConf.select(cfg, "workload._target_")
-    wl = next((w for w in _WORKLOADS if w._target_ == target), None)
+    wl = next((w for w in WORKLOADS if w._target_ == target), None)
     if wl is None:
         raise ConfigError(f"workload._target_ = {target!r}: not a kvbench workload; use workload=sharegpt|fixed|"
                           "shared_prefix|churn")
@@ -260,8 +196,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"parallel = {par}: more sequences than cache.size = {size} can hold "
                           f"({capacity} {unit}); lower parallel or raise cache.size")
     _model_exists(cfg.model.name)
-    if cfg.model.dtype not in ("f32", "f16", "bf16"):
-        raise ConfigError(f"model.dtype = {cfg.model.dtype!r}: expected f32, f16 or bf16")
+    if cfg.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype = {cfg.model.dtype!r}: expected one of {', '.join(DTYPES)}")
     if cfg.device != "cpu" and not str(cfg.device).startswith("cuda"):
         raise ConfigError(f"device = {cfg.device!r}: expected cpu or cuda[:N]")
     a = cfg.workload.arrival

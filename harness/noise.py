@@ -120,7 +120,6 @@ def calibrate(reps: int = _REPS) -> Calibration:
             fn()
         ts = _times(step, _STEP_REPS * reps // _REPS)
         td, tm, tb = _times(chain, reps), _times(mm, reps), _times(stream, reps)
-    del w, x, k, v, a, buf
     flops, nbytes = 2 * 512**3, 16 * 2**20 * 4
     return Calibration(
         step_us=statistics.median(ts) * 1e6, step_us_best=min(ts) * 1e6,

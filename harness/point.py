@@ -16,7 +16,6 @@ degraded, noisy, or of another config) is renamed ``record.replaced-<k>.json`` f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -26,36 +25,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.records import RECORD_NAME, Record, read_record, write_record
+from harness.config import RunConfig, register_configs
+from harness.records import RECORD_NAME, Record, config_hash, read_record, write_record
+from harness.run import run_point
 
 POINT_CONFIG = "point.yaml"
-# labels and switches, not measurements (how many rounds a sweep has does not change round 0's run)
-_NOT_SEMANTIC = ("quiet", "force", "isolate", "name", "timeout_s", "repeats", "retry_noisy", "noise", "memory_check",
-                 "resume_from")
-
-
-def _hash(conf: dict, drop: tuple[str, ...], version: str = "") -> str:
-    conf = {k: v for k, v in conf.items() if k not in drop}
-    blob = json.dumps([version, conf], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """What identifies a measurement: the resolved config without labels and switches, plus the kvbench version."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        v = version("kvbench")
-    except PackageNotFoundError:
-        v = "unknown"
-    return _hash(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), _NOT_SEMANTIC, v)
-
-
-def point_id(conf: dict) -> str:
-    """What identifies a sweep point across its rounds: a record's config without ``repeat``."""
-    return _hash(conf, _NOT_SEMANTIC + ("repeat",))
-
-
 def reusable(rec: Record) -> bool:
     """Resume reuses only clean measurements: not failed, not degraded, not measured under contention."""
     return rec.status == "ok" and not rec.metrics.get("noise.flagged")
@@ -137,9 +111,6 @@ def run_isolated(cfg: DictConfig, out_dir: Path, overrides: list[str], choices: 
 
 def main(argv: list[str]) -> int:
     """Child process: run the point whose config is in JOB_DIR."""
-    from harness.config import RunConfig, register_configs
-    from harness.run import run_point
-
     register_configs()
     out_dir = Path(argv[0])
     loaded = OmegaConf.load(out_dir / POINT_CONFIG)

@@ -7,12 +7,15 @@ directory and skips (with a warning) files that are unreadable, truncated or of 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from engine.atomic import atomic_open
 
@@ -32,10 +35,37 @@ class Record:
     env: dict[str, Any] = field(default_factory=dict)
     started_at: str = ""
     duration_s: float = 0.0
-    config_hash: str = ""  # harness.point.config_hash: what identifies the measurement
+    config_hash: str = ""  # config_hash(): what identifies the measurement
     resumed_from: str = ""  # set when a rerun reused this point's record from an earlier sweep
     noisy_attempts: list[str] = field(default_factory=list)  # noise.reason of earlier attempts (--retry-noisy)
     schema: str = SCHEMA
+
+
+# labels and switches, not measurements (how many rounds a sweep has does not change round 0's run)
+_NOT_SEMANTIC = ("quiet", "force", "isolate", "name", "timeout_s", "repeats", "retry_noisy", "noise", "memory_check",
+                 "resume_from")
+
+
+def _hash(conf: dict, drop: tuple[str, ...], version: str = "") -> str:
+    conf = {k: v for k, v in conf.items() if k not in drop}
+    blob = json.dumps([version, conf], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """What identifies a measurement: the resolved config without labels and switches, plus the kvbench version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("kvbench")
+    except PackageNotFoundError:
+        v = "unknown"
+    return _hash(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), _NOT_SEMANTIC, v)
+
+
+def point_id(conf: dict) -> str:
+    """What identifies a sweep point across its rounds: a record's config without ``repeat``."""
+    return _hash(conf, _NOT_SEMANTIC + ("repeat",))
 
 
 def _jsonable(x):

@@ -22,22 +22,26 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from engine.batch import Batch
 from engine.errors import KvbenchError
 from engine.loader import create_engine, create_memory, load_model
 from engine.memory.kv_cache import CacheSpec
 from engine.memory.plan import check as check_memory
 from engine.memory.plan import plan as plan_memory
-from engine.runtime.batch import Batch
 from engine.runtime.sampling import SamplingParams
 from engine.runtime.scheduler import Scheduler
 from harness import faults
-from harness.config import effective_parallel, validate
+from harness.config import cache_spec, effective_parallel, validate
 from harness.env import collect_env
 from harness.noise import normalized
-from harness.records import RECORD_NAME, Record, write_record
-from harness.trackers import FragmentationTracker, LatencyTracker, MemoryTracker, NoiseTracker
+from harness.records import RECORD_NAME, Record, config_hash, write_record
+from harness.trackers import (
+    FragmentationTracker,
+    LatencyTracker,
+    MemoryTracker,
+    NoiseTracker,
+)
 from harness.workload import fit_cache_size
-
 
 # In a memory-only run these describe the kvbench process, not the modeled one: not reported.
 _NOT_MODELED = ("memory.peak_rss", "memory.rss_start", "fragmentation.allocator", "memory.cuda_")
@@ -51,15 +55,8 @@ def outcome(results) -> tuple[str, str]:
     return ("failed" if len(failed) == len(results) else "degraded"), reason
 
 
-def cache_spec(cfg: DictConfig) -> CacheSpec:
-    c = cfg.cache
-    return CacheSpec(allocator=_v(cfg.allocator), size=c.size, block_size=c.block_size, type_k=_v(c.type_k),
-                     type_v=_v(c.type_v), offload=_v(c.offload), offload_layers=c.offload_layers,
-                     n_seq_max=effective_parallel(cfg), growth=_v(c.growth))
-
-
-def _v(x):
-    return x.value if hasattr(x, "value") else x
+def point_cache_spec(cfg: DictConfig) -> CacheSpec:
+    return cache_spec(cfg.allocator, cfg.cache, effective_parallel(cfg))
 
 
 def quiet(cfg: DictConfig) -> bool:
@@ -109,8 +106,6 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     t_start = time.perf_counter()
     conf = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    from harness.point import config_hash
-
     rec = Record(status="failed", config=conf, overrides=list(overrides or []), started_at=started,
                  config_hash=config_hash(cfg), choices=dict(choices or {}))
     try:
@@ -118,7 +113,7 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
         torch.set_num_threads(cfg.threads)
         lm = load_model(cfg.model.name, cfg.device, cfg.model.dtype, allow_memory_only=True)
         faults.slow_down(lm.model, faults.slowdown())  # test-only (KVBENCH_FAULT_INJECT=slow:k); 1 = untouched
-        spec = cache_spec(cfg)
+        spec = point_cache_spec(cfg)
         workload = instantiate(cfg.workload)
         timed = workload.generate(lm.config.n_vocab, cfg.seed)
         if workload.fit_cache:

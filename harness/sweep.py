@@ -79,8 +79,8 @@ def hydra_main(cfg: DictConfig) -> None:
 
     from hydra.types import RunMode
 
-    from harness.point import config_hash, find_done, reusable, run_isolated, set_aside
-    from harness.records import RECORD_NAME, read_record, write_record
+    from harness.point import find_done, reusable, run_isolated, set_aside
+    from harness.records import RECORD_NAME, config_hash, read_record, write_record
     from harness.run import run_point
 
     hc = HydraConfig.get()
@@ -220,10 +220,11 @@ def check_planned_memory(cfg: DictConfig, models: dict) -> None:
     """The point's planned memory against what the machine has, from the model file's header only."""
     import torch
 
+    from engine.gguf.keymap import n_params
     from engine.gguf.reader import open_gguf
     from engine.loader import DTYPES, resolve_model_path
     from engine.memory.plan import check, plan
-    from harness.run import cache_spec
+    from harness.run import point_cache_spec
 
     name = cfg.model.name
     if name not in models:
@@ -232,8 +233,8 @@ def check_planned_memory(cfg: DictConfig, models: dict) -> None:
     if not mc.weights_present or OmegaConf.select(cfg, "workload.fit_cache"):
         return  # memory-only: nothing is allocated; a workload-sized cache is checked when the point runs
     itemsize = torch.empty((), dtype=DTYPES[cfg.model.dtype]).element_size()
-    spec = cache_spec(cfg)
-    check(plan(mc, spec, cfg.ubatch, mc.n_params * itemsize), torch.device(cfg.device.split(":")[0]), spec)
+    spec = point_cache_spec(cfg)
+    check(plan(mc, spec, cfg.ubatch, n_params(mc) * itemsize), torch.device(cfg.device.split(":")[0]), spec)
 
 
 def _take_flags(argv: list[str]) -> list[str]:

@@ -13,12 +13,28 @@ driver handles it, times here are 0), ``poisson`` (exponential gaps at ``rate`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
 
 import numpy as np
+from omegaconf import MISSING
 
 from engine.runtime.scheduler import Request
-from harness.config import ArrivalProcess
+
+
+class ArrivalProcess(Enum):
+    none = "none"  # every request is there at t = 0 (they queue for the parallel slots)
+    closed = "closed"  # each request arrives when the previous one has finished: no queueing
+    poisson = "poisson"
+    gamma = "gamma"
+
+
+@dataclass
+class ArrivalConf:
+    process: ArrivalProcess = ArrivalProcess.none
+    rate: float = 8.0  # requests per second (poisson, gamma)
+    cv: float = 2.0  # gamma: coefficient of variation of inter-arrival times (1 = poisson)
 
 
 @dataclass
@@ -42,12 +58,17 @@ def arrival_times(arrival, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.cumsum(gaps)
 
 
+# Each workload is declared once: these dataclasses are both the generators and the Hydra schema of the
+# workload group (harness/config.py stores them; ``_target_`` is how Hydra instantiates them).
+@dataclass
 class Workload:
-    def __init__(self, n_requests: int = 16, arrival=None, parallel: int | None = None, fit_cache: bool = False) -> None:
-        self.n_requests = n_requests
-        self.arrival = arrival
-        self.parallel = parallel  # read by the run (harness.config.effective_parallel), not here
-        self.fit_cache = fit_cache  # read by the run (fit_cache_size), not here
+    _target_: str = MISSING
+    n_requests: int = 16
+    arrival: ArrivalConf = field(default_factory=ArrivalConf)
+    parallel: Optional[int] = None  # a scenario that fixes its own concurrency overrides the run's parallel
+    # size the cache to what this workload needs (parallel x its longest request, in whole blocks) instead
+    # of cache.size: the pool a llama.cpp user would configure for it (fit_cache_size)
+    fit_cache: bool = False
 
     def lengths(self, rng: np.random.Generator) -> list[tuple[int, int]]:
         """(prompt length, output length) per request."""
@@ -61,29 +82,33 @@ class Workload:
         lens = self.lengths(rng)
         prompts = self.prompts(lens, n_vocab, rng)
         times = arrival_times(self.arrival, len(lens), rng)
-        closed = self.arrival is not None and ArrivalProcess(self.arrival.process) is ArrivalProcess.closed
+        closed = ArrivalProcess(self.arrival.process) is ArrivalProcess.closed
         return [TimedRequest(float(t), Request(i, p, o, seed_offset=i), after_previous=closed)
                 for i, (t, p, (_, o)) in enumerate(zip(times, prompts, lens))]
 
 
+@dataclass
 class FixedWorkload(Workload):
-    def __init__(self, prompt_len: int = 64, output_len: int = 64, **kw) -> None:
-        super().__init__(**kw)
-        self.prompt_len, self.output_len = prompt_len, output_len
+    _target_: str = "harness.workload.FixedWorkload"
+    prompt_len: int = 64
+    output_len: int = 64
 
     def lengths(self, rng):
         return [(self.prompt_len, self.output_len)] * self.n_requests
 
 
+@dataclass
 class ShareGPTWorkload(Workload):
     """Log-normal prompt and output lengths whose means are ShareGPT's (161 / 338 tokens, from the
     vLLM paper) times ``scale``; ``sigma`` is the log-space spread (ShareGPT is heavy-tailed)."""
 
-    def __init__(self, mean_prompt: float = 161.0, mean_output: float = 338.0, sigma: float = 0.8,
-                 scale: float = 0.25, min_len: int = 4, max_len: int = 1024, **kw) -> None:
-        super().__init__(**kw)
-        self.means = (mean_prompt * scale, mean_output * scale)
-        self.sigma, self.min_len, self.max_len = sigma, min_len, max_len
+    _target_: str = "harness.workload.ShareGPTWorkload"
+    mean_prompt: float = 161.0
+    mean_output: float = 338.0
+    sigma: float = 0.8  # log-space spread
+    scale: float = 0.25  # multiplies both means; 1.0 for the paper's lengths
+    min_len: int = 4
+    max_len: int = 1024
 
     def _draw(self, mean: float, rng) -> np.ndarray:
         mu = np.log(mean) - self.sigma**2 / 2  # E[lognormal(mu, sigma)] = exp(mu + sigma^2 / 2) = mean
@@ -91,16 +116,19 @@ class ShareGPTWorkload(Workload):
         return np.clip(np.rint(x), self.min_len, self.max_len).astype(int)
 
     def lengths(self, rng):
-        return list(zip(self._draw(self.means[0], rng).tolist(), self._draw(self.means[1], rng).tolist()))
+        return list(zip(self._draw(self.mean_prompt * self.scale, rng).tolist(),
+                        self._draw(self.mean_output * self.scale, rng).tolist()))
 
 
+@dataclass
 class SharedPrefixWorkload(Workload):
     """Requests share one of ``n_prefixes`` system prompts (round-robin), then a private suffix."""
 
-    def __init__(self, n_prefixes: int = 1, prefix_len: int = 96, suffix_len: int = 16, output_len: int = 32,
-                 **kw) -> None:
-        super().__init__(**kw)
-        self.n_prefixes, self.prefix_len, self.suffix_len, self.output_len = n_prefixes, prefix_len, suffix_len, output_len
+    _target_: str = "harness.workload.SharedPrefixWorkload"
+    n_prefixes: int = 1  # distinct system prompts, assigned round-robin
+    prefix_len: int = 96
+    suffix_len: int = 16
+    output_len: int = 32
 
     def lengths(self, rng):
         return [(self.prefix_len + self.suffix_len, self.output_len)] * self.n_requests
@@ -111,16 +139,23 @@ class SharedPrefixWorkload(Workload):
                 for i in range(len(lens))]
 
 
+@dataclass
 class ChurnWorkload(Workload):
-    def __init__(self, prompt_min: int = 8, prompt_max: int = 128, output_min: int = 8, output_max: int = 128,
-                 **kw) -> None:
-        super().__init__(**kw)
-        self.p, self.o = (prompt_min, prompt_max), (output_min, output_max)
+    """Uniform prompt and output lengths in wide ranges: sequences end at different times."""
+
+    _target_: str = "harness.workload.ChurnWorkload"
+    prompt_min: int = 8
+    prompt_max: int = 128
+    output_min: int = 8
+    output_max: int = 128
 
     def lengths(self, rng):
-        p = rng.integers(self.p[0], self.p[1] + 1, self.n_requests)
-        o = rng.integers(self.o[0], self.o[1] + 1, self.n_requests)
+        p = rng.integers(self.prompt_min, self.prompt_max + 1, self.n_requests)
+        o = rng.integers(self.output_min, self.output_max + 1, self.n_requests)
         return list(zip(p.tolist(), o.tolist()))
+
+
+WORKLOADS = (FixedWorkload, ShareGPTWorkload, SharedPrefixWorkload, ChurnWorkload)
 
 
 def fit_cache_size(timed: list[TimedRequest], parallel: int, block_size: int) -> int:

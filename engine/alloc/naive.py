@@ -21,11 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.batch import Batch, UBatch
 from engine.errors import MemoryFullError
-from engine.memory.base import MemoryStats, MemoryStatus, norm_range
+from engine.memory.base import AttnInput, MemoryStats, MemoryStatus, norm_range
 from engine.memory.kv_cache import KVCache
-from engine.model.layers import AttnInput
-from engine.runtime.batch import Batch, UBatch
 
 
 @dataclass
@@ -169,7 +168,7 @@ class NaiveKV(KVCache):
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         if seq_id >= 0:
-            self._check_seq_ids([seq_id])
+            self.check_seq_ids([seq_id])
         p0, p1 = norm_range(p0, p1)
         for s in ([seq_id] if seq_id >= 0 else list(self.seqs)):
             sk = self.seqs.get(s)
@@ -183,7 +182,7 @@ class NaiveKV(KVCache):
         return True
 
     def seq_cp(self, seq_src: int, seq_dst: int, p0: int = -1, p1: int = -1) -> None:
-        self._check_seq_ids([seq_src, seq_dst])
+        self.check_seq_ids([seq_src, seq_dst])
         if seq_src == seq_dst or seq_src not in self.seqs:
             return
         p0, p1 = norm_range(p0, p1)
@@ -214,11 +213,11 @@ class NaiveKV(KVCache):
         self.seqs[seq_dst] = new
 
     def seq_keep(self, seq_id: int) -> None:
-        self._check_seq_ids([seq_id])
+        self.check_seq_ids([seq_id])
         self.seqs = {s: sk for s, sk in self.seqs.items() if s == seq_id}
 
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
-        self._check_seq_ids([seq_id])
+        self.check_seq_ids([seq_id])
         p0, p1 = norm_range(p0, p1)
         sk = self.seqs.get(seq_id)
         if sk is None or shift == 0 or p0 == p1:

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from engine.alloc.block_pool import BlockPool
+from engine.batch import Batch, UBatch
 from engine.memory.base import MemoryStatus
 from engine.memory.cell_cache import CellKVCache, CellPlan, CellView
-from engine.runtime.batch import Batch, UBatch
 
 
 @dataclass

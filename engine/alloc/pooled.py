@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.batch import UBatch
 from engine.memory.base import norm_range
 from engine.memory.cell_cache import CellKVCache, CellPlan, CellView
-from engine.runtime.batch import UBatch
 
 
 class PooledKV(CellKVCache):
@@ -92,7 +92,7 @@ class PooledKV(CellKVCache):
             self.head = int(nz[0])
 
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
-        self._check_seq_ids([seq_id])
+        self.check_seq_ids([seq_id])
         p0, p1 = norm_range(p0, p1)
         if shift == 0 or p0 == p1:
             return

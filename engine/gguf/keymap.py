@@ -8,12 +8,11 @@ model at load time; the map itself stays one-to-one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import math
-
-from engine.model.config import ATTN, ROPE_NEOX, ROPE_NONE, ROPE_NORM, SSM, ModelConfig
+from engine.config import ATTN, ROPE_NEOX, ROPE_NONE, ROPE_NORM, SSM, ModelConfig
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,12 @@ from platformdirs import user_cache_dir
 
 from engine.errors import ConfigError
 from engine.gguf.vocab import bpe_vocab, spm_vocab
-from engine.gguf.writer import ModelShape, hf_to_gguf_tensors, random_hf_weights, write_gguf
+from engine.gguf.writer import (
+    ModelShape,
+    hf_to_gguf_tensors,
+    random_hf_weights,
+    write_gguf,
+)
 
 RECIPE_VERSION = 1  # bump when the writer or vocab recipe changes what a preset's bytes are
 

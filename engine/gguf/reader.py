@@ -18,10 +18,10 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf import quants as gguf_quants
 
+from engine.config import ATTN, SSM, ModelConfig
 from engine.errors import KvbenchError, ModelFileError, UnsupportedError
 from engine.gguf.header import HeaderSummary, check_header
 from engine.gguf.keymap import ARCHS, expand
-from engine.model.config import ATTN, SSM, ModelConfig
 
 _MISSING = object()
 

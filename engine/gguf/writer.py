@@ -9,18 +9,35 @@ which is what makes the logit-parity tests independent of this engine.
 
 from __future__ import annotations
 
-import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGMLQuantizationType,
+    GGUFWriter,
+    LlamaFileType,
+    RopeScalingType,
+)
 from gguf import quants as gguf_quants
 
 from engine.atomic import atomic_path
 from engine.errors import ConfigError
+from engine.gguf.shapes import ModelShape
 from engine.gguf.vocab import Vocab
+from engine.gguf.writer_attention import (
+    add_attention_metadata,
+    hf_to_gguf_attention,
+    random_hf_weights_attention,
+)
+from engine.gguf.writer_hybrid import (
+    add_hybrid_metadata,
+    hf_to_gguf_hybrid,
+    random_hf_weights_hybrid,
+)
 
 FILE_TYPES = {
     "f32": (LlamaFileType.ALL_F32, GGMLQuantizationType.F32),
@@ -32,139 +49,33 @@ FILE_TYPES = {
 
 
 @dataclass(frozen=True)
-class ModelShape:
-    """Hyper-parameters of a model to write, in HF terms where HF has a name for them."""
+class ArchWriter:
+    """How one family of architectures is written: random HF weights, HF -> GGUF tensors, metadata."""
 
-    arch: str  # "llama" | "qwen2"
-    n_vocab: int
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    n_ff: int
-    n_ctx: int = 2048
-    rope_theta: float = 10000.0
-    rms_eps: float = 1e-5
-    n_swa: int = 0
-    tied: bool = False
-    attn_bias: bool = False
-    # llama-3 rope scaling: (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
-    llama3_rope: tuple[float, float, float, int] | None = None
-    rope_linear_factor: float | None = None
-    # recurrent / hybrid (mamba, jamba); see engine/gguf/writer_hybrid.py
-    ssm_d_state: int = 16
-    ssm_d_conv: int = 4
-    ssm_dt_rank: int = 0  # 0: ceil(n_embd / 16), as HF and the converter default it
-    attn_layers: tuple[int, ...] = ()  # jamba: which layers are attention (the rest are Mamba mixers)
-    moe_layers: tuple[int, ...] = ()  # jamba: which layers have a mixture-of-experts FFN
-    n_expert: int = 0
-    n_expert_used: int = 0
+    random_weights: Callable[[ModelShape, int], dict[str, np.ndarray]]
+    to_gguf: Callable[[ModelShape, dict[str, np.ndarray]], dict[str, np.ndarray]]
+    add_metadata: Callable[[GGUFWriter, ModelShape], None]
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head if self.n_head else 0
 
-    @property
-    def dt_rank(self) -> int:
-        return self.ssm_dt_rank or -(-self.n_embd // 16)
+_ATTENTION = ArchWriter(random_hf_weights_attention, hf_to_gguf_attention, add_attention_metadata)
+_HYBRID = ArchWriter(random_hf_weights_hybrid, hf_to_gguf_hybrid, add_hybrid_metadata)
+WRITERS: dict[str, ArchWriter] = {"llama": _ATTENTION, "qwen2": _ATTENTION, "mamba": _HYBRID, "jamba": _HYBRID}
+
+
+def writer_for(shape: ModelShape) -> ArchWriter:
+    if shape.arch not in WRITERS:
+        raise ConfigError(f"model shape arch {shape.arch!r}: kvbench writes {', '.join(WRITERS)}")
+    return WRITERS[shape.arch]
 
 
 def random_hf_weights(shape: ModelShape, seed: int) -> dict[str, np.ndarray]:
-    """HF-named float32 weights: N(0, 0.02) matrices (HF's init), U(0.8, 1.2) norm weights."""
-    if shape.arch in ("mamba", "jamba"):
-        from engine.gguf.writer_hybrid import random_hf_weights_hybrid
-
-        return random_hf_weights_hybrid(shape, seed)
-    rng = np.random.default_rng(seed)
-    E, F, D, H, Hkv, V = shape.n_embd, shape.n_ff, shape.head_dim, shape.n_head, shape.n_head_kv, shape.n_vocab
-
-    def normal(*s: int, std: float = 0.02) -> np.ndarray:
-        x = rng.standard_normal(s, dtype=np.float32)
-        x *= std
-        return x
-
-    def norm(n: int) -> np.ndarray:
-        return rng.uniform(0.8, 1.2, n).astype(np.float32)
-
-    w = {"model.embed_tokens.weight": normal(V, E)}
-    for il in range(shape.n_layer):
-        p = f"model.layers.{il}."
-        w[p + "input_layernorm.weight"] = norm(E)
-        w[p + "self_attn.q_proj.weight"] = normal(H * D, E)
-        w[p + "self_attn.k_proj.weight"] = normal(Hkv * D, E)
-        w[p + "self_attn.v_proj.weight"] = normal(Hkv * D, E)
-        if shape.attn_bias:
-            w[p + "self_attn.q_proj.bias"] = normal(H * D, std=0.1)
-            w[p + "self_attn.k_proj.bias"] = normal(Hkv * D, std=0.1)
-            w[p + "self_attn.v_proj.bias"] = normal(Hkv * D, std=0.1)
-        w[p + "self_attn.o_proj.weight"] = normal(E, H * D)
-        w[p + "post_attention_layernorm.weight"] = norm(E)
-        w[p + "mlp.gate_proj.weight"] = normal(F, E)
-        w[p + "mlp.up_proj.weight"] = normal(F, E)
-        w[p + "mlp.down_proj.weight"] = normal(E, F)
-    w["model.norm.weight"] = norm(E)
-    if not shape.tied:
-        w["lm_head.weight"] = normal(V, E)
-    return w
-
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """convert_hf_to_gguf's LlamaModel.permute: HF rotate-half rows -> interleaved pairs per head."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def llama3_freq_factors(shape: ModelShape) -> np.ndarray:
-    """convert_hf_to_gguf's rope_freqs for rope_type "llama3": divisors of each frequency."""
-    factor, low, high, old_ctx = shape.llama3_rope
-    D = shape.head_dim
-    freqs = 1.0 / shape.rope_theta ** (np.arange(0, D, 2, dtype=np.float64) / D)
-    low_wl, high_wl = old_ctx / low, old_ctx / high
-    out = []
-    for f in freqs:
-        wl = 2 * math.pi / f
-        if wl < high_wl:
-            out.append(1.0)
-        elif wl > low_wl:
-            out.append(factor)
-        else:
-            smooth = (old_ctx / wl - low) / (high - low)
-            out.append(1.0 / ((1 - smooth) / factor + smooth))
-    return np.asarray(out, dtype=np.float32)
-
-
-_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
+    """HF-named float32 weights for ``shape`` (N(0, 0.02) matrices, U(0.8, 1.2) norms; see the writers)."""
+    return writer_for(shape).random_weights(shape, seed)
 
 
 def hf_to_gguf_tensors(shape: ModelShape, hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """HF names and layout -> llama.cpp names and layout (float32 arrays, torch [out, in] order)."""
-    if shape.arch in ("mamba", "jamba"):
-        from engine.gguf.writer_hybrid import hf_to_gguf_hybrid
-
-        return hf_to_gguf_hybrid(shape, hf)
-    permute = shape.arch == "llama"
-    out: dict[str, np.ndarray] = {}
-    for name, x in hf.items():
-        if name == "model.embed_tokens.weight":
-            out["token_embd.weight"] = x
-        elif name == "model.norm.weight":
-            out["output_norm.weight"] = x
-        elif name == "lm_head.weight":
-            out["output.weight"] = x
-        else:
-            _, _, il, rest = name.split(".", 3)
-            mod, kind = rest.rsplit(".", 1)
-            if permute and mod == "self_attn.q_proj":
-                x = permute_qk(x, shape.n_head)
-            elif permute and mod == "self_attn.k_proj":
-                x = permute_qk(x, shape.n_head_kv)
-            out[f"blk.{il}.{_NAMES[mod]}.{kind}"] = x
-    if shape.llama3_rope is not None:
-        out["rope_freqs.weight"] = llama3_freq_factors(shape)
-    return out
+    return writer_for(shape).to_gguf(shape, hf)
 
 
 def write_gguf(
@@ -189,18 +100,7 @@ def write_gguf(
         w.add_layer_norm_rms_eps(shape.rms_eps)
         w.add_vocab_size(shape.n_vocab)
         w.add_file_type(int(ftype))
-        if shape.arch in ("mamba", "jamba"):
-            from engine.gguf.writer_hybrid import add_hybrid_metadata
-
-            add_hybrid_metadata(w, shape)
-        else:
-            w.add_feed_forward_length(shape.n_ff)
-            w.add_head_count(shape.n_head)
-            w.add_head_count_kv(shape.n_head_kv)
-            w.add_rope_freq_base(shape.rope_theta)
-            w.add_key_length(shape.head_dim)
-            w.add_value_length(shape.head_dim)
-            w.add_rope_dimension_count(shape.head_dim)
+        writer_for(shape).add_metadata(w, shape)
         if shape.n_swa:
             w.add_sliding_window(shape.n_swa)
         if shape.rope_linear_factor is not None:

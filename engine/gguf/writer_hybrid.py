@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGUFWriter
 
-from engine.gguf.writer import ModelShape
+from engine.gguf.shapes import ModelShape
 
 
 def random_hf_weights_hybrid(shape: ModelShape, seed: int) -> dict[str, np.ndarray]:

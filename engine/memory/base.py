@@ -17,15 +17,36 @@ from typing import BinaryIO, Protocol, runtime_checkable
 
 import torch
 
-from engine.model.layers import AttnInput
-from engine.runtime.batch import Batch, UBatch
+from engine.batch import Batch, UBatch
+
+
+@dataclass
+class AttnInput:
+    """What a memory context gives one attention call.
+
+    rows: which query rows of the ubatch this group answers (None = all of them).
+    k, v: (n_kv, n_head_kv, head_dim) in the compute dtype.
+    mask: (n_rows, n_kv) bool, True = may attend; None = plain causal over k/v (rows are the
+          last n_rows positions of k/v), the layout a per-sequence cache produces.
+    """
+
+    rows: torch.Tensor | slice | None
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None
+
+
+class Rotary(Protocol):
+    """What a KV memory needs of the model's rotary embedding to shift cached keys (seq_add):
+    angles for integer positions, and a rotation by them (engine/model/layers.Rope is one)."""
+
+    def angles(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def apply(self, x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor: ...
 
 
 class MemoryStatus(enum.Enum):
     SUCCESS = "success"
-    NO_UPDATE = "no_update"
     FAILED_PREPARE = "failed_prepare"  # no room: nothing was changed
-    FAILED_COMPUTE = "failed_compute"
 
 
 @dataclass
@@ -49,6 +70,12 @@ class MemoryStats:
     free_blocks: int = 0
     block_size: int = 0
     preemptions: int = 0  # filled in by the scheduler
+
+    @property
+    def external_fragmentation(self) -> float:
+        """1 - largest_free_run / free_cells: free room that exists but not in one run. A memory whose
+        placement needs no contiguity reports its whole free room as one run, so this is 0 for it."""
+        return 1.0 - self.largest_free_run / self.free_cells if self.free_cells else 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +121,16 @@ class MemoryContext(Protocol):
 
 @runtime_checkable
 class Memory(Protocol):
+    """What the engine, the scheduler and the trackers may ask of any memory (KV, recurrent, hybrid).
+
+    Callers use these and nothing else: no attribute probes, no checks of ``kind``."""
+
+    kind: str  # the allocator's name (engine/alloc's registry)
+    shares_partial_prefix: bool  # seq_cp of [0, n) can share a prefix shorter than the source holds
+    bytes_per_token: int  # bytes one more token of context costs (0 for recurrent state)
+    alloc_calls: int  # storage allocations since creation
+    alloc_calls_last_step: int  # storage allocations while committing the last ubatch
+
     def init_batch(self, batch: Batch, n_ubatch: int) -> MemoryContext: ...
     def clear(self, data: bool = True) -> None: ...
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool: ...
@@ -106,6 +143,12 @@ class Memory(Protocol):
     def state_read(self, f: BinaryIO, seq_id: int | None = None) -> None: ...
     def memory_breakdown(self) -> dict[str, int]: ...
     def stats(self) -> MemoryStats: ...
+    def usage(self) -> tuple[int, int]: ...  # (live bytes, reserved bytes), O(1): for every step
+    def reset_peak(self) -> None: ...
+    def can_admit(self, n_tokens: int) -> bool: ...  # room for a new sequence of n_tokens (vLLM's can_allocate)
+    def check_seq_ids(self, seq_ids) -> None: ...  # ConfigError for ids outside [0, n_seq_max)
+    def parts(self) -> tuple[Memory | None, Memory | None]: ...  # (KV part, recurrent part); self for one
+    def close(self) -> None: ...  # release every tier (disk files, pinned buffers)
 
 
 def norm_range(p0: int, p1: int) -> tuple[int, int]:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.memory.base import MemoryStats, norm_range
+from engine.batch import Batch, UBatch
+from engine.memory.base import AttnInput, MemoryStats, norm_range
 from engine.memory.cells import KVCells
 from engine.memory.kv_cache import KVCache
-from engine.runtime.batch import Batch, UBatch
 
 
 @dataclass
@@ -123,8 +123,6 @@ class CellKVCache(KVCache):
         return torch.from_numpy(vis).to(self.device)
 
     def _attn_inputs(self, il: int, view: CellView):
-        from engine.model.layers import AttnInput
-
         if isinstance(view.cells, slice):
             ks, vs = self.k[il][view.cells], self.v[il][view.cells]
         else:
@@ -159,7 +157,7 @@ class CellKVCache(KVCache):
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         if seq_id >= 0:
-            self._check_seq_ids([seq_id])
+            self.check_seq_ids([seq_id])
         p0, p1 = norm_range(p0, p1)
         seqs = list(range(self.n_seq_max)) if seq_id < 0 else [seq_id]
         freed = self.cells.seq_rm(seq_id, p0, p1)
@@ -169,18 +167,18 @@ class CellKVCache(KVCache):
     def seq_cp(self, seq_src: int, seq_dst: int, p0: int = -1, p1: int = -1) -> None:
         if seq_src == seq_dst:
             return
-        self._check_seq_ids([seq_src, seq_dst])
+        self.check_seq_ids([seq_src, seq_dst])
         p0, p1 = norm_range(p0, p1)
         self.cells.seq_cp(seq_src, seq_dst, p0, p1)
         self._after_cp(seq_dst)
 
     def seq_keep(self, seq_id: int) -> None:
-        self._check_seq_ids([seq_id])
+        self.check_seq_ids([seq_id])
         freed = self.cells.seq_keep(seq_id)
         self._after_rm(freed, [s for s in range(self.n_seq_max) if s != seq_id])
 
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
-        self._check_seq_ids([seq_id])
+        self.check_seq_ids([seq_id])
         p0, p1 = norm_range(p0, p1)
         if shift == 0 or p0 == p1:
             return

@@ -29,9 +29,6 @@ class KVCells:
         nz = np.flatnonzero(self.pos >= 0)
         return int(nz[-1]) + 1 if len(nz) else 0
 
-    def is_empty(self, i: int) -> bool:
-        return self.pos[i] < 0
-
     def seq_pos_min(self, s: int) -> int:
         p = self.pos[self.seq[:, s]]
         return int(p.min()) if len(p) else -1

@@ -12,12 +12,12 @@ import io
 import struct
 from typing import BinaryIO
 
-from engine.errors import StateFileError
+from engine.batch import Batch
+from engine.errors import KvbenchError, StateFileError
 from engine.memory.base import MemoryStats, MemoryStatus
 from engine.memory.kv_cache import KVCache
 from engine.memory.recurrent import RecurrentMemory
 from engine.memory.state import StateFiles
-from engine.runtime.batch import Batch
 
 _MAGIC = b"KVBHYBR1"
 
@@ -44,8 +44,14 @@ class HybridMemory(StateFiles):
     def alloc_calls_last_step(self) -> int:
         return self.kv.alloc_calls_last_step + self.rs.alloc_calls_last_step
 
+    def check_seq_ids(self, seq_ids) -> None:
+        self.kv.check_seq_ids(seq_ids)
+
+    def parts(self):
+        return self.kv, self.rs
+
     def init_batch(self, batch: Batch, n_ubatch: int) -> HybridContext:
-        self.kv._check_seq_ids(set(batch.seq_id))
+        self.kv.check_seq_ids(set(batch.seq_id))
         ubs = batch.split_equal(n_ubatch, self.kv.device)
         kv_ctx = self.kv.init_ubatches(ubs)
         rs_ctx = self.rs.init_ubatches(ubs)
@@ -118,16 +124,22 @@ class HybridMemory(StateFiles):
         n = struct.unpack_from("<Q", blob, 8)[0]
         if 16 + n > len(blob):
             raise StateFileError(f"{source}: truncated")
-        snap_rs = self.rs._snapshot()
-        self.kv.state_read(io.BytesIO(blob[16:16 + n]), seq_id, source)
+        # Each part leaves itself unchanged when it refuses a state. The recurrent part goes first, with a
+        # copy of it taken through its own state file (a few KB per sequence), so that a KV part that then
+        # refuses can be answered by putting the recurrent part back: all or nothing, through the parts'
+        # public interface only.
+        backup = io.BytesIO()
+        self.rs.state_write(backup)
+        self.rs.state_read(io.BytesIO(blob[16 + n:]), seq_id, source)
         try:
-            self.rs.state_read(io.BytesIO(blob[16 + n:]), seq_id, source)
-        except StateFileError:
-            self.rs._restore(snap_rs)
-            raise  # the KV part is restored; the pair is inconsistent only for this seq_id
+            self.kv.state_read(io.BytesIO(blob[16:16 + n]), seq_id, source)
+        except KvbenchError:
+            self.rs.state_read(io.BytesIO(backup.getvalue()), None, source=f"{source} (the recurrent part as it was)")
+            raise
 
     def close(self) -> None:
         self.kv.close()
+        self.rs.close()
         self.rs.close()
 
 

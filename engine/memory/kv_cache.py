@@ -19,16 +19,20 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from engine.batch import Batch, UBatch
+from engine.config import ModelConfig
 from engine.errors import ConfigError, MemoryFullError, StateFileError, UnsupportedError
-from engine.memory.base import BatchContext, MemoryStats, MemoryStatus
+from engine.memory.base import (
+    AttnInput,
+    BatchContext,
+    MemoryStats,
+    MemoryStatus,
+    Rotary,
+)
 from engine.memory.codecs import CACHE_TYPES, check_row, get_codec
 from engine.memory.state import StateFiles, read_state, write_state
 from engine.memory.tiers import make_tier, tier_of_layer
-from engine.model.config import ModelConfig
-from engine.model.layers import AttnInput, Rope
-from engine.runtime.batch import Batch, UBatch
 
-ALLOCATORS = ("naive", "pooled", "paged")
 GROWTH = ("cat", "double")
 
 
@@ -50,8 +54,6 @@ class CacheSpec:
     def resolve(self, cfg: ModelConfig) -> CacheSpec:
         """Fill defaults from the model and validate; errors name the config key."""
         s = self if self.size else replace(self, size=cfg.n_ctx_train)
-        if s.allocator not in ALLOCATORS:
-            raise ConfigError(f"cache.allocator {s.allocator!r}: expected one of {', '.join(ALLOCATORS)}")
         if s.size <= 0:
             raise ConfigError(f"cache.size {s.size}: must be positive")
         if s.n_seq_max <= 0:
@@ -80,7 +82,7 @@ class KVCache(StateFiles):
     kind = "base"
 
     def __init__(self, cfg: ModelConfig, spec: CacheSpec, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, rope: Rope | None = None, layers: list[int] | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, rope: Rotary | None = None, layers: list[int] | None = None) -> None:
         spec = spec.resolve(cfg)
         if any(cfg.swa_layers) and not all(cfg.swa_layers):
             raise UnsupportedError("models that mix sliding-window and full-attention layers are not supported yet")
@@ -146,7 +148,7 @@ class KVCache(StateFiles):
         k = self.rope.apply(k, cs).reshape(len(k), -1)
         return self.codec_k.encode(k).to(ks.device)
 
-    def _check_seq_ids(self, seq_ids) -> None:
+    def check_seq_ids(self, seq_ids) -> None:
         bad = [s for s in seq_ids if not 0 <= s < self.n_seq_max]
         if bad:
             raise ConfigError(f"sequence id {bad[0]} is outside [0, {self.n_seq_max}); "
@@ -156,7 +158,7 @@ class KVCache(StateFiles):
     shares_partial_prefix = True  # seq_cp of [0, n) shares exactly those positions
 
     def init_batch(self, batch: Batch, n_ubatch: int) -> KVContext:
-        self._check_seq_ids(set(batch.seq_id))
+        self.check_seq_ids(set(batch.seq_id))
         return self.init_ubatches(batch.split(n_ubatch, self.device))
 
     def init_ubatches(self, ubs: list[UBatch]) -> KVContext:
@@ -193,6 +195,9 @@ class KVCache(StateFiles):
             out[f"k.{t}"] = out.get(f"k.{t}", 0) + kb * self.row_bytes_k
             out[f"v.{t}"] = out.get(f"v.{t}", 0) + vb * self.row_bytes_v
         return out
+
+    def parts(self):
+        return self, None
 
     def can_admit(self, n_tokens: int) -> bool:
         """Room now for a new sequence of n_tokens tokens (the scheduler's admission check)."""

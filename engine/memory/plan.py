@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.config import ModelConfig
 from engine.errors import ConfigError
 from engine.memory.codecs import get_codec
 from engine.memory.kv_cache import CacheSpec
 from engine.memory.tiers import default_disk_dir, tier_of_layer
-from engine.model.config import ModelConfig
 
 GIB = 2**30
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.model.config import SSM, ModelConfig
+from engine.config import SSM, ModelConfig
 from engine.model.layers import FeedForward, RMSNorm
 from engine.model.llama import Attention, Transformer
 from engine.model.mamba import MambaMixer, MoEFeedForward

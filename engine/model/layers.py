@@ -3,13 +3,12 @@ and attention over whatever a memory context hands back."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.config import ROPE_NEOX, ModelConfig
+from engine.config import ROPE_NEOX, ModelConfig
+from engine.memory.base import AttnInput
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,22 +93,6 @@ class Rope(nn.Module):
             x0, x1 = pairs[..., 0], pairs[..., 1]
             out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
         return out if rest is None else torch.cat((out, rest), dim=-1)
-
-
-@dataclass
-class AttnInput:
-    """What a memory context gives one attention call.
-
-    rows: which query rows of the ubatch this group answers (None = all of them).
-    k, v: (n_kv, n_head_kv, head_dim) in the compute dtype.
-    mask: (n_rows, n_kv) bool, True = may attend; None = plain causal over k/v (rows are the
-          last n_rows positions of k/v), the layout a per-sequence cache produces.
-    """
-
-    rows: torch.Tensor | slice | None
-    k: torch.Tensor
-    v: torch.Tensor
-    mask: torch.Tensor | None
 
 
 def attend(q: torch.Tensor, inp: AttnInput, scale: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.model.config import ModelConfig
+from engine.config import ModelConfig
 from engine.model.layers import FeedForward, Linear, RMSNorm, Rope, attend, linear
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.config import ModelConfig
+from engine.config import ModelConfig
 from engine.model.layers import Linear, linear
 
 

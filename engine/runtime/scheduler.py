@@ -24,8 +24,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine.batch import Batch
 from engine.errors import ConfigError, MemoryFullError
-from engine.runtime.batch import Batch
 from engine.runtime.engine import Engine, synchronize
 from engine.runtime.sampling import Sampler, SamplingParams
 
@@ -48,16 +48,8 @@ class RequestResult:
     preemptions: int = 0
     shared_prefix: int = 0  # prompt tokens obtained by seq_cp instead of prefill (first admission)
     t_submit: float = 0.0
-    t_admit: float = 0.0
     token_times: list[float] = field(default_factory=list)  # clock after each generated token
 
-    @property
-    def t_first_token(self) -> float | None:
-        return self.token_times[0] if self.token_times else None
-
-    @property
-    def t_done(self) -> float | None:
-        return self.token_times[-1] if self.status == "done" and self.token_times else None
 
 
 @dataclass
@@ -81,6 +73,11 @@ class StepInfo:
     preempted: list[int]  # request ids preempted while building this step
     finished: list[int]
     failed: list[int]
+
+    @property
+    def is_decode(self) -> bool:
+        """A decode step: it carried decode tokens and no prompt tokens (docs/metrics.md)."""
+        return self.n_decode > 0 and self.n_prefill == 0
 
 
 class Scheduler:
@@ -134,7 +131,7 @@ class Scheduler:
         while self.queue and len(self.running) < self.parallel:
             req, res = self.queue[0]
             history = res.prompt + res.tokens  # a preempted request resumes where it was
-            if self.share_prefix and getattr(self.mem, "shares_partial_prefix", True) and self._prefix_pending(history):
+            if self.share_prefix and self.mem.shares_partial_prefix and self._prefix_pending(history):
                 return  # admit once the shared prefix is in memory, then seq_cp it
             src, n_shared = self._best_prefix(history) if self.share_prefix else (None, 0)
             if self.running and not self.mem.can_admit(len(history) - n_shared + 1):
@@ -144,7 +141,7 @@ class Scheduler:
             r = _Running(req, res, slot, self._order, history, list(history), 0,
                          Sampler(self.sampling, req.id if req.seed_offset is None else req.seed_offset))
             self._order += 1
-            res.status, res.t_admit = "running", res.t_admit or self.clock()
+            res.status = "running"
             if src is not None and self._share(r, src, n_shared) and not res.preemptions and not res.tokens:
                 res.shared_prefix = n_shared
             self.running[slot] = r
@@ -153,7 +150,7 @@ class Scheduler:
         """The running request holding the longest prefix of history (the last token always runs)."""
         best, src = 0, None
         limit = len(history) - 1
-        partial = getattr(self.mem, "shares_partial_prefix", True)
+        partial = self.mem.shares_partial_prefix
         for o in self.running.values():
             n, m = 0, min(limit, o.n_cached)
             while n < m and o.history[n] == history[n]:
@@ -264,10 +261,3 @@ class Scheduler:
                 del self.running[r.slot]
                 finished.append(r.req.id)
         return StepInfo(len(batch), n_prefill, n_decode, t1 - t0, preempted, finished, failed)
-
-    def run(self, requests: list[Request]) -> list[RequestResult]:
-        for req in requests:
-            self.submit(req)
-        while self.step() is not None:
-            pass
-        return [self.results[r.id] for r in requests]

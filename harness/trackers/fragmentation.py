@@ -70,7 +70,7 @@ class FragmentationTracker(Tracker):
         self.peak_live, self.waste_at_peak = -1, float("nan")
 
     def step(self, info, now: float) -> None:
-        if info.n_decode and not info.n_prefill:
+        if info.is_decode:
             self.alloc_per_decode.append(self.mem.alloc_calls_last_step)
         live, reserved = self.mem.usage()  # kv_waste at the exact peak of live bytes, every step
         if live > self.peak_live:
@@ -85,8 +85,7 @@ class FragmentationTracker(Tracker):
             self.peak_live = live
             self.waste_at_peak = 1.0 - live / st.reserved_bytes if st.reserved_bytes else 0.0
         self.waste.append(1.0 - st.live_bytes / st.reserved_bytes if st.reserved_bytes else 0.0)
-        ext = 1.0 - st.largest_free_run / st.free_cells if st.free_cells else 0.0
-        self.external.append(ext if self.mem.kind == "pooled" else 0.0)
+        self.external.append(st.external_fragmentation)
         self.holes.append(st.n_kv / st.used_cells if st.used_cells and st.n_kv else float("nan"))
         self.alloc_frag.append(allocator_fragmentation(self.device))
 

@@ -19,13 +19,13 @@ class LatencyTracker(Tracker):
     def __init__(self, scheduler, **kw) -> None:
         super().__init__(**kw)
         self.sched = scheduler
-        self.steps: list[tuple[float, int, int]] = []  # (seconds, n_prefill, n_decode)
+        self.steps = []  # the scheduler's StepInfo of every step
 
     def step(self, info, now: float) -> None:
-        self.steps.append((info.seconds, info.n_prefill, info.n_decode))
+        self.steps.append(info)
 
     def decode_steps_s(self) -> list[float]:
-        return [s for s, p, d in self.steps if d and not p]
+        return [x.seconds for x in self.steps if x.is_decode]
 
     def metrics(self) -> dict[str, float]:
         done = [r for r in self.sched.results.values() if r.status == "done" and r.token_times]
@@ -42,11 +42,11 @@ class LatencyTracker(Tracker):
         out |= summarize("latency.itl_ms", itl, 1e3)
         out |= summarize("latency.e2e_ms", e2e, 1e3)
         out |= summarize("latency.decode_step_ms", dec, 1e3)
-        out |= summarize("latency.prefill_step_ms", [s for s, p, d in self.steps if p], 1e3)
+        out |= summarize("latency.prefill_step_ms", [x.seconds for x in self.steps if x.n_prefill], 1e3)
         out["throughput.tokens_per_s"] = n_tokens / wall if wall > 0 else float("nan")
         out["throughput.requests_per_s"] = len(done) / wall if wall > 0 else float("nan")
         out["throughput.decode_tokens_per_s"] = (
-            sum(d for s, p, d in self.steps if d and not p) / sum(dec) if dec else float("nan"))
+            sum(x.n_decode for x in self.steps if x.is_decode) / sum(dec) if dec else float("nan"))
         out["run.wall_s"] = wall
         out["run.steps"] = len(self.steps)
         # stability: how steady the decode loop is, and how many requests went through untouched

@@ -58,16 +58,10 @@ class MemoryTracker(Tracker):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def _parts(self):
-        """(KV part, recurrent part) of the memory; either may be None."""
-        if hasattr(self.mem, "kv") and hasattr(self.mem, "rs"):
-            return self.mem.kv, self.mem.rs
-        return (None, self.mem) if getattr(self.mem, "bytes_per_token", 1) == 0 else (self.mem, None)
-
     def step(self, info, now: float) -> None:
         """Exact peaks: usage() every step (O(1)-ish), unlike the sampled timeline. KV and recurrent
         state are followed apart: one grows with context, the other does not."""
-        kv, rs = self._parts()
+        kv, rs = self.mem.parts()
         if kv is not None:
             self.peak_kv_live = max(self.peak_kv_live, kv.usage()[0])
         if rs is not None:
@@ -83,7 +77,7 @@ class MemoryTracker(Tracker):
         self.t.append(now)
         self.rss.append(self.proc.memory_info().rss)
         self.live.append(live)
-        rs = self._parts()[1]
+        rs = self.mem.parts()[1]
         self.state_live.append(rs.usage()[0] if rs is not None else 0)
         self.reserved.append(reserved)
         if self.device.type == "cuda":

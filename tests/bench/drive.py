@@ -34,7 +34,7 @@ def decode_steps(lm, allocator: str, parallel: int, requests: list[Request], siz
         sched.submit(r)
     steps = []
     while (info := sched.step()) is not None:
-        if info.n_decode and not info.n_prefill:
+        if info.is_decode:
             steps.append(DecodeStep(info.n_decode, info.seconds, mem.alloc_calls_last_step))
     assert all(r.status == "done" for r in sched.results.values())
     return steps

@@ -15,6 +15,7 @@ import torch
 from engine.gguf.presets import PRESETS
 from engine.loader import create_engine, create_memory, load_model
 from tests.bench.conftest import BENCH_THREADS, GENERATE_RESULTS
+from tests.helpers.runs import generate
 
 N_PROMPT, N_DECODE = 128, 64
 PROMPT = [1] + np.random.default_rng(0).integers(3, 8000, N_PROMPT - 1).tolist()
@@ -35,7 +36,7 @@ def impls():
 
     def ours(n_new: int):
         eng.memory.clear()
-        return eng.generate([PROMPT], n_new).tokens[0]
+        return generate(eng, [PROMPT], n_new).tokens[0]
 
     @torch.inference_mode()
     def theirs(n_new: int):

@@ -16,10 +16,9 @@ from omegaconf import OmegaConf
 from engine.loader import create_engine, create_memory, load_model
 from engine.runtime.sampling import SamplingParams
 from engine.runtime.scheduler import Scheduler
-from harness.config import ArrivalConf
 from harness.run import drive
 from harness.trackers import FragmentationTracker, LatencyTracker, MemoryTracker
-from harness.workload import ShareGPTWorkload
+from harness.workload import ArrivalConf, ShareGPTWorkload
 from tests.bench.conftest import OVERHEAD_RESULTS
 
 ROUNDS = 9
@@ -48,7 +47,7 @@ def _one(lm, with_trackers: bool) -> tuple[float, float]:
     for t in trackers:
         t.__exit__(None, None, None)
     loop = (time.perf_counter() - t0) / len(steps)
-    decode = [i.seconds for i in steps if i.n_decode and not i.n_prefill]
+    decode = [i.seconds for i in steps if i.is_decode]
     return float(np.median(decode)), loop
 
 

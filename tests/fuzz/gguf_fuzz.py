@@ -28,7 +28,14 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from tests.fuzz.common import CASE_TIMEOUT_S, FINDINGS, MAX_RSS_MIB, classify, drive, main
+from tests.fuzz.common import (
+    CASE_TIMEOUT_S,
+    FINDINGS,
+    MAX_RSS_MIB,
+    classify,
+    drive,
+    main,
+)
 
 _BOUNDARY = [0, 1, 2, 3, 7, 255, 256, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 1 << 32, 1 << 40,
              (1 << 63) - 1, 1 << 63, (1 << 64) - 1]

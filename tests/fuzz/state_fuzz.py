@@ -22,7 +22,14 @@ import sys
 import zlib
 from pathlib import Path
 
-from tests.fuzz.common import CASE_TIMEOUT_S, MAX_RSS_MIB, Finding, classify, drive, main
+from tests.fuzz.common import (
+    CASE_TIMEOUT_S,
+    MAX_RSS_MIB,
+    Finding,
+    classify,
+    drive,
+    main,
+)
 from tests.fuzz.gguf_fuzz import seed_files
 
 _VALUES = [None, True, 0, -1, 1, 2**31, 2**40, -(2**40), 1.5, float("inf"), "", "x", "pooled", "kvbench-state",

@@ -22,7 +22,13 @@ def _period_offset(layers: tuple[int, ...], n_layer: int) -> tuple[int, int]:
 
 
 def hf_config(shape: ModelShape):
-    from transformers import JambaConfig, LlamaConfig, MambaConfig, MistralConfig, Qwen2Config
+    from transformers import (
+        JambaConfig,
+        LlamaConfig,
+        MambaConfig,
+        MistralConfig,
+        Qwen2Config,
+    )
 
     if shape.arch == "mamba":
         return MambaConfig(vocab_size=shape.n_vocab, hidden_size=shape.n_embd, num_hidden_layers=shape.n_layer,

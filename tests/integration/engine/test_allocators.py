@@ -6,6 +6,7 @@ import torch
 
 from engine.loader import create_engine, create_memory
 from engine.runtime.scheduler import Request, Scheduler
+from tests.helpers.runs import run_all
 
 ALLOCS = ["naive", "pooled", "paged"]
 
@@ -100,7 +101,7 @@ def _requests():
 def _schedule(lm, allocator, size, parallel=4, share_prefix=True):
     eng = create_engine(lm, create_memory(lm, allocator=allocator, size=size, block_size=16, n_seq_max=parallel))
     sched = Scheduler(eng, parallel, share_prefix=share_prefix)
-    res = sched.run(_requests())
+    res = run_all(sched, _requests())
     assert eng.memory.stats().used_cells == 0  # every finished request released its memory
     return [r.tokens for r in res], sched.preemptions, [r.status for r in res]
 

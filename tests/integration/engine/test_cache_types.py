@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from engine.batch import Batch
 from engine.loader import create_engine, create_memory
-from engine.runtime.batch import Batch
 
 TOKENS = [1] + np.random.default_rng(0).integers(3, 1000, 255).tolist()
 

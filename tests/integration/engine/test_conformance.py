@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
+from engine.batch import Batch
 from engine.loader import create_engine, create_memory
-from engine.runtime.batch import Batch
+from tests.helpers.runs import generate
 
 
 @pytest.mark.parametrize("i", [0, 1, 2])
@@ -27,7 +28,7 @@ def test_greedy_matches_llamacpp(conformance_dir, load, i):
     lm = load(conformance_dir / "llama-tiny-F32.gguf")
     tokens = ref[f"tokens_{i}"].tolist()
     eng = create_engine(lm, create_memory(lm, size=256))
-    res = eng.generate([tokens], 32)
+    res = generate(eng, [tokens], 32)
     assert res.tokens[0] == ref[f"greedy_{i}"].tolist()
 
 

@@ -5,10 +5,11 @@ import dataclasses
 import numpy as np
 import pytest
 
+from engine.batch import Batch
 from engine.gguf.presets import PRESETS, build_preset
 from engine.loader import create_engine, create_memory, load_model
-from engine.runtime.batch import Batch
 from tests.helpers.hf import hf_greedy, hf_logits, hf_model
+from tests.helpers.runs import generate
 
 TINY = PRESETS["llama-tiny"].shape
 VARIANTS = {
@@ -59,5 +60,5 @@ def test_greedy_equals_hf(name, tmp_path_factory):
     ref = hf_model(shape, seed)
     tokens = _prompt(60, shape.n_vocab, 7)  # 60 + 32 crosses the 64-token window during decode
     eng = create_engine(lm, create_memory(lm, size=128))
-    ours = eng.generate([tokens], 32).tokens[0]
+    ours = generate(eng, [tokens], 32).tokens[0]
     assert ours == hf_greedy(ref, tokens, 32)

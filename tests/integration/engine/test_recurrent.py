@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from engine.batch import Batch
 from engine.gguf.presets import PRESETS
 from engine.loader import create_engine, create_memory
-from engine.runtime.batch import Batch
 from engine.runtime.scheduler import Request, Scheduler
 from tests.helpers.hf import hf_greedy, hf_logits, hf_model
+from tests.helpers.runs import generate, run_all
 
 MODELS = ["mamba-tiny", "hybrid-tiny"]
 
@@ -41,7 +42,7 @@ def test_greedy_equals_hf(load, hf, model):
     lm = load(model)
     for seed in (1, 2):
         toks = _prompt(20, seed)
-        ours = create_engine(lm, create_memory(lm, size=128)).generate([toks], 32).tokens[0]
+        ours = generate(create_engine(lm, create_memory(lm, size=128)), [toks], 32).tokens[0]
         assert ours == hf_greedy(hf[model], toks, 32)
 
 
@@ -71,7 +72,7 @@ def test_scheduler_with_churn_same_tokens_on_every_allocator(load, model):
     out = {}
     for a in ["naive", "pooled"] + (["paged"] if lm.config.attn_layers else []):
         mem = create_memory(lm, allocator=a, size=512, n_seq_max=3)
-        res = Scheduler(create_engine(lm, mem), 3).run(reqs)
+        res = run_all(Scheduler(create_engine(lm, mem), 3), reqs)
         assert all(r.status == "done" for r in res)
         assert mem.stats().live_bytes == 0  # every finished request gave its state back
         out[a] = [r.tokens for r in res]

@@ -5,8 +5,9 @@ import pandas as pd
 
 from engine.loader import create_engine, create_memory, load_model
 from engine.runtime.scheduler import Request, Scheduler
-from harness.claims import claim_verdict, claims_table, consistency_notes
+from harness.report.claims import claim_verdict, claims_table, consistency_notes
 from harness.stats import Interval
+from tests.helpers.runs import run_all
 
 
 def _iv(center, low, high, n=3):
@@ -38,7 +39,7 @@ def test_memory_only_7b_counts_real_bytes():
     for a in ("naive", "pooled", "paged"):
         mem = create_memory(lm, allocator=a, size=2048, n_seq_max=2, type_k="f16", type_v="f16")
         sched = Scheduler(create_engine(lm, mem), 2)
-        res = sched.run([Request(i, [1] * 448, 64) for i in range(2)])
+        res = run_all(sched, [Request(i, [1] * 448, 64) for i in range(2)])
         assert [r.status for r in res] == ["done", "done"]
         out[a] = mem
     bpt = 32 * 2 * 4096 * 2  # layers x (K + V) x n_embd x f16

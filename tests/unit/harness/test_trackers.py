@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.memory.base import MemoryStats
-from engine.runtime.scheduler import RequestResult
+from engine.runtime.scheduler import RequestResult, StepInfo
 from harness.trackers import FragmentationTracker, LatencyTracker, MemoryTracker
 from harness.trackers.base import summarize, time_weighted_mean
 from harness.trackers.fragmentation import allocator_fragmentation
@@ -22,7 +22,7 @@ class Clock:
 
 
 def _step(seconds, n_prefill=0, n_decode=1):
-    return SimpleNamespace(seconds=seconds, n_prefill=n_prefill, n_decode=n_decode, finished=[], failed=[])
+    return StepInfo(n_prefill + n_decode, n_prefill, n_decode, seconds, [], [], [])
 
 
 def test_latency_definitions():
@@ -75,6 +75,9 @@ class FakeMem:
 
     def reset_peak(self):
         pass
+
+    def parts(self):  # a KV memory: it is its own KV part (engine/memory/base.py Memory.parts)
+        return self, None
 
 
 def test_fragmentation_from_allocator_state():

@@ -2,9 +2,15 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from harness.config import ArrivalConf, ArrivalProcess
-from harness.workload import (ChurnWorkload, FixedWorkload, SharedPrefixWorkload, ShareGPTWorkload,
-                              arrival_times)
+from harness.workload import (
+    ArrivalConf,
+    ArrivalProcess,
+    ChurnWorkload,
+    FixedWorkload,
+    SharedPrefixWorkload,
+    ShareGPTWorkload,
+    arrival_times,
+)
 
 
 def test_seeded_and_reproducible():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from engine.batch import Batch
+from engine.config import ModelConfig
 from engine.memory.base import MemoryStatus
-from engine.model.config import ModelConfig
-from engine.runtime.batch import Batch
 
 # rows of 32 values (one q8_0/q4_0 block), two layers
 CFG = ModelConfig(arch="llama", n_vocab=10, n_embd=64, n_layer=2, n_head=2, n_head_kv=1, n_ff=8)

@@ -4,11 +4,11 @@ import dataclasses
 
 import numpy as np
 
-from engine.memory.base import MemoryStatus
 from engine.alloc.pooled import PooledKV
+from engine.batch import Batch
+from engine.config import ModelConfig
+from engine.memory.base import MemoryStatus
 from engine.memory.kv_cache import CacheSpec
-from engine.model.config import ModelConfig
-from engine.runtime.batch import Batch
 
 CFG = ModelConfig(arch="llama", n_vocab=10, n_embd=8, n_layer=1, n_head=2, n_head_kv=1, n_ff=8)
 

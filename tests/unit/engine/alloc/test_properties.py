@@ -33,12 +33,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.alloc import create_kv_cache
+from engine.batch import Batch
+from engine.config import ModelConfig
 from engine.errors import MemoryFullError
 from engine.memory.base import MemoryStatus, norm_range
 from engine.memory.kv_cache import CacheSpec
-from engine.model.config import ModelConfig
 from engine.model.layers import Rope
-from engine.runtime.batch import Batch
 
 N_LAYER = 2
 ROW = 32  # n_embd_k_gqa = n_embd_v_gqa

@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from engine.errors import ConfigError
-from engine.memory.codecs import CACHE_TYPES, Codec, bytes_per_value, check_row, get_codec
+from engine.memory.codecs import (
+    CACHE_TYPES,
+    Codec,
+    bytes_per_value,
+    check_row,
+    get_codec,
+)
 
 ALL = list(CACHE_TYPES)
 QUANT = ["q8_0", "q4_0"]

@@ -7,6 +7,7 @@ from engine.errors import ConfigError
 from engine.loader import create_engine, create_memory
 from engine.runtime.sampling import SamplingParams
 from engine.runtime.scheduler import Request, Scheduler
+from tests.helpers.runs import run_all
 
 
 def _prompt(n, seed):
@@ -42,7 +43,7 @@ def test_continuous_batching_more_requests_than_slots(load):
 
 def test_preempts_youngest_and_finishes_everything(load):
     s = _sched(load("llama-tiny"), size=64, parallel=3)
-    res = s.run([Request(i, _prompt(20, i), n_predict=20) for i in range(3)])
+    res = run_all(s, [Request(i, _prompt(20, i), n_predict=20) for i in range(3)])
     assert s.preemptions > 0 and all(r.status == "done" for r in res)
     assert sum(r.preemptions for r in res) == s.preemptions
     assert res[0].preemptions == 0  # the oldest is never the victim
@@ -50,7 +51,7 @@ def test_preempts_youngest_and_finishes_everything(load):
 
 def test_request_too_big_fails_alone_with_a_reason_and_others_go_on(load):
     s = _sched(load("llama-tiny"), size=48, parallel=2)
-    res = s.run([Request(0, _prompt(10, 0), 5), Request(1, _prompt(60, 1), 5), Request(2, _prompt(8, 2), 5)])
+    res = run_all(s, [Request(0, _prompt(10, 0), 5), Request(1, _prompt(60, 1), 5), Request(2, _prompt(8, 2), 5)])
     assert [r.status for r in res] == ["done", "failed", "done"]
     assert "cache.size" in res[1].error and "60" in res[1].error
 
@@ -86,16 +87,16 @@ def test_naive_shares_nothing_but_gives_the_same_tokens(load):
     out = {}
     for a in ("naive", "pooled"):
         s = _sched(lm, a, size=256, parallel=3)
-        out[a] = [r.tokens for r in s.run([Request(i, prompt, 5) for i in range(3)])]
+        out[a] = [r.tokens for r in run_all(s, [Request(i, prompt, 5) for i in range(3)])]
     assert out["naive"] == out["pooled"]
 
 
 def test_sampling_streams_differ_per_request(load):
     s = _sched(load("llama-tiny"), parallel=3, sampling=SamplingParams(temperature=1.0, seed=1))
-    res = s.run([Request(i, _prompt(8, 0), 12) for i in range(3)])
+    res = run_all(s, [Request(i, _prompt(8, 0), 12) for i in range(3)])
     assert len({tuple(r.tokens) for r in res}) == 3
     s2 = _sched(load("llama-tiny"), parallel=3, sampling=SamplingParams(temperature=1.0, seed=1))
-    assert [r.tokens for r in s2.run([Request(i, _prompt(8, 0), 12) for i in range(3)])] == [r.tokens for r in res]
+    assert [r.tokens for r in run_all(s2, [Request(i, _prompt(8, 0), 12) for i in range(3)])] == [r.tokens for r in res]
 
 
 def test_long_prompt_is_prefilled_over_several_steps(load):
@@ -109,12 +110,12 @@ def test_long_prompt_is_prefilled_over_several_steps(load):
 def test_eos_ends_a_request(load):
     lm = load("llama-tiny")
     for seed in range(50):  # random weights often repeat one token: find a prompt whose output varies
-        first = _sched(lm, parallel=1).run([Request(0, _prompt(6, seed), 8)])[0].tokens
+        first = run_all(_sched(lm, parallel=1), [Request(0, _prompt(6, seed), 8)])[0].tokens
         if len(set(first)) > 1:
             break
     i = next(i for i in range(1, len(first)) if first[i] not in first[:i])  # a token's first appearance
     s2 = _sched(lm, parallel=1, eos_id=first[i])
-    assert s2.run([Request(0, _prompt(6, seed), 8)])[0].tokens == first[: i + 1]
+    assert run_all(s2, [Request(0, _prompt(6, seed), 8)])[0].tokens == first[: i + 1]
 
 
 @pytest.mark.parametrize("kw", [dict(parallel=0), dict(n_batch=0)])

@@ -9,15 +9,13 @@ recurrent store; tests tie both to the allocators' real tensors), and the runs' 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 
 CONTEXTS = (512, 4096, 32768)
 MIB = 2**20
 
 
-def _models(df: pd.DataFrame) -> pd.DataFrame:
+def models(df: pd.DataFrame) -> pd.DataFrame:
     ok = df[df["status"] == "ok"]
     cols = ["model.name", "memory.kv_bytes_per_token", "memory.recurrent_bytes_per_seq"]
     if ok.empty or not set(cols) <= set(ok.columns):
@@ -26,12 +24,12 @@ def _models(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def has_recurrent(df: pd.DataFrame) -> bool:
-    m = _models(df)
+    m = models(df)
     return not m.empty and (pd.to_numeric(m["memory.recurrent_bytes_per_seq"], errors="coerce") > 0).any()
 
 
 def state_markdown(df: pd.DataFrame) -> str:
-    m = _models(df)
+    m = models(df)
     rows = []
     for r in m.itertuples(index=False):
         kv, st = float(r[1] or 0), float(r[2] or 0)
@@ -54,23 +52,3 @@ def state_markdown(df: pd.DataFrame) -> str:
             "same bytes at 10 tokens and at 100k. A hybrid (Jamba) pays per token only for its attention "
             "layers. Per sequence, from the byte counts measured here:\n\n"
             + table.to_markdown(index=False) + peaks + "\n\n![memory vs context](plots/memory_vs_context.png)\n")
-
-
-def plot_memory_vs_context(df: pd.DataFrame, out: Path, paths: list[Path]) -> None:
-    import matplotlib.pyplot as plt
-
-    from harness.plots import _save
-
-    m = _models(df)
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    n = list(range(0, 32769, 512))
-    for r in m.itertuples(index=False):
-        kv, st = float(r[1] or 0), float(r[2] or 0)
-        ax.plot(n, [(kv * x + st) / MIB for x in n], label=f"{r[0]} (KV {kv / 1024:.3g} KiB/token, state "
-                                                             f"{st / 1024:.3g} KiB)")
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("KV + recurrent state per sequence (MiB)")
-    ax.set_title("memory per sequence vs context length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, out, "memory_vs_context", paths)

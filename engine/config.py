@@ -146,13 +146,6 @@ class ModelConfig:
         self.n_embd_k_gqa = self.n_embd_head_k * self.n_head_kv
         self.n_embd_v_gqa = self.n_embd_head_v * self.n_head_kv
 
-    @property
-    def n_params(self) -> int:
-        """Parameter count implied by the shapes (what the weights would hold), from the keymap."""
-        from engine.gguf.keymap import n_params
-
-        return n_params(self)
-
     def kv_bytes_per_token(self, bytes_per_k: float = 4.0, bytes_per_v: float = 4.0) -> float:
         """Bytes one token occupies in the KV cache over the attention layers, for a given element size."""
         return len(self.attn_layers) * (self.n_embd_k_gqa * bytes_per_k + self.n_embd_v_gqa * bytes_per_v)

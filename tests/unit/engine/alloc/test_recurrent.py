@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+from engine.alloc.recurrent_naive import RecurrentNaive
+from engine.alloc.recurrent_pooled import RecurrentPooled
+from engine.batch import Batch
+from engine.config import SSM, ModelConfig
 from engine.memory.base import MemoryStatus
 from engine.memory.kv_cache import CacheSpec
-from engine.memory.recurrent import RecurrentNaive, RecurrentPooled
-from engine.model.config import SSM, ModelConfig
-from engine.runtime.batch import Batch
 
 CFG = ModelConfig(arch="mamba", n_vocab=10, n_embd=8, n_layer=2, n_head=0, n_head_kv=0, n_ff=0,
                   layer_kinds=(SSM, SSM), ssm_d_conv=4, ssm_d_inner=16, ssm_d_state=4, ssm_dt_rank=2)

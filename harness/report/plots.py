@@ -17,11 +17,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from engine.alloc import ALLOCATORS  # noqa: E402
 from harness.records import Record  # noqa: E402
-from harness.report import CONFIG_COLUMNS, varying  # noqa: E402
+from harness.report.frames import CONFIG_COLUMNS, varying  # noqa: E402
+from harness.report.state import has_recurrent, models  # noqa: E402
 
 MIB = 2**20
-COLORS = {"naive": "#d62728", "pooled": "#1f77b4", "paged": "#2ca02c"}
+_PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+# one colour per allocator, in the registry's order: a new allocator gets its own without an edit here
+COLORS = {name: _PALETTE[i % len(_PALETTE)] for i, name in enumerate(ALLOCATORS)}
 STYLES = ["-", "--", ":", "-."]
 
 
@@ -77,8 +81,6 @@ def make_plots(df: pd.DataFrame, records: list[tuple[Path, Record]], out: Path) 
         _kv_type_tradeoff(ok, out, paths)
     if "parallel" in sweeps:
         _parallel_scaling(ok, out, paths)
-    from harness.state_report import has_recurrent, plot_memory_vs_context
-
     if has_recurrent(ok):
         plot_memory_vs_context(ok, out, paths)
     return paths
@@ -193,3 +195,19 @@ def _parallel_scaling(ok, out, paths) -> None:
         ax.legend(fontsize=8)
     axes[0].set_title("scaling with parallel sequences")
     _save(fig, out, "parallel_scaling", paths)
+
+
+def plot_memory_vs_context(df: pd.DataFrame, out: Path, paths: list[Path]) -> None:
+    m = models(df)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    n = list(range(0, 32769, 512))
+    for r in m.itertuples(index=False):
+        kv, st = float(r[1] or 0), float(r[2] or 0)
+        ax.plot(n, [(kv * x + st) / MIB for x in n], label=f"{r[0]} (KV {kv / 1024:.3g} KiB/token, state "
+                                                             f"{st / 1024:.3g} KiB)")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("KV + recurrent state per sequence (MiB)")
+    ax.set_title("memory per sequence vs context length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, out, "memory_vs_context", paths)

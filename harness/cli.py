@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +21,19 @@ from engine.alloc import ALLOCATORS
 from engine.atomic import atomic_open
 from engine.batch import Batch
 from engine.errors import ConfigError, KvbenchError, MemoryFullError
+from engine.gguf.keymap import n_params
 from engine.gguf.presets import PRESETS
-from engine.loader import create_engine, create_memory, load_model
-from engine.memory.codecs import CACHE_TYPES
+from engine.gguf.reader import open_gguf
+from engine.loader import create_engine, create_memory, load_model, resolve_model_path
+from engine.memory.codecs import CACHE_TYPES, bytes_per_value
 from engine.memory.kv_cache import CacheSpec
+from engine.memory.plan import check, plan
 from engine.memory.tiers import TIER_NAMES
 from engine.runtime.sampling import SamplingParams
 from engine.runtime.scheduler import Request, Scheduler
+from engine.tokenizer import GGUFTokenizer
 from harness.config import cache_spec
+from harness.trackers import LatencyTracker, MemoryTracker
 
 DEFAULT_MODEL = "llama-tiny"
 
@@ -83,7 +89,6 @@ def _cache_spec(args, n_tokens: int, n_seq: int, n_ctx: int) -> CacheSpec:
 
 def _memory(args, lm, spec: CacheSpec):
     """The KV memory, after checking that what it and a ubatch will take fits in what the machine has."""
-    from engine.memory.plan import check, plan
 
     if not args.no_memory_check:
         check(plan(lm.config, spec, args.ubatch), lm.device, spec, override="--no-memory-check")
@@ -114,16 +119,21 @@ def cmd_generate(args) -> dict:
     sched = Scheduler(eng, args.parallel, sampling, eos, share_prefix=not args.no_share_prefix)
     for i in range(args.parallel):
         sched.submit(Request(i, prompt, args.n_predict, seed_offset=i))
-    steps, peak, breakdown = [], mem.stats(), mem.memory_breakdown()
-    while (info := sched.step()) is not None:
-        steps.append(info)
-        st = mem.stats()
-        if st.reserved_bytes + st.live_bytes >= peak.reserved_bytes + peak.live_bytes:
-            peak, breakdown = st, mem.memory_breakdown()
+    # the harness's own trackers observe the run: step times, and memory at its peak
+    lat = LatencyTracker(sched)
+    memt = MemoryTracker(mem, lm.weight_bytes(), lm.device, keep_peak_stats=True)
+    with ExitStack() as stack:
+        for t in (lat, memt):
+            stack.enter_context(t)
+        while (info := sched.step()) is not None:
+            for t in (lat, memt):
+                t.on_step(info)
+    peak = memt.peak_stats or mem.stats()
     peak.preemptions = sched.preemptions
     failed = [r for r in sched.results.values() if r.status == "failed"]
     if failed:
         raise MemoryFullError(f"{len(failed)} of {args.parallel} sequences failed: {failed[0].error}")
+    steps = lat.steps
     pre = [x for x in steps if x.n_prefill and not x.n_decode]
     dec = [x for x in steps if x.is_decode]
     pre_s, dec_s = sum(x.seconds for x in pre), sum(x.seconds for x in dec)
@@ -131,7 +141,7 @@ def cmd_generate(args) -> dict:
     seqs = [{"id": r.id, "status": r.status, "error": r.error, "tokens": r.tokens, "preemptions": r.preemptions,
              "shared_prefix": r.shared_prefix, "text": lm.tokenizer.continuation(prompt, r.tokens)}
             for r in (sched.results[i] for i in range(args.parallel))]
-    breakdown = {"weights": lm.weight_bytes(), **breakdown}  # KV buffers at peak
+    breakdown = {"weights": lm.weight_bytes(), **memt.peak_breakdown}  # KV buffers at their peak
     return {
         "model": str(lm.path),
         "allocator": mem.kind,
@@ -170,9 +180,6 @@ def cmd_logits(args) -> dict:
 
 
 def cmd_tokenize(args) -> dict:
-    from engine.gguf.reader import open_gguf
-    from engine.loader import resolve_model_path
-    from engine.tokenizer import GGUFTokenizer
 
     path = resolve_model_path(args.model)
     tok = GGUFTokenizer(open_gguf(path).tokenizer_metadata(), str(path))
@@ -181,11 +188,6 @@ def cmd_tokenize(args) -> dict:
 
 
 def cmd_info(args) -> dict:
-    from engine.gguf.keymap import n_params
-    from engine.gguf.reader import open_gguf
-    from engine.loader import resolve_model_path
-    from engine.memory.codecs import CACHE_TYPES, bytes_per_value
-    from engine.tokenizer import GGUFTokenizer
 
     path = resolve_model_path(args.model)
     f = open_gguf(path)
@@ -296,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_report(args) -> dict:
+    # imported when used: pandas and matplotlib cost start-up time that generate / tokenize / info do not need
     from harness.report import write_report
 
     d = Path(args.sweep_dir)
@@ -331,6 +334,7 @@ COMMANDS = {"generate": cmd_generate, "logits": cmd_logits, "tokenize": cmd_toke
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "run":  # Hydra owns run's command line (overrides, -m, --cfg ...)
+        # imported when used: Hydra costs start-up time the other commands do not need
         from harness.sweep import main as run_main
 
         try:

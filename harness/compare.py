@@ -41,6 +41,8 @@ from pathlib import Path
 import yaml
 
 from engine.errors import ConfigError
+from harness.noise import normalized
+from harness.records import load_records, point_id
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,6 @@ def _point_name(overrides: list[str], fallback: str) -> str:
 def _sweep_metrics(path: Path) -> dict[str, Value]:
     """Per point (overrides without the round), the median of each numeric metric over its rounds."""
     import numpy as np
-
-    from harness.noise import normalized
-    from harness.records import load_records, point_id
 
     recs = load_records(path)
     if not recs:

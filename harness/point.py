@@ -26,6 +26,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import RunConfig, register_configs
+from harness.faults import inject_signals
 from harness.records import RECORD_NAME, Record, config_hash, read_record, write_record
 from harness.run import run_point
 
@@ -117,8 +118,6 @@ def main(argv: list[str]) -> int:
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), loaded)
     point = json.loads((out_dir / "point.json").read_text())
     if os.environ.get("KVBENCH_FAULT_INJECT"):  # testing the crash path: die the way the OS would kill a point
-        from harness.faults import inject_signals
-
         inject_signals(cfg)
     run_point(cfg, out_dir, point["overrides"], point["choices"])
     return 0

@@ -14,15 +14,32 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from engine.errors import ConfigError, KvbenchError
+from engine.gguf.keymap import n_params
+from engine.gguf.reader import open_gguf
+from engine.loader import DTYPES, resolve_model_path
+from engine.memory.plan import check, plan
 from harness.config import register_configs, validate
+from harness.point import find_done, reusable, run_isolated, set_aside
+from harness.records import (
+    RECORD_NAME,
+    config_hash,
+    load_records,
+    read_record,
+    write_record,
+)
+from harness.report import write_report
+from harness.run import point_cache_spec, run_point
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -33,7 +50,6 @@ class ReportCallback(Callback):
     """When a multirun ends, collect its records into the report and plots in the sweep dir."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from harness.report import write_report
 
         sweep_dir = Path(config.hydra.sweep.dir)
         _STATE["dir"] = sweep_dir
@@ -77,11 +93,7 @@ def _noisy(rec) -> bool:
 def hydra_main(cfg: DictConfig) -> None:
     import dataclasses
 
-    from hydra.types import RunMode
 
-    from harness.point import find_done, reusable, run_isolated, set_aside
-    from harness.records import RECORD_NAME, config_hash, read_record, write_record
-    from harness.run import run_point
 
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
@@ -165,8 +177,6 @@ def _message(e: Exception) -> str:
 def sweep_points(argv: list[str]) -> list[list[str]]:
     """Every point's override list, expanded exactly as Hydra's basic sweeper will: the config's
     ``hydra.sweeper.params`` first, the command line after (a key given in both: the command line wins)."""
-    from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     parser = OverridesParser.create()
     overrides = _split_argv(argv)
@@ -197,7 +207,6 @@ def sweep_points(argv: list[str]) -> list[list[str]]:
 
 def prevalidate(argv: list[str]) -> int:
     """Compose and validate every sweep point; returns how many points there are."""
-    from hydra import compose, initialize_config_dir
 
     points = sweep_points(argv)
     models: dict = {}
@@ -220,11 +229,6 @@ def check_planned_memory(cfg: DictConfig, models: dict) -> None:
     """The point's planned memory against what the machine has, from the model file's header only."""
     import torch
 
-    from engine.gguf.keymap import n_params
-    from engine.gguf.reader import open_gguf
-    from engine.loader import DTYPES, resolve_model_path
-    from engine.memory.plan import check, plan
-    from harness.run import point_cache_spec
 
     name = cfg.model.name
     if name not in models:
@@ -268,7 +272,6 @@ def _take_flags(argv: list[str]) -> list[str]:
 
 def sweep_exit_status(where: Path | None, expected: int) -> int:
     """0 when every point is ok, 1 when some point failed, is degraded, or left no record."""
-    from harness.records import load_records
 
     if where is None:
         return 1
@@ -278,8 +281,6 @@ def sweep_exit_status(where: Path | None, expected: int) -> int:
 
 def _done(where: Path | None) -> int:
     """Points a rerun will reuse: clean ok records (not failed, degraded or noisy)."""
-    from harness.point import reusable
-    from harness.records import load_records
 
     return 0 if where is None or not where.exists() else sum(reusable(r) for _, r in load_records(where))
 

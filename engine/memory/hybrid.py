@@ -52,7 +52,7 @@ class HybridMemory(StateFiles):
 
     def init_batch(self, batch: Batch, n_ubatch: int) -> HybridContext:
         self.kv.check_seq_ids(set(batch.seq_id))
-        ubs = batch.split_equal(n_ubatch, self.kv.device)
+        ubs = self.rs.split(batch, n_ubatch)  # equal splits: what the recurrent part needs, any split suits KV
         kv_ctx = self.kv.init_ubatches(ubs)
         rs_ctx = self.rs.init_ubatches(ubs)
         ok = kv_ctx.status is MemoryStatus.SUCCESS and rs_ctx.status is MemoryStatus.SUCCESS

@@ -19,7 +19,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from engine.batch import Batch, UBatch
+from engine.batch import Batch
 from engine.config import ModelConfig
 from engine.errors import ConfigError, MemoryFullError, StateFileError, UnsupportedError
 from engine.memory.base import (
@@ -30,8 +30,9 @@ from engine.memory.base import (
     Rotary,
 )
 from engine.memory.codecs import CACHE_TYPES, check_row, get_codec
-from engine.memory.state import StateFiles, read_state, write_state
-from engine.memory.tiers import make_tier, tier_of_layer
+from engine.memory.layered import LayeredMemory
+from engine.memory.state import read_state, write_state
+from engine.memory.tiers import tier_of_layer
 
 GROWTH = ("cat", "double")
 
@@ -78,40 +79,22 @@ class CacheSpec:
         return s
 
 
-class KVCache(StateFiles):
-    kind = "base"
-
+class KVCache(LayeredMemory):
     def __init__(self, cfg: ModelConfig, spec: CacheSpec, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, rope: Rotary | None = None, layers: list[int] | None = None) -> None:
         spec = spec.resolve(cfg)
         if any(cfg.swa_layers) and not all(cfg.swa_layers):
             raise UnsupportedError("models that mix sliding-window and full-attention layers are not supported yet")
-        self.cfg, self.spec = cfg, spec
+        super().__init__(cfg, spec, device, layers)
         self.size = spec.size
-        self.device = torch.device(device)
         self.dtype = dtype  # compute dtype: what attention reads
         self.rope = rope  # for K-shift (seq_add)
-        self.n_seq_max = spec.n_seq_max
         self.n_swa = cfg.n_swa if cfg.swa_layers and all(cfg.swa_layers) else 0
         self.codec_k, self.codec_v = get_codec(spec.type_k), get_codec(spec.type_v)
         self.row_bytes_k = self.codec_k.row_bytes(cfg.n_embd_k_gqa)
         self.row_bytes_v = self.codec_v.row_bytes(cfg.n_embd_v_gqa)
-        # The model layers whose K/V live here (a hybrid's attention layers; all layers otherwise).
-        # Storage is indexed by slot; the model's layer index is mapped at store/attn_inputs.
-        self.layers = list(range(cfg.n_layer)) if layers is None else list(layers)
-        self.slot = {il: i for i, il in enumerate(self.layers)}
-        self.n_layers = len(self.layers)
-        self.layer_tier = [tier_of_layer(il, spec.offload, spec.offload_layers) for il in self.layers]
-        # A memory-only run (meta device) models every tier without allocating any of them.
-        self.tiers = {name: make_tier(name if self.device.type != "meta" else "device", self.device)
-                      for name in dict.fromkeys(self.layer_tier)}
-        self.alloc_calls_last_step = 0
-        self.n_kv_last = 0  # cells attention read in the last applied ubatch
 
     # -- shared helpers ------------------------------------------------------------------------
-    def tier(self, i: int):
-        return self.tiers[self.layer_tier[i]]
-
     def empty_rows(self, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Storage for n K rows and n V rows of slot i, on that layer's tier (one allocation each)."""
         t = self.tier(i)
@@ -122,10 +105,6 @@ class KVCache(StateFiles):
     @property
     def bytes_per_token(self) -> int:
         return self.n_layers * (self.row_bytes_k + self.row_bytes_v)
-
-    @property
-    def alloc_calls(self) -> int:
-        return sum(t.n_allocs for t in self.tiers.values())
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, n_head_kv, d) K and V -> storage rows (T, row_elems)."""
@@ -148,38 +127,8 @@ class KVCache(StateFiles):
         k = self.rope.apply(k, cs).reshape(len(k), -1)
         return self.codec_k.encode(k).to(ks.device)
 
-    def check_seq_ids(self, seq_ids) -> None:
-        bad = [s for s in seq_ids if not 0 <= s < self.n_seq_max]
-        if bad:
-            raise ConfigError(f"sequence id {bad[0]} is outside [0, {self.n_seq_max}); "
-                              "raise parallel / n_seq_max")
-
-    # -- the batch protocol --------------------------------------------------------------------
-    shares_partial_prefix = True  # seq_cp of [0, n) shares exactly those positions
-
-    def init_batch(self, batch: Batch, n_ubatch: int) -> KVContext:
-        self.check_seq_ids(set(batch.seq_id))
-        return self.init_ubatches(batch.split(n_ubatch, self.device))
-
-    def init_ubatches(self, ubs: list[UBatch]) -> KVContext:
-        """Dry-run placement of already split ubatches (a hybrid memory splits for its recurrent part)."""
-        self.update()
-        plans = self._prepare(ubs)
-        if plans is None:
-            return KVContext(self, [], [], MemoryStatus.FAILED_PREPARE)
-        return KVContext(self, ubs, plans, MemoryStatus.SUCCESS)
-
-    def update(self) -> None:
-        """Pending work before a batch (K-shift in cell caches)."""
-
-    # Subclass hooks: _prepare (dry run of every ubatch, None if one does not fit), _apply
-    # (commit one planned ubatch, return what store/attn need), _store, _attn_inputs.
-    def _prepare(self, ubs: list[UBatch]) -> list | None:
-        raise NotImplementedError
-
-    def _apply(self, plan, ub: UBatch):
-        raise NotImplementedError
-
+    # -- the batch protocol: seq_cp of [0, n) shares exactly those positions (shares_partial_prefix) --
+    # Subclass hooks beyond LayeredMemory's (_prepare, _apply): _store and _attn_inputs.
     def _store(self, il: int, view, k: torch.Tensor, v: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -199,16 +148,9 @@ class KVCache(StateFiles):
     def parts(self):
         return self, None
 
-    def can_admit(self, n_tokens: int) -> bool:
-        """Room now for a new sequence of n_tokens tokens (the scheduler's admission check)."""
-        return self.stats().free_cells >= n_tokens
-
     def usage(self) -> tuple[int, int]:
         """(live_bytes, reserved_bytes), cheap enough to call every step (stats() is the full picture)."""
         raise NotImplementedError
-
-    def reset_peak(self) -> None:
-        """Start a new window for ``stats().reserved_peak_bytes`` (a run's trackers call this)."""
 
     def _reserved_rows_by_layer(self) -> list[tuple[int, int]]:
         """(K rows, V rows) reserved per layer."""
@@ -346,10 +288,6 @@ class KVCache(StateFiles):
     def _restore(self, snap) -> None:
         raise NotImplementedError
 
-    def close(self) -> None:
-        for t in self.tiers.values():
-            t.close()
-
 
 class KVContext(BatchContext):
     """A batch's view of a KV memory; the model's layer index maps to the memory's storage slot."""
@@ -363,3 +301,6 @@ class KVContext(BatchContext):
 
     def attn_inputs(self, il: int) -> list[AttnInput]:
         return self.cache._attn_inputs(self.cache.slot[il], self.view)
+
+
+KVCache.context = KVContext  # the view a KV cache hands to the model (defined after both)

@@ -24,11 +24,11 @@ import torch
 
 from engine.batch import Batch, UBatch
 from engine.config import ModelConfig
-from engine.errors import ConfigError, StateFileError
-from engine.memory.base import BatchContext, MemoryStatus
+from engine.errors import StateFileError
+from engine.memory.base import BatchContext
 from engine.memory.kv_cache import CacheSpec
-from engine.memory.state import StateFiles, read_state, write_state
-from engine.memory.tiers import make_tier, tier_of_layer
+from engine.memory.layered import LayeredMemory
+from engine.memory.state import read_state, write_state
 
 
 @dataclass
@@ -39,32 +39,21 @@ class RSPlanItem:
     last_pos: int
 
 
-class RecurrentMemory(StateFiles):
-    """Shared by both allocators: layers, tiers, the batch protocol, seq_pos, accounting."""
+class RecurrentMemory(LayeredMemory):
+    """Shared by both recurrent allocators: state shapes, the batch split, state files, accounting."""
 
     kind = "recurrent"
     shares_partial_prefix = False  # a state exists only at its sequence's last position
 
     def __init__(self, cfg: ModelConfig, spec: CacheSpec, device: torch.device | str = "cpu",
                  layers: list[int] | None = None) -> None:
-        if spec.n_seq_max <= 0:
-            raise ConfigError(f"parallel / n_seq_max {spec.n_seq_max}: must be positive")
-        self.cfg, self.spec = cfg, spec
-        self.device = torch.device(device)
-        self.n_seq_max = spec.n_seq_max
-        self.layers = list(range(cfg.n_layer)) if layers is None else list(layers)
-        self.slot = {il: i for i, il in enumerate(self.layers)}
+        super().__init__(cfg, spec, device, layers)
         d_inner, d_state, d_conv = cfg.ssm_d_inner, cfg.ssm_d_state, cfg.ssm_d_conv
         self.r_shape = (d_conv - 1, d_inner)
         self.s_shape = (d_inner, d_state)
         self.n_embd_r = (d_conv - 1) * d_inner
         self.n_embd_s = d_inner * d_state
         self.dtype = torch.float32  # states accumulate over the whole sequence: kept in f32, as llama.cpp does
-        self.layer_tier = [tier_of_layer(il, spec.offload, spec.offload_layers) for il in self.layers]
-        self.tiers = {name: make_tier(name if self.device.type != "meta" else "device", self.device)
-                      for name in dict.fromkeys(self.layer_tier)}
-        self.alloc_calls_last_step = 0
-        self.n_kv_last = 0
 
     bytes_per_token = 0  # nothing grows with context: the state is per sequence (bytes_per_seq)
 
@@ -72,29 +61,14 @@ class RecurrentMemory(StateFiles):
     def bytes_per_seq(self) -> int:
         return len(self.layers) * (self.n_embd_r + self.n_embd_s) * 4
 
-    @property
-    def alloc_calls(self) -> int:
-        return sum(t.n_allocs for t in self.tiers.values())
-
-    def check_seq_ids(self, seq_ids) -> None:
-        bad = [s for s in seq_ids if not 0 <= s < self.n_seq_max]
-        if bad:
-            raise ConfigError(f"sequence id {bad[0]} is outside [0, {self.n_seq_max}); raise parallel / n_seq_max")
-
     def _empty_state(self, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.tiers[self.layer_tier[i]]
         return t.empty((n, self.n_embd_r), self.dtype), t.empty((n, self.n_embd_s), self.dtype)
 
     # -- batch protocol --------------------------------------------------------------------------
-    def init_batch(self, batch: Batch, n_ubatch: int):
-        self.check_seq_ids(set(batch.seq_id))
-        return self.init_ubatches(batch.split_equal(n_ubatch, self.device))
-
-    def init_ubatches(self, ubs: list[UBatch]):
-        plans = self._prepare(ubs)
-        if plans is None:
-            return RSContext(self, [], [], MemoryStatus.FAILED_PREPARE)
-        return RSContext(self, ubs, plans, MemoryStatus.SUCCESS)
+    def split(self, batch: Batch, n_ubatch: int) -> list[UBatch]:
+        """split_equal: n sequences x the same number of tokens, so a layer scans them together."""
+        return batch.split_equal(n_ubatch, self.device)
 
     def parts(self):
         return None, self
@@ -108,9 +82,7 @@ class RecurrentMemory(StateFiles):
         n = ub.n_tokens // max(ub.n_seqs, 1)
         return [(int(ub.seq_host[i * n]), int(ub.pos_host[(i + 1) * n - 1])) for i in range(max(ub.n_seqs, 1))]
 
-    # hooks
-    def _prepare(self, ubs: list[UBatch]) -> list | None: ...
-    def _apply(self, plan: list[RSPlanItem], ub: UBatch): ...
+    # hooks beyond LayeredMemory's (_prepare, _apply)
     def rs_get(self, il: int, view) -> tuple[torch.Tensor, torch.Tensor]: ...
     def rs_set(self, il: int, view, r: torch.Tensor, s: torch.Tensor) -> None: ...
 
@@ -130,9 +102,6 @@ class RecurrentMemory(StateFiles):
     def state_read(self, f: BinaryIO, seq_id: int | None = None, source: str = "state") -> None:
         _state_read(self, f, seq_id, source)
 
-    def close(self) -> None:
-        for t in self.tiers.values():
-            t.close()
 
 
 class RSContext(BatchContext):
@@ -186,3 +155,6 @@ def _state_read(mem: RecurrentMemory, f: BinaryIO, seq_id: int | None = None, so
     except StateFileError as e:
         mem._restore(snap)
         raise StateFileError(f"{source}: does not fit: {e}") from None
+
+
+RecurrentMemory.context = RSContext  # the view a recurrent memory hands to the model

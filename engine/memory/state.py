@@ -30,6 +30,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from engine.atomic import atomic_open
 from engine.errors import StateFileError
 
 MAGIC = b"KVBSTATE"
@@ -182,8 +183,6 @@ class StateFiles:
     unreadable path is a StateFileError like any other bad state."""
 
     def save_state(self, path, seq_id: int | None = None) -> None:
-        from engine.atomic import atomic_open
-
         with atomic_open(path) as f:
             self.state_write(f, seq_id)
 

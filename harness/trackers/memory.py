@@ -37,8 +37,12 @@ def _reset_hwm() -> bool:
 class MemoryTracker(Tracker):
     name = "memory"
 
-    def __init__(self, memory, weights_bytes: int, device: torch.device, **kw) -> None:
+    def __init__(self, memory, weights_bytes: int, device: torch.device, keep_peak_stats: bool = False,
+                 **kw) -> None:
         super().__init__(**kw)
+        # the full MemoryStats at the step with the most live + reserved bytes (costs a stats() call on
+        # every new peak: for `kvbench generate`, not for sweeps)
+        self.keep_peak_stats, self.peak_stats, self._peak_total = keep_peak_stats, None, -1
         self.mem, self.weights_bytes, self.device = memory, weights_bytes, device
         self.proc = psutil.Process()
         self.t: list[float] = []
@@ -67,6 +71,8 @@ class MemoryTracker(Tracker):
         if rs is not None:
             self.peak_state_live = max(self.peak_state_live, rs.usage()[0])
         live, reserved = self.mem.usage()
+        if self.keep_peak_stats and live + reserved >= self._peak_total:
+            self._peak_total, self.peak_stats = live + reserved, self.mem.stats()
         self.peak_live = max(self.peak_live, live)
         if reserved > self.peak_reserved or not self.peak_breakdown:  # pooled/paged: once
             self.peak_reserved = reserved

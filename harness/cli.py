@@ -24,9 +24,9 @@ from engine.errors import ConfigError, KvbenchError, MemoryFullError
 from engine.gguf.keymap import n_params
 from engine.gguf.presets import PRESETS
 from engine.gguf.reader import open_gguf
-from engine.loader import create_engine, create_memory, load_model, resolve_model_path
+from engine.loader import DTYPES, create_engine, create_memory, load_model, resolve_model_path
 from engine.memory.codecs import CACHE_TYPES, bytes_per_value
-from engine.memory.kv_cache import CacheSpec
+from engine.memory.kv_cache import GROWTH, CacheSpec
 from engine.memory.plan import check, plan
 from engine.memory.tiers import TIER_NAMES
 from engine.runtime.sampling import SamplingParams
@@ -52,7 +52,7 @@ def _add_model_args(p: argparse.ArgumentParser, memory: bool = True) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"GGUF path or preset ({', '.join(PRESETS)}); default {DEFAULT_MODEL}")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"], help="weight/compute dtype")
+    p.add_argument("--dtype", default="f32", choices=list(DTYPES), help="weight/compute dtype")
     p.add_argument("--threads", "-t", type=int, default=None, help="torch CPU threads")
     if memory:
         p.add_argument("--allocator", default="pooled", choices=list(ALLOCATORS), help="KV allocator")
@@ -64,7 +64,7 @@ def _add_model_args(p: argparse.ArgumentParser, memory: bool = True) -> None:
         p.add_argument("--offload", default="device", choices=list(TIER_NAMES), help="where KV lives")
         p.add_argument("--offload-layers", type=int, default=0,
                        help="with --offload host|disk: the first N layers stay on the device")
-        p.add_argument("--growth", default="cat", choices=["cat", "double"], help="naive: growth policy")
+        p.add_argument("--growth", default="cat", choices=list(GROWTH), help="naive: growth policy")
         p.add_argument("--ubatch", "-ub", type=int, default=512, help="tokens per forward pass")
         p.add_argument("--no-memory-check", action="store_true",
                        help="allocate even when the planned memory exceeds what the machine has available")

@@ -24,7 +24,13 @@ from engine.errors import ConfigError, KvbenchError, MemoryFullError
 from engine.gguf.keymap import n_params
 from engine.gguf.presets import PRESETS
 from engine.gguf.reader import open_gguf
-from engine.loader import DTYPES, create_engine, create_memory, load_model, resolve_model_path
+from engine.loader import (
+    DTYPES,
+    create_engine,
+    create_memory,
+    load_model,
+    resolve_model_path,
+)
 from engine.memory.codecs import CACHE_TYPES, bytes_per_value
 from engine.memory.kv_cache import GROWTH, CacheSpec
 from engine.memory.plan import check, plan

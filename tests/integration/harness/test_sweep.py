@@ -168,6 +168,8 @@ def test_recurrent_models_in_a_sweep_separate_kv_from_state(tmp_path):
     assert "memory.breakdown.s.device" in recs["hybrid-tiny"] and "memory.breakdown.k.device" in recs["hybrid-tiny"]
     md = (d / "report.md").read_text()
     assert "## Recurrent state vs KV cache" in md and (d / "plots" / "memory_vs_context.png").exists()
+    html = (d / "report.html").read_text()  # one page from the same sections as report.md
+    assert "<h2>Recurrent state vs KV cache</h2>" in html and "data:image/png;base64," in html
 
 
 def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path):

@@ -46,12 +46,12 @@ def resolve_device(device: str) -> torch.device:
 def resolve_model_path(model: str | os.PathLike) -> Path:
     """A preset name (built into the cache on first use) or a path to a .gguf file."""
     name = str(model)
-    if name in presets.PRESETS:
-        return presets.ensure_preset(name)
+    if name in presets.MODEL_NAMES:
+        return presets.ensure_model(name)
     path = Path(name).expanduser()
     if not path.exists():
         raise ConfigError(
-            f"model {name!r}: no such file and not a preset; presets: {', '.join(presets.PRESETS)}"
+            f"model {name!r}: no such file and not a preset; presets: {', '.join(presets.MODEL_NAMES)}"
         )
     return path
 

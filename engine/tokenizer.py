@@ -38,6 +38,9 @@ _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _PRE_SPLITS = {"qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2, "llama-bpe": _LLAMA3, "llama3": _LLAMA3,
                "llama-v3": _LLAMA3, "smaug-bpe": _LLAMA3, "dbrx": _LLAMA3}
+# families that isolate every digit first, then apply GPT-2's regex (llama-vocab.cpp: starcoder, refact,
+# command-r, smollm, codeshell, exaone, minerva)
+_DIGITS_THEN_GPT2 = {"starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva"}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -134,7 +137,12 @@ class GGUFTokenizer:
         tk = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], dropout=None,
                                   continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
         split = _PRE_SPLITS.get(pre)
-        if split:
+        if pre in _DIGITS_THEN_GPT2:
+            tk.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ])
+        elif split:
             tk.pre_tokenizer = pre_tokenizers.Sequence([
                 pre_tokenizers.Split(Regex(split), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),

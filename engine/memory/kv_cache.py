@@ -13,6 +13,8 @@ a dry run over every ubatch; ``apply`` commits one), the state file, stats and b
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
@@ -51,6 +53,9 @@ class CacheSpec:
     n_seq_max: int = 1  # sequence ids must be in [0, n_seq_max)
     growth: str = "cat"  # naive: cat (HF DynamicCache) | double (capacity doubling)
     n_pad: int = 1  # pooled: n_kv padded to a multiple of this
+    # llama.cpp's attention rotation: with a quantized K (V) type and head size a multiple of 64, rows are
+    # rotated by an orthonormal Walsh-Hadamard matrix before they are quantized and back after they are read
+    attn_rot: bool = True
 
     def resolve(self, cfg: ModelConfig) -> CacheSpec:
         """Fill defaults from the model and validate; errors name the config key."""
@@ -79,6 +84,34 @@ class CacheSpec:
         return s
 
 
+@functools.lru_cache(maxsize=16)
+def _hadamard64(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:  # Sylvester: [[H, H], [H, -H]]
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def hadamard(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The n x n orthonormal Walsh-Hadamard matrix (n a power of two): symmetric, its own inverse."""
+    return _hadamard64(n).to(dtype=dtype, device=device)
+
+
+def rotation_blocks(cfg: ModelConfig, spec: CacheSpec) -> tuple[int, int]:
+    """(K, V) rotation block sizes, 0 for none, as llama.cpp chooses them (llama-kv-cache.cpp, attn_rot_k/v):
+    only for a quantized type and a head size that is a multiple of 64; K uses the largest power of two that
+    divides the head size, V always 64."""
+    if not spec.attn_rot:
+        return 0, 0
+    k = 0
+    if get_codec(spec.type_k).block_size > 1 and cfg.n_embd_head_k and cfg.n_embd_head_k % 64 == 0:
+        k = 64
+        while cfg.n_embd_head_k % (k * 2) == 0:
+            k *= 2
+    v = 64 if get_codec(spec.type_v).block_size > 1 and cfg.n_embd_head_v and cfg.n_embd_head_v % 64 == 0 else 0
+    return k, v
+
+
 class KVCache(LayeredMemory):
     def __init__(self, cfg: ModelConfig, spec: CacheSpec, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, rope: Rotary | None = None, layers: list[int] | None = None) -> None:
@@ -93,6 +126,18 @@ class KVCache(LayeredMemory):
         self.codec_k, self.codec_v = get_codec(spec.type_k), get_codec(spec.type_v)
         self.row_bytes_k = self.codec_k.row_bytes(cfg.n_embd_k_gqa)
         self.row_bytes_v = self.codec_v.row_bytes(cfg.n_embd_v_gqa)
+        self.rot_k, self.rot_v = rotation_blocks(cfg, spec)
+
+    # -- llama.cpp's attention rotation ----------------------------------------------------------
+    # A quantized cache type loses most where a few channels carry outliers. An orthonormal Hadamard
+    # rotation spreads every block of values over all of them before quantization, and since H = H^T =
+    # H^-1, rotating a row back after it is read gives the same attention as llama.cpp's, which rotates
+    # Q (and the attention output for V) instead: (HQ)^T (HK) = Q^T K.
+    def _rotate(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        if not n:
+            return x
+        shape = x.shape
+        return (x.reshape(-1, n) @ hadamard(n, x.dtype, x.device)).reshape(shape)
 
     # -- shared helpers ------------------------------------------------------------------------
     def empty_rows(self, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,23 +154,24 @@ class KVCache(LayeredMemory):
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, n_head_kv, d) K and V -> storage rows (T, row_elems)."""
         T = k.shape[0]
-        return self.codec_k.encode(k.reshape(T, -1)), self.codec_v.encode(v.reshape(T, -1))
+        k, v = self._rotate(k.reshape(T, -1), self.rot_k), self._rotate(v.reshape(T, -1), self.rot_v)
+        return self.codec_k.encode(k), self.codec_v.encode(v)
 
     def decode(self, ks: torch.Tensor, vs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Storage rows -> (n, n_head_kv, d) K and V in the compute dtype, on the compute device."""
         c = self.cfg
-        k = self.codec_k.decode(ks.to(self.device, non_blocking=True), self.dtype)
-        v = self.codec_v.decode(vs.to(self.device, non_blocking=True), self.dtype)
+        k = self._rotate(self.codec_k.decode(ks.to(self.device, non_blocking=True), self.dtype), self.rot_k)
+        v = self._rotate(self.codec_v.decode(vs.to(self.device, non_blocking=True), self.dtype), self.rot_v)
         return k.view(-1, c.n_head_kv, c.n_embd_head_k), v.view(-1, c.n_head_kv, c.n_embd_head_v)
 
     def rotate_rows(self, ks: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """K storage rows re-rotated by position deltas (K-shift): rope(p) then rope(d) = rope(p + d)."""
         assert self.rope is not None, "K-shift needs the model's rope"
         c = self.cfg
-        k = self.codec_k.decode(ks.to(self.device), torch.float32).view(-1, c.n_head_kv, c.n_embd_head_k)
+        k = self._rotate(self.codec_k.decode(ks.to(self.device), torch.float32), self.rot_k)
         cs = self.rope.angles(delta.to(self.device), torch.float32)
-        k = self.rope.apply(k, cs).reshape(len(k), -1)
-        return self.codec_k.encode(k).to(ks.device)
+        k = self.rope.apply(k.view(-1, c.n_head_kv, c.n_embd_head_k), cs).reshape(len(k), -1)
+        return self.codec_k.encode(self._rotate(k, self.rot_k)).to(ks.device)
 
     # -- the batch protocol: seq_cp of [0, n) shares exactly those positions (shares_partial_prefix) --
     # Subclass hooks beyond LayeredMemory's (_prepare, _apply): _store and _attn_inputs.
@@ -169,12 +215,14 @@ class KVCache(LayeredMemory):
             "rope_freq_base": c.rope_freq_base, "rope_freq_scale": c.rope_freq_scale,
             "type_k": self.spec.type_k, "type_v": self.spec.type_v,
             "row_bytes_k": self.row_bytes_k, "row_bytes_v": self.row_bytes_v, "seq_id": seq_id,
+            "rot_k": self.rot_k, "rot_v": self.rot_v,
             "written_by": self.kind,
         }
 
     # what must match between a state file and the memory restoring it
     _STATE_KEYS = ("arch", "model", "n_layer", "layers", "n_embd_k_gqa", "n_embd_v_gqa", "n_swa", "rope_type",
-                   "rope_freq_base", "rope_freq_scale", "type_k", "type_v", "row_bytes_k", "row_bytes_v")
+                   "rope_freq_base", "rope_freq_scale", "type_k", "type_v", "row_bytes_k", "row_bytes_v", "rot_k",
+                   "rot_v")
 
     def state_write(self, f: BinaryIO, seq_id: int | None = None) -> None:
         """Write the whole memory (seq_id None) or one sequence's tokens."""

@@ -46,7 +46,7 @@ WRITERS: set[str] = set()
 _COMMON = {"format": str, "n_tokens": int, "n_seq_ids": int, "arch": str, "model": str, "n_layer": int,
            "layers": list, "row_bytes_k": int, "row_bytes_v": int, "seq_id": (int, type(None)), "written_by": str}
 _KV = {"n_embd_k_gqa": int, "n_embd_v_gqa": int, "n_swa": int, "rope_type": str, "rope_freq_base": (float, int),
-       "rope_freq_scale": (float, int), "type_k": str, "type_v": str}
+       "rope_freq_scale": (float, int), "type_k": str, "type_v": str, "rot_k": int, "rot_v": int}
 _RECURRENT = {"kind": str, "n_embd_r": int, "n_embd_s": int}
 
 

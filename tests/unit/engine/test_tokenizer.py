@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from engine.gguf.presets import ensure_preset
+from engine.gguf.presets import ensure_model, ensure_preset
 from engine.gguf.reader import open_gguf
 from engine.tokenizer import GGUFTokenizer
 
@@ -24,10 +24,11 @@ def _files(conformance_dir):
         "conformance": conformance_dir / "llama-tiny-F32.gguf",
         "llama-tiny": ensure_preset("llama-tiny"),
         "qwen2-tiny": ensure_preset("qwen2-tiny"),
+        "smollm2-135m": ensure_model("smollm2-135m"),  # a real vocabulary: gpt2 BPE, smollm pre-tokenizer
     }
 
 
-@pytest.mark.parametrize("which", ["conformance", "llama-tiny", "qwen2-tiny"])
+@pytest.mark.parametrize("which", ["conformance", "llama-tiny", "qwen2-tiny", "smollm2-135m"])
 def test_matches_transformers(conformance_dir, tmp_path, which):
     from transformers import AutoTokenizer
 
@@ -52,3 +53,18 @@ def test_continuation_keeps_the_boundary_space():
     tok = GGUFTokenizer(open_gguf(ensure_preset("llama-tiny")).tokenizer_metadata())
     prompt, gen = tok.encode("the memory"), tok.encode("the memory cache", add_bos=False)[2:]
     assert tok.continuation(prompt, gen) == tok.decode(tok.encode("the memory cache"))[len("the memory"):]
+
+
+def test_real_text_round_trips_and_special_tokens_are_single_tokens():
+    from harness.corpus import default_text
+
+    path = ensure_model("smollm2-135m")
+    tok = GGUFTokenizer(open_gguf(path).tokenizer_metadata(), str(path))
+    text = default_text()[:20000]
+    assert tok.decode(tok.encode(text)) == text
+    chat = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+    ids = tok.encode(chat)
+    start, end = tok.tokens.index("<|im_start|>"), tok.tokens.index("<|im_end|>")
+    assert ids[0] == start and end in ids and ids.count(start) == 1  # one id each, as the GGUF lists them
+    assert tok.decode(ids, skip_special=False) == chat
+    assert [tok.tokens[i] for i in tok.encode("2024")] == ["2", "0", "2", "4"]  # smollm: every digit alone

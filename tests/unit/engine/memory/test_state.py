@@ -816,3 +816,18 @@ def test_save_creates_parent_directories_and_overwrites(load, tmp_path):
     eng.memory.save_state(path)
     assert path.read_bytes() != first
     assert sorted(os.listdir(path.parent)) == ["state"]
+
+
+def test_a_rotated_quantized_state_does_not_restore_into_an_unrotated_memory(load, tmp_path):
+    """Rows of a quantized cache are stored rotated (llama.cpp's attn_rot): the rotation is part of the format."""
+    lm = load("smollm2-135m")  # head size 64: rotated
+    src = create_engine(lm, create_memory(lm, size=32, type_k="q8_0", type_v="q8_0"))
+    src.prefill({0: list(range(10, 20))})
+    path = tmp_path / "rot.kvstate"
+    src.memory.save_state(path)
+    dst = create_memory(lm, size=32, type_k="q8_0", type_v="q8_0", attn_rot=False)
+    with pytest.raises(StateFileError, match="rot_k"):
+        dst.load_state(path)
+    same = create_memory(lm, size=32, type_k="q8_0", type_v="q8_0")
+    same.load_state(path)
+    assert same.seq_pos_max(0) == 9

@@ -55,6 +55,9 @@ class CacheConf:
     offload_layers: int = 0  # with host/disk: the first N layers stay on the device
     growth: Growth = Growth.cat  # naive only
     attn_rot: bool = True  # llama.cpp's Hadamard rotation of quantized K/V rows (engine/memory/kv_cache.py)
+    # K and V types as one value, TYPE_K/TYPE_V: experiments/config.yaml derives type_k and type_v from it
+    # unless they are set themselves, so one sweep key can walk equal types and K/V mixes alike
+    kv: str = "f32/f32"
 
 
 @dataclass
@@ -63,6 +66,11 @@ class TrackersConf:
     memory: bool = True
     fragmentation: bool = True
     sample_interval_ms: float = 20.0  # timeline sampling period; peaks are tracked every step regardless
+    # KL divergence and top-1 agreement of the point's K/V types against f32 KV on real text, before the run
+    # (harness/trackers/quality.py): quality_chunks chunks of quality_ctx tokens of the default corpus
+    quality: bool = False
+    quality_ctx: int = 256
+    quality_chunks: int = 2
 
 
 @dataclass
@@ -109,7 +117,17 @@ class RunConfig:
     resume_from: str = ""  # earlier sweep directories (comma-separated) whose clean points may be reused (--resume-from)
 
 
+def kv_part(kv: str, i: int) -> str:
+    """The K (0) or V (1) type of a cache.kv value such as q8_0/q4_0 (an OmegaConf resolver)."""
+    parts = str(kv).split("/")
+    if len(parts) != 2 or not all(p in CACHE_TYPES for p in parts):
+        raise ValueError(f"cache.kv = {kv!r}: expected TYPE_K/TYPE_V with types among {', '.join(CACHE_TYPES)}, "
+                         "e.g. q8_0/q4_0")
+    return parts[int(i)]
+
+
 def register_configs() -> None:
+    OmegaConf.register_new_resolver("kv_part", kv_part, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
     for name, node in [("base_fixed", FixedWorkload), ("base_sharegpt", ShareGPTWorkload),

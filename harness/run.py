@@ -41,6 +41,7 @@ from harness.trackers import (
     MemoryTracker,
     NoiseTracker,
 )
+from harness.trackers.quality import quality_metrics
 from harness.workload import fit_cache_size
 
 # In a memory-only run these describe the kvbench process, not the modeled one: not reported.
@@ -123,6 +124,9 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
         metrics: dict = {"run.memory_only": lm.memory_only, "run.cache_size": spec.size}
         if cfg.probe_logit_error and not lm.memory_only:
             metrics |= probe_logit_error(lm, spec)
+        if cfg.trackers.quality and not lm.memory_only:
+            tc = cfg.trackers
+            metrics |= quality_metrics(lm, spec, tc.quality_ctx, tc.quality_chunks)
         mem = create_memory(lm, spec)
         eng = create_engine(lm, mem, cfg.ubatch)
         if cfg.warmup:

@@ -32,6 +32,8 @@ SUMMARY = [
     ("alloc.calls_per_decode_step", "allocs/step", 1),
     ("requests.preemptions", "preemptions", 1),
     ("quality.logit_max_abs_err", "logit err", 1),
+    ("quality.kld.mean", "KLD vs f32 KV (nats)", 1),
+    ("quality.top1_agreement", "top-1 = f32 KV", 1),
 ]
 CONFIG_COLUMNS = ["model.name", "allocator", "cache.size", "cache.block_size", "cache.type_k", "cache.type_v",
                   "cache.offload", "cache.offload_layers", "parallel", "workload", "share_prefix"]
@@ -103,7 +105,7 @@ def _metric_columns(runs: pd.DataFrame) -> list[str]:
 
 
 # metrics that are fractions 0..1: their intervals are taken on the raw scale and clipped to [0, 1]
-_FRACTIONS = ("fragmentation.", "stability.", "noise.steal")
+_FRACTIONS = ("fragmentation.", "stability.", "noise.steal", "quality.top1_agreement")
 
 
 def _bounds(metric: str) -> tuple[float, float] | None:

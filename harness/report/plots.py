@@ -9,6 +9,7 @@ parallel sequences (throughput, TPOT). A plot of one point per line shows nothin
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -167,21 +168,38 @@ def _breakdown(ok, out, paths) -> None:
 
 
 def _kv_type_tradeoff(ok, out, paths) -> None:
-    if "quality.logit_max_abs_err" in ok:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        step = _num(ok, "latency.decode_step_ms.p50")
-        sc = ax.scatter(_num(ok, "memory.kv_bytes_per_token") / 1024, _num(ok, "quality.logit_max_abs_err"),
-                        c=step, cmap="viridis", s=60)
-        for row, xx, yy in zip(ok.itertuples(), _num(ok, "memory.kv_bytes_per_token") / 1024,
-                               _num(ok, "quality.logit_max_abs_err")):
-            ax.annotate(f"K {ok.at[row.Index, 'cache.type_k']} / V {ok.at[row.Index, 'cache.type_v']}", (xx, yy),
-                        fontsize=7, xytext=(4, 4), textcoords="offset points")
-        fig.colorbar(sc, ax=ax, label="decode step p50 (ms)")
-        ax.set_xlabel("KV bytes per token, all layers (KiB)")
+    """KV bytes per token against the quality cost of the cache type: KL divergence against f32 KV on real
+    text where the sweep measured it (trackers.quality), else the probe's max logit error; colour: speed."""
+    kld = "quality.kld.mean" in ok and _num(ok, "quality.kld.mean").notna().any()
+    ycol = "quality.kld.mean" if kld else "quality.logit_max_abs_err"
+    if ycol not in ok:
+        return
+    pts = ok.drop_duplicates(["cache.type_k", "cache.type_v"]).sort_values("memory.kv_bytes_per_token")
+    x, y = _num(pts, "memory.kv_bytes_per_token") / 1024, _num(pts, ycol)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    sc = ax.scatter(x, y.clip(lower=1e-7) if kld else y, c=_num(pts, "latency.tpot_ms.p50"), cmap="viridis", s=70,
+                    zorder=3)
+    placed: list[tuple[float, float]] = []  # (x, log y) of each label already drawn, left to right
+    for (_, row), xx, yy in zip(pts.iterrows(), x, y):  # one point per K/V pair
+        yv = max(yy, 1e-7) if kld else yy
+        ly = math.log10(yv) if kld else yv
+        # above its point, unless a label drawn to its left would run into it: then below
+        clash = any(xx - px < 9 and abs(ly - py) < (0.5 if kld else 0.05 * (abs(py) + 1e-9)) for px, py in placed)
+        ax.annotate(f"K {row['cache.type_k']} / V {row['cache.type_v']}", (xx, yv), fontsize=8,
+                    xytext=(6, -12 if clash else 5), textcoords="offset points")
+        placed.append((xx, ly - (0.6 if clash and kld else 0)))
+    fig.colorbar(sc, ax=ax, label="TPOT p50 (ms)")
+    ax.set_xlabel("KV cache bytes per token, all layers (KiB)")
+    if kld:
+        ax.set_yscale("log")
+        ax.set_ylabel("mean KL divergence vs f32 KV (nats, log; f32 itself drawn at 1e-7)")
+        ax.set_title("K/V cache types: memory per token vs quality (real text)")
+    else:
         ax.set_ylabel("max |logit - f32-cache logit| (logit units)")
-        ax.set_title("K/V cache type trade-off: memory vs error vs speed")
-        ax.grid(alpha=0.3)
-        _save(fig, out, "kv_type_tradeoff", paths)
+        ax.set_title("K/V cache types: memory per token vs logit error vs speed")
+    ax.grid(alpha=0.3, which="both")
+    ax.margins(x=0.15, y=0.2)
+    _save(fig, out, "kv_type_tradeoff", paths)
 
 
 def _parallel_scaling(ok, out, paths) -> None:

@@ -101,3 +101,14 @@ def test_llama_cpp_rotation_lowers_the_cost_of_a_q4_0_cache_on_a_real_model(load
     kw = dict(n_ctx=256, n_chunks=2, type_k="q4_0", type_v="q4_0", reference=("f32", "f32"))
     on, off = evaluate(lm, tokens, attn_rot=True, **kw), evaluate(lm, tokens, attn_rot=False, **kw)
     assert on.kld["mean"] < 0.6 * off.kld["mean"] and on.top1_agreement > off.top1_agreement
+
+
+def test_the_quality_tracker_measures_the_points_cache_types(load):
+    from engine.memory.kv_cache import CacheSpec
+    from harness.trackers.quality import quality_metrics
+
+    lm = load("llama-tiny")
+    f32 = quality_metrics(lm, CacheSpec(), n_ctx=64, n_chunks=2)
+    assert f32["quality.kld.mean"] < 1e-9 and f32["quality.top1_agreement"] == 1.0 and f32["quality.n_scored"] == 62
+    q4 = quality_metrics(lm, CacheSpec(type_k="q4_0", type_v="q4_0"), n_ctx=64, n_chunks=2)
+    assert q4["quality.kld.mean"] > 1e-5 and q4["quality.ppl"] > 0

@@ -61,4 +61,4 @@ def test_sweep_points_cross_command_line_and_experiment():
 def test_good_configs_pass():
     assert sweep.prevalidate([]) == 1
     assert sweep.prevalidate(["-m", "experiment=allocators"]) == 9 * 3  # 3 rounds
-    assert sweep.prevalidate(["-m", "experiment=kv_types"]) == 5 * 3
+    assert sweep.prevalidate(["-m", "experiment=kv_types"]) == 7 * 3  # 5 equal types + 2 K/V mixes, 3 rounds

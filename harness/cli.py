@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
 from contextlib import ExitStack
@@ -42,6 +41,7 @@ from engine.runtime.scheduler import Request, Scheduler
 from engine.tokenizer import GGUFTokenizer
 from harness.config import cache_spec
 from harness.corpus import load_text
+from harness.env import quiet_env
 from harness.perplexity import evaluate
 from harness.trackers import LatencyTracker, MemoryTracker
 
@@ -201,14 +201,10 @@ def cmd_perplexity(args) -> dict:
     tokens = lm.tokenizer.encode(text)
     n = min(len(tokens) // max(args.ctx_size, 1), args.chunks or 1 << 30)
     reference = ("f32", "f32") if args.kl_divergence else None
-    with tqdm(total=n, desc="perplexity", unit="chunk", file=sys.stderr, disable=args.json or _quiet()) as bar:
+    with tqdm(total=n, desc="perplexity", unit="chunk", file=sys.stderr, disable=args.json or quiet_env()) as bar:
         res = evaluate(lm, tokens, args.ctx_size, args.chunks, args.type_k, args.type_v, reference, args.ubatch, bar,
                        attn_rot=not args.no_attn_rot)
     return {"model": str(lm.path), "text": source, "n_text_tokens": len(tokens), **res.as_dict()}
-
-
-def _quiet() -> bool:
-    return bool(os.environ.get("CI") or os.environ.get("KVBENCH_QUIET"))
 
 
 def cmd_tokenize(args) -> dict:

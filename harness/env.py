@@ -36,6 +36,11 @@ def _git_commit() -> str:
     return r.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def quiet_env() -> bool:
+    """Progress bars off: CI=1 or KVBENCH_QUIET set (what `--quiet` does for one command)."""
+    return bool(os.environ.get("CI")) or bool(os.environ.get("KVBENCH_QUIET"))
+
+
 def collect_env(device: torch.device | None = None) -> dict:
     versions = {}
     for p in _PACKAGES:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import os
 import sys
 import time
 import traceback
@@ -32,7 +31,7 @@ from engine.runtime.sampling import SamplingParams
 from engine.runtime.scheduler import Scheduler
 from harness import faults
 from harness.config import cache_spec, effective_parallel, validate
-from harness.env import collect_env
+from harness.env import collect_env, quiet_env
 from harness.noise import normalized
 from harness.records import RECORD_NAME, Record, config_hash, write_record
 from harness.trackers import (
@@ -61,7 +60,7 @@ def point_cache_spec(cfg: DictConfig) -> CacheSpec:
 
 
 def quiet(cfg: DictConfig) -> bool:
-    return bool(cfg.quiet) or bool(os.environ.get("CI")) or bool(os.environ.get("KVBENCH_QUIET"))
+    return bool(cfg.quiet) or quiet_env()
 
 
 def probe_logit_error(lm, spec: CacheSpec, n_tokens: int = 128) -> dict[str, float]:

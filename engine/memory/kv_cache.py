@@ -84,17 +84,18 @@ class CacheSpec:
         return s
 
 
-@functools.lru_cache(maxsize=16)
-def _hadamard64(n: int) -> torch.Tensor:
+def hadamard(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The n x n orthonormal Walsh-Hadamard matrix (n a power of two): symmetric, its own inverse."""
+    return _hadamard(n, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _hadamard(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # built once per (size, dtype, device): every read of a rotated cache multiplies by it, every layer, every step
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:  # Sylvester: [[H, H], [H, -H]]
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / math.sqrt(n)
-
-
-def hadamard(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The n x n orthonormal Walsh-Hadamard matrix (n a power of two): symmetric, its own inverse."""
-    return _hadamard64(n).to(dtype=dtype, device=device)
+    return (h / math.sqrt(n)).to(dtype=dtype, device=device)
 
 
 def rotation_blocks(cfg: ModelConfig, spec: CacheSpec) -> tuple[int, int]:

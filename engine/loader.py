@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from engine import alloc
+from engine import alloc, kernels
 from engine.config import ModelConfig
 from engine.errors import ConfigError, DeviceError, UnsupportedError
 from engine.gguf import presets
@@ -24,6 +24,7 @@ from engine.memory.kv_cache import CacheSpec
 from engine.model.hybrid import HybridLM
 from engine.model.llama import Transformer
 from engine.model.memory_only import MemoryOnlyModel
+from engine.model.weights import CatWeight, Weight, check_compute
 from engine.runtime.engine import Engine
 from engine.tokenizer import GGUFTokenizer
 
@@ -63,28 +64,54 @@ class LoadedModel:
     config: ModelConfig
     model: Transformer
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # activations and the KV cache's float type
+    compute: str = "exact"  # engine/model/weights.py: exact (float32 everywhere) or fast (packed weights)
 
     @cached_property
     def tokenizer(self) -> GGUFTokenizer:
         return GGUFTokenizer(self.file.tokenizer_metadata(), str(self.path))
 
     @property
+    def kernels(self) -> str:
+        """Which matmul kernels run: 'native-avx2' / 'native-scalar' (engine/kernels/qmm.cpp), 'torch'
+        (its fallback), or 'aten' (exact mode, GPUs: torch's own GEMMs only)."""
+        return kernels.backend() if self.compute == "fast" and self.device.type == "cpu" else "aten"
+
+    @property
     def memory_only(self) -> bool:
         return isinstance(self.model, MemoryOnlyModel)
 
     def weight_bytes(self) -> int:
-        """Bytes of the parameters (exact on the meta device too: counted from shapes)."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Bytes of the weights as held (packed blocks in fast mode; exact on the meta device too:
+        counted from shapes). A tied matrix counts once."""
+        seen, total = set(), 0
+        for t in self.model.state_dict(keep_vars=True).values():
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    def weight_types(self) -> dict[str, int]:
+        """Bytes held per storage type ("Q4_0", "F32" ...), matrices only."""
+        out: dict[str, int] = {}
+        for m in {id(m): m for m in self.model.modules() if isinstance(m, Weight) and not isinstance(m, CatWeight)}.values():
+            out[m.ggml_type] = out.get(m.ggml_type, 0) + m.nbytes
+        return out
 
 
 def load_model(model: str | os.PathLike, device: str = "cpu", dtype: str = "f32", mmap: bool = False,
-               memory_only: bool = False, allow_memory_only: bool = False) -> LoadedModel:
+               memory_only: bool = False, allow_memory_only: bool = False, compute: str = "exact") -> LoadedModel:
     """Load a model. ``memory_only`` builds the real shapes on the meta device: exact byte
     accounting, no weights, no arithmetic. With ``allow_memory_only`` a shape-only file (such as
-    the llama-7b preset) loads that way; without it, it is an error (generation needs weights)."""
+    the llama-7b preset) loads that way; without it, it is an error (generation needs weights).
+
+    ``compute="exact"`` dequantizes every weight to ``dtype``; ``compute="fast"`` keeps matrices in
+    the file's format (engine/model/weights.py) with float32 activations -- on a GPU, where the
+    packed kernels do not run, matrices are dequantized to bf16 instead. ``dtype`` is exact mode's
+    (and memory-only runs') knob."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    check_compute(compute)
     path = resolve_model_path(model)
     f = open_gguf(path)
     cfg = f.config()
@@ -94,11 +121,18 @@ def load_model(model: str | os.PathLike, device: str = "cpu", dtype: str = "f32"
                                    "layers (give the file its weights to run it)")
         f.check_tensors(cfg)
         return LoadedModel(path, f, cfg, MemoryOnlyModel(cfg, DTYPES[dtype]), torch.device("meta"), DTYPES[dtype])
+    if compute == "fast" and dtype != "f32":
+        raise ConfigError(f"dtype {dtype!r} applies to compute=exact; compute=fast keeps the file's weight "
+                          "types and computes in float32/bf16 (drop --dtype, or use --compute exact)")
     dev = resolve_device(device)
-    weights = f.load_weights(cfg, DTYPES[dtype], mmap=mmap)
+    if compute == "fast" and dev.type != "cpu":
+        weights = f.load_weights(cfg, torch.bfloat16, mmap=mmap)
+        weights = {k: (v if v.dim() == 2 else v.float()) for k, v in weights.items()}  # only matrices in bf16
+    else:
+        weights = f.load_weights(cfg, DTYPES[dtype], mmap=mmap, compute=compute)
     model_cls = HybridLM if ARCHS[cfg.arch].model == "hybrid" else Transformer
-    net = model_cls.from_weights(cfg, weights, dev)
-    return LoadedModel(path, f, cfg, net, dev, DTYPES[dtype])
+    net = model_cls.from_weights(cfg, weights, dev, fuse_copy=not mmap)
+    return LoadedModel(path, f, cfg, net, dev, DTYPES[dtype], compute)
 
 
 def create_memory(lm: LoadedModel, spec: CacheSpec | None = None, **overrides):

@@ -36,6 +36,7 @@ from engine.memory.codecs import CACHE_TYPES, bytes_per_value
 from engine.memory.kv_cache import GROWTH, CacheSpec
 from engine.memory.plan import check, plan
 from engine.memory.tiers import TIER_NAMES
+from engine.model.weights import COMPUTE_MODES
 from engine.runtime.sampling import SamplingParams
 from engine.runtime.scheduler import Request, Scheduler
 from engine.tokenizer import GGUFTokenizer
@@ -58,11 +59,14 @@ def _parse_tokens(s: str) -> list[int]:
     return ids
 
 
-def _add_model_args(p: argparse.ArgumentParser, memory: bool = True) -> None:
+def _add_model_args(p: argparse.ArgumentParser, memory: bool = True, compute: str = "fast") -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"GGUF path or preset ({', '.join(MODEL_NAMES)}); default {DEFAULT_MODEL}")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", default="f32", choices=list(DTYPES), help="weight/compute dtype")
+    p.add_argument("--compute", default=compute, choices=list(COMPUTE_MODES),
+                   help=f"exact: float32 on dequantized weights (the parity reference); fast: weights kept in "
+                        f"their GGUF format, packed kernels (default {compute})")
+    p.add_argument("--dtype", default="f32", choices=list(DTYPES), help="compute=exact: weight/compute dtype")
     p.add_argument("--threads", "-t", type=int, default=None, help="torch CPU threads")
     if memory:
         p.add_argument("--allocator", default="pooled", choices=list(ALLOCATORS), help="KV allocator")
@@ -122,7 +126,7 @@ def cmd_generate(args) -> dict:
     )
     if args.parallel <= 0:
         raise ConfigError(f"--parallel {args.parallel}: must be positive")
-    lm = load_model(args.model, args.device, args.dtype)
+    lm = load_model(args.model, args.device, args.dtype, compute=args.compute)
     prompt = _prompt_tokens(args, lm)
     mem = _memory(args, lm, _cache_spec(args, len(prompt) + args.n_predict, args.parallel, lm.config.n_ctx_train))
     eng = create_engine(lm, mem, args.ubatch)
@@ -174,13 +178,16 @@ def cmd_generate(args) -> dict:
         "prefix_saved_bytes": (peak.seq_tokens - peak.used_cells) * mem.bytes_per_token,
         "threads": torch.get_num_threads(),
         "device": str(lm.device),
+        "compute": lm.compute,
+        "kernels": lm.kernels,
+        "weight_types": lm.weight_types(),
     }
 
 
 def cmd_logits(args) -> dict:
     _setup(args)
     tokens = _parse_tokens(args.tokens)
-    lm = load_model(args.model, args.device, args.dtype)
+    lm = load_model(args.model, args.device, args.dtype, compute=args.compute)
     mem = _memory(args, lm, _cache_spec(args, len(tokens), 1, max(lm.config.n_ctx_train, len(tokens))))
     eng = create_engine(lm, mem, args.ubatch)
     b = Batch()
@@ -189,7 +196,7 @@ def cmd_logits(args) -> dict:
     out = Path(args.out)
     with atomic_open(out) as f:
         np.save(f, logits)
-    return {"out": str(out), "shape": list(logits.shape), "dtype": "float32"}
+    return {"out": str(out), "shape": list(logits.shape), "dtype": "float32", "compute": lm.compute}
 
 
 def cmd_perplexity(args) -> dict:
@@ -197,14 +204,15 @@ def cmd_perplexity(args) -> dict:
     if args.chunks is not None and args.chunks < 1:
         raise ConfigError(f"--chunks {args.chunks}: must be at least 1")
     text, source = load_text(args.text)
-    lm = load_model(args.model, args.device, args.dtype)
+    lm = load_model(args.model, args.device, args.dtype, compute=args.compute)
     tokens = lm.tokenizer.encode(text)
     n = min(len(tokens) // max(args.ctx_size, 1), args.chunks or 1 << 30)
     reference = ("f32", "f32") if args.kl_divergence else None
     with tqdm(total=n, desc="perplexity", unit="chunk", file=sys.stderr, disable=args.json or quiet_env()) as bar:
         res = evaluate(lm, tokens, args.ctx_size, args.chunks, args.type_k, args.type_v, reference, args.ubatch, bar,
                        attn_rot=not args.no_attn_rot)
-    return {"model": str(lm.path), "text": source, "n_text_tokens": len(tokens), **res.as_dict()}
+    return {"model": str(lm.path), "text": source, "n_text_tokens": len(tokens), "compute": lm.compute,
+            **res.as_dict()}
 
 
 def cmd_tokenize(args) -> dict:
@@ -303,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     lg = sub.add_parser("logits", help="write float32 logits [n_tokens, n_vocab] to a .npy file")
-    _add_model_args(lg)
+    _add_model_args(lg, compute="exact")
     lg.add_argument("--tokens", required=True, help="token ids, comma-separated")
     lg.add_argument("--out", "-o", required=True, help="output .npy path")
     lg.add_argument("--json", action="store_true")
@@ -311,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("perplexity", help="perplexity (and KL divergence vs f32 KV) on real text, as llama-perplexity")
     pp.add_argument("--model", "-m", default=DEFAULT_MODEL)
     pp.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    pp.add_argument("--dtype", default="f32", choices=list(DTYPES), help="weight/compute dtype")
+    pp.add_argument("--compute", default="exact", choices=list(COMPUTE_MODES),
+                    help="exact (default: the figures docs/ quote) or fast (packed weights, as llama.cpp computes)")
+    pp.add_argument("--dtype", default="f32", choices=list(DTYPES), help="compute=exact: weight/compute dtype")
     pp.add_argument("--threads", "-t", type=int, default=None, help="torch CPU threads")
     pp.add_argument("--text", default=None, help="UTF-8 text file (default: Python's pydoc_data.topics)")
     pp.add_argument("--ctx-size", "-c", type=int, default=512, help="tokens per chunk (llama-perplexity's -c)")

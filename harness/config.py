@@ -23,6 +23,7 @@ from engine.loader import DTYPES
 from engine.memory.codecs import CACHE_TYPES
 from engine.memory.kv_cache import GROWTH, CacheSpec
 from engine.memory.tiers import TIER_NAMES
+from engine.model.weights import COMPUTE_MODES
 from harness.workload import (
     WORKLOADS,
     ArrivalProcess,
@@ -42,7 +43,10 @@ Growth = Enum("Growth", {name: name for name in GROWTH})
 @dataclass
 class ModelConf:
     name: str = "llama-tiny"  # preset name or path to a .gguf
-    dtype: str = "f32"  # weights and compute: f32 | f16 | bf16
+    # fast: weights stay in the file's GGUF types, packed kernels (engine/model/weights.py); exact: float32
+    # on dequantized weights, the parity reference
+    compute: str = "fast"
+    dtype: str = "f32"  # compute=exact only: weights and compute in f32 | f16 | bf16
 
 
 @dataclass
@@ -218,6 +222,8 @@ def validate(cfg: DictConfig) -> None:
     _model_exists(cfg.model.name)
     if cfg.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype = {cfg.model.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if cfg.model.compute not in COMPUTE_MODES:
+        raise ConfigError(f"model.compute = {cfg.model.compute!r}: expected one of {', '.join(COMPUTE_MODES)}")
     if cfg.device != "cpu" and not str(cfg.device).startswith("cuda"):
         raise ConfigError(f"device = {cfg.device!r}: expected cpu or cuda[:N]")
     a = cfg.workload.arrival

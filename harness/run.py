@@ -111,7 +111,7 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
     try:
         validate(cfg)
         torch.set_num_threads(cfg.threads)
-        lm = load_model(cfg.model.name, cfg.device, cfg.model.dtype, allow_memory_only=True)
+        lm = load_model(cfg.model.name, cfg.device, cfg.model.dtype, allow_memory_only=True, compute=cfg.model.compute)
         faults.slow_down(lm.model, faults.slowdown())  # test-only (KVBENCH_FAULT_INJECT=slow:k); 1 = untouched
         spec = point_cache_spec(cfg)
         workload = instantiate(cfg.workload)
@@ -120,7 +120,7 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
             spec = dataclasses.replace(spec, size=fit_cache_size(timed, spec.n_seq_max, spec.block_size))
         if cfg.memory_check and not lm.memory_only:  # before the KV cache is allocated (weights are resident)
             check_memory(plan_memory(lm.config, spec, cfg.ubatch), lm.device, spec)
-        metrics: dict = {"run.memory_only": lm.memory_only, "run.cache_size": spec.size}
+        metrics: dict = {"run.memory_only": lm.memory_only, "run.cache_size": spec.size, "run.kernels": lm.kernels}
         if cfg.probe_logit_error and not lm.memory_only:
             metrics |= probe_logit_error(lm, spec)
         if cfg.trackers.quality and not lm.memory_only:

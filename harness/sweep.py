@@ -25,7 +25,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from engine.errors import ConfigError, KvbenchError
-from engine.gguf.keymap import n_params
 from engine.gguf.reader import open_gguf
 from engine.loader import DTYPES, resolve_model_path
 from engine.memory.plan import check, plan
@@ -232,13 +231,14 @@ def check_planned_memory(cfg: DictConfig, models: dict) -> None:
 
     name = cfg.model.name
     if name not in models:
-        models[name] = open_gguf(resolve_model_path(name)).config()
-    mc = models[name]
+        f = open_gguf(resolve_model_path(name))
+        models[name] = (f, f.config())
+    f, mc = models[name]
     if not mc.weights_present or OmegaConf.select(cfg, "workload.fit_cache"):
         return  # memory-only: nothing is allocated; a workload-sized cache is checked when the point runs
-    itemsize = torch.empty((), dtype=DTYPES[cfg.model.dtype]).element_size()
+    weights = f.planned_weight_bytes(mc, cfg.model.compute, DTYPES[cfg.model.dtype])
     spec = point_cache_spec(cfg)
-    check(plan(mc, spec, cfg.ubatch, n_params(mc) * itemsize), torch.device(cfg.device.split(":")[0]), spec)
+    check(plan(mc, spec, cfg.ubatch, weights), torch.device(cfg.device.split(":")[0]), spec)
 
 
 def _take_flags(argv: list[str]) -> list[str]:

@@ -18,10 +18,12 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf import quants as gguf_quants
 
+from engine import kernels
 from engine.config import ATTN, SSM, ModelConfig
 from engine.errors import KvbenchError, ModelFileError, UnsupportedError
 from engine.gguf.header import HeaderSummary, check_header
 from engine.gguf.keymap import ARCHS, expand
+from engine.model.weights import DenseWeight, PackedWeight, Weight
 
 _MISSING = object()
 
@@ -200,14 +202,19 @@ class GGUFFile:
                     f"implies {list(want)}; the file's tensors and metadata disagree -- re-convert it"
                 )
 
-    def load_weights(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
-                     mmap: bool = False) -> dict[str, torch.Tensor]:
-        """Parameters by kvbench name, dequantized to ``dtype`` on the CPU.
+    def load_weights(self, config: ModelConfig, dtype: torch.dtype = torch.float32, mmap: bool = False,
+                     compute: str = "exact") -> dict[str, torch.Tensor | Weight]:
+        """Parameters by kvbench name.
 
-        ``mmap=False`` (the default, like llama.cpp's --no-mmap) reads tensor bytes into
-        process memory with plain file reads, never touching the mapping. Anonymous memory
-        gets transparent huge pages: decode on llama-small F32 ran 5-7% faster than on
-        file-backed pages here. ``mmap=True`` leaves F32/F16 tensors as views of the mapping.
+        ``compute="exact"``: every tensor dequantized to ``dtype``. ``compute="fast"``: matrices
+        become ``Weight``s that keep the file's bytes (engine/model/weights.py); vectors and 3-D
+        expert tensors are dequantized to float32 as in exact mode.
+
+        ``mmap=False`` (the default, like llama.cpp's --no-mmap) reads tensor bytes into process
+        memory with plain file reads, one tensor at a time, never touching the mapping: one copy of
+        each weight, on anonymous pages (transparent huge pages: decode on llama-small F32 ran 5-7%
+        faster than on file-backed pages here). ``mmap=True`` leaves F32/F16 tensors and packed
+        blocks as views of the mapping (pages come in as they are first read).
         """
         if not config.weights_present:
             raise ModelFileError(
@@ -215,11 +222,51 @@ class GGUFFile:
                 "memory-only runs, or pass a model file with weights"
             )
         self.check_tensors(config)
-        out = {}
+        out: dict[str, torch.Tensor | Weight] = {}
         for gguf_name, param, _ in expand(ARCHS[config.arch].tensors, config):
-            if gguf_name in self.tensors:
+            if gguf_name not in self.tensors:
+                continue
+            t = self.tensors[gguf_name]
+            if compute == "fast" and len(t.shape) == 2:
+                out[param] = self.weight(gguf_name, mmap)
+            else:
                 out[param] = self.dequantize(gguf_name, dtype, mmap)
         return out
+
+    def planned_weight_bytes(self, config: ModelConfig, compute: str, dtype: torch.dtype) -> int:
+        """Bytes the weights will take once loaded, from the header alone: exact mode holds every tensor
+        in ``dtype``; fast mode holds matrices as ``weight`` keeps them and the rest in float32."""
+        total = 0
+        for gguf_name, _, _ in expand(ARCHS[config.arch].tensors, config):
+            t = self.tensors.get(gguf_name)
+            if t is None:
+                continue
+            n = int(np.prod([int(d) for d in t.shape]))
+            if compute != "fast":
+                total += n * torch.empty((), dtype=dtype).element_size()
+            elif len(t.shape) == 2 and (t.tensor_type in kernels.KERNEL_TYPES
+                                        or t.tensor_type == GGMLQuantizationType.F32):
+                total += int(t.n_bytes)
+            else:
+                total += n * (2 if len(t.shape) == 2 else 4)
+        return total
+
+    def weight(self, name: str, mmap: bool = False) -> Weight:
+        """A matrix in fast mode: its GGUF bytes as they are (F32, F16, BF16 and the kernel types),
+        or dequantized to bf16 when no kernel reads its type (Q2_K, Q3_K, IQ*)."""
+        t = self.tensors[name]
+        n, k = int(t.shape[1]), int(t.shape[0])  # GGUF ne0 is the row length
+        qtype = t.tensor_type
+        if qtype == GGMLQuantizationType.F32:
+            return DenseWeight(self.dequantize(name, torch.float32, mmap))
+        if qtype not in kernels.KERNEL_TYPES:
+            return DenseWeight(self.dequantize(name, torch.bfloat16, mmap), qtype.name)
+        data = torch.from_numpy(self.raw(name, mmap)).reshape(-1).view(torch.uint8)
+        if qtype == GGMLQuantizationType.F16:
+            return DenseWeight(data.view(torch.float16).view(n, k))
+        if qtype == GGMLQuantizationType.BF16:
+            return DenseWeight(data.view(torch.bfloat16).view(n, k))
+        return PackedWeight(data, qtype, n, k)
 
     def raw(self, name: str, mmap: bool = True) -> np.ndarray:
         """A tensor's stored data as the reader shapes it (a view of the mapping, or a copy read from the file)."""

@@ -9,37 +9,33 @@ from torch import nn
 
 from engine.config import ROPE_NEOX, ModelConfig
 from engine.memory.base import AttnInput
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) @ w(N, K)^T (+ b), choosing the CPU GEMM shape that streams weights fastest.
-
-    Measured on the 2-core dev VM (torch 2.13 CPU, MKL), llama-small's 33 weight matrices,
-    one pass: F.linear takes 18.4 ms at M=1 (it dispatches to GEMV), 33 ms at M=2..8 and
-    43 ms at M=16, while mm(w, x^T) takes 10 ms at M=2, 13 ms at M=4, 28 ms at M=16 and is
-    even with F.linear at M=128. A single row is padded to two so it takes the GEMM path
-    (11.2 ms). Results match F.linear to float32 rounding (~5e-5 on these shapes).
-    """
-    if x.device.type != "cpu":
-        return F.linear(x, w, b)
-    m = x.shape[0]
-    if m == 1:
-        y = torch.mm(w, torch.cat((x, x)).t()).t()[:1]
-    else:
-        y = torch.mm(w, x.t()).t()
-    return y if b is None else y + b
+from engine.model.weights import DenseWeight, Weight
 
 
 class Linear(nn.Module):
-    """Weights in torch layout (out, in), applied with ``linear``; no init (weights come from files)."""
+    """y = x W^T (+ b). ``weight`` is a ``Weight`` (engine/model/weights.py): dense float32 in exact
+    mode, the file's blocks in fast mode; loading swaps in the real one (built here on the meta
+    device, empty)."""
 
     def __init__(self, n_in: int, n_out: int, bias: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_out, n_in), requires_grad=False)
+        self.weight: Weight = DenseWeight(torch.empty(n_out, n_in))
         self.bias = nn.Parameter(torch.empty(n_out), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        y = self.weight(x)
+        return y if self.bias is None else y + self.bias
+
+
+class Embedding(nn.Module):
+    """Token embeddings: row lookup in a ``Weight`` (kept packed in fast mode, like llama.cpp's get_rows)."""
+
+    def __init__(self, n_vocab: int, n_embd: int) -> None:
+        super().__init__()
+        self.weight: Weight = DenseWeight(torch.empty(n_vocab, n_embd))
+
+    def forward(self, token: torch.Tensor) -> torch.Tensor:
+        return self.weight.rows(token)  # (T, n_embd) float32
 
 
 class RMSNorm(nn.Module):

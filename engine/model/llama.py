@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.model.layers import FeedForward, Linear, RMSNorm, Rope, attend, linear
+from engine.model.layers import Embedding, FeedForward, Linear, RMSNorm, Rope, attend
+from engine.model.weights import DenseWeight, Weight, cat_weights
 
 
 class Attention(nn.Module):
@@ -62,40 +63,61 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.tok_embeddings = nn.Embedding(cfg.n_vocab, cfg.n_embd)
+        self.tok_embeddings = Embedding(cfg.n_vocab, cfg.n_embd)
         self.layers = nn.ModuleList(self.block(cfg, il) for il in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.rms_eps)
-        self.output = None if cfg.tied_output else Linear(cfg.n_embd, cfg.n_vocab)
+        self.output = Linear(cfg.n_embd, cfg.n_vocab)
+        if cfg.tied_output:  # one matrix, two uses (the file holds token_embd only)
+            self.output.weight = self.tok_embeddings.weight
         self.rope = Rope(cfg)
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor, mctx, out_rows: torch.Tensor | None = None) -> torch.Tensor:
         """token, pos: (T,) -> logits (n_out, n_vocab) float32 for ``out_rows`` (default all)."""
-        x = self.tok_embeddings(token)  # (T, n_embd)
+        # activations take the norms' float type: exact mode's dtype (even after .double()), float32 in fast mode
+        x = self.tok_embeddings(token).to(self.norm.weight.dtype)  # (T, n_embd)
         cs = self.rope.angles(pos, x.dtype)
         for layer in self.layers:
             x = layer(x, self.rope, cs, mctx)
         if out_rows is not None:
             x = x[out_rows]
-        x = self.norm(x)
-        w = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return linear(x, w).float()
+        return self.output(self.norm(x)).float()
 
     @classmethod
-    def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> Transformer:
-        """Build from kvbench-named parameters (engine.gguf.keymap); fuses q, k and v."""
+    def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor | Weight],
+                     device: torch.device | str = "cpu", fuse_copy: bool = True) -> Transformer:
+        """Build from kvbench-named parameters (engine.gguf.keymap): tensors, or ``Weight``s for the
+        matrices (fast mode). Fuses q, k and v into one matrix; ``fuse_copy=False`` (weights that are
+        views of a mapped file) keeps them apart rather than copying mapped pages."""
         with torch.device("meta"):
             model = cls(cfg)
         sd = dict(weights)
         for il in cfg.attn_layers:
             a = f"layers.{il}.attention."
-            sd[a + "wqkv.weight"] = torch.cat([sd.pop(a + n + ".weight") for n in ("wq", "wk", "wv")])
+            parts = [_as_weight(sd.pop(a + n + ".weight")) for n in ("wq", "wk", "wv")]
+            sd[a + "wqkv.weight"] = cat_weights(parts, copy=fuse_copy)
             if cfg.attn_bias:
                 sd[a + "wqkv.bias"] = torch.cat([sd.pop(a + n + ".bias") for n in ("wq", "wk", "wv")])
+        if cfg.tied_output:
+            sd["output.weight"] = sd["tok_embeddings.weight"]
         freq_factors = sd.pop("rope_freqs", None)
-        model.load_state_dict(sd, strict=True, assign=True)
+        for name in [n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), Weight)]:
+            mod = model.get_submodule(name)
+            mod.weight = _as_weight(sd.pop(name + ".weight"))
+        if cfg.tied_output:
+            model.output.weight = model.tok_embeddings.weight
+        sd = {k: (v.dense() if isinstance(v, Weight) else v) for k, v in sd.items()}
+        unexpected = model.load_state_dict(sd, strict=False, assign=True).unexpected_keys
+        missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta
+                   and n != "rope.inv_freq"]
+        if missing or unexpected:  # keymap and model disagree: a bug here, not a user error
+            raise AssertionError(f"parameters not loaded: {missing[:5]}; unknown: {unexpected[:5]}")
         model.rope = Rope(cfg)
         if freq_factors is not None:
-            model.rope.set_freq_factors(freq_factors)
+            model.rope.set_freq_factors(freq_factors if isinstance(freq_factors, torch.Tensor) else freq_factors.dense())
         for p in model.parameters():
             p.requires_grad_(False)
         return model.to(device).eval()
+
+
+def _as_weight(w: torch.Tensor | Weight) -> Weight:
+    return w if isinstance(w, Weight) else DenseWeight(w)

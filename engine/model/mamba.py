@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.model.layers import Linear, linear
+from engine.model.layers import Linear
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -56,17 +56,17 @@ class MambaMixer(nn.Module):
         S = max(mctx.ubatch.n_seqs, 1)
         T = h.shape[0] // S
         di = self.d_inner
-        x, z = linear(h, self.in_proj.weight).view(S, T, 2 * di).split(di, dim=-1)
+        x, z = self.in_proj(h).view(S, T, 2 * di).split(di, dim=-1)
         conv_state, ssm_state = mctx.rs_get(self.il)  # (S, d_conv-1, di), (S, di, d_state)
         conv_in = torch.cat((conv_state.to(x.dtype), x), dim=1)  # (S, d_conv-1+T, di)
         new_conv = conv_in[:, T:]
         xc = F.conv1d(conv_in.transpose(1, 2), self.conv1d_weight.unsqueeze(1), self.conv1d_bias, groups=di)
         xc = F.silu(xc.transpose(1, 2))  # (S, T, di)
-        dt, B, C = linear(xc.reshape(S * T, di), self.x_proj.weight).split(
+        dt, B, C = self.x_proj(xc.reshape(S * T, di)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.dt_norm is not None or self.weightless_norms:
             dt, B, C = _rms(dt, self.dt_norm, self.eps), _rms(B, self.b_norm, self.eps), _rms(C, self.c_norm, self.eps)
-        dt = F.softplus(linear(dt, self.dt_proj.weight, self.dt_proj.bias)).view(S, T, di)
+        dt = F.softplus(self.dt_proj(dt)).view(S, T, di)
         B, C = B.view(S, T, self.d_state), C.view(S, T, self.d_state)
         s = ssm_state.float()
         A = self.A.float()
@@ -78,7 +78,7 @@ class MambaMixer(nn.Module):
             ys.append(torch.einsum("sdn,sn->sd", s, C[:, t].float()))
         y = torch.stack(ys, dim=1).to(xc.dtype) + xc * self.D
         mctx.rs_set(self.il, new_conv, s)
-        out = linear((y * F.silu(z)).reshape(S * T, di), self.out_proj.weight)
+        out = self.out_proj((y * F.silu(z)).reshape(S * T, di))
         return out
 
 
@@ -96,12 +96,12 @@ class MoEFeedForward(nn.Module):
         self.down_exps = nn.Parameter(torch.empty(E, d, ff), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(linear(x, self.router).float(), dim=-1)  # (T, E)
+        probs = torch.softmax(F.linear(x, self.router).float(), dim=-1)  # (T, E)
         w, idx = torch.topk(probs, self.k, dim=-1)  # (T, k)
         out = torch.zeros_like(x)
         for e in idx.unique().tolist():
             rows, slot = torch.nonzero(idx == e, as_tuple=True)
             xe = x[rows]
-            ye = linear(F.silu(linear(xe, self.gate_exps[e])) * linear(xe, self.up_exps[e]), self.down_exps[e])
+            ye = F.linear(F.silu(F.linear(xe, self.gate_exps[e])) * F.linear(xe, self.up_exps[e]), self.down_exps[e])
             out.index_add_(0, rows, ye * w[rows, slot, None].to(ye.dtype))
         return out

@@ -1,0 +1,90 @@
+"""Kernels torch lacks: matmul and row lookup over weights kept in their GGUF block format.
+
+Two implementations behind one interface:
+
+* ``_qmm`` (qmm.cpp, built by ``pip install --no-build-isolation``): int8 dot products over the
+  GGML blocks for small batches (decode), dequantization to bf16 for large ones (prefill, then
+  torch's GEMM), F16/BF16 converted in registers. Threads come from torch's own pool.
+* the fallback, pure torch and numpy (``gguf.quants`` dequantizes): the same results within the
+  activation-quantization error, one dequantization per call, so slow. Used when the extension
+  was not built (an isolated ``pip install``), and by the tests as a second implementation.
+
+``KERNEL_TYPES`` is the one list of GGUF types that stay packed in ``compute=fast``; every other
+type is dequantized at load (engine/model/weights.py says to what).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gguf_quants
+from gguf.constants import GGML_QUANT_SIZES
+
+from engine.errors import ConfigError
+
+KERNEL_TYPES: frozenset[T] = frozenset({T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
+                                        T.Q4_K, T.Q5_K, T.Q6_K})
+QUANTIZED: frozenset[T] = KERNEL_TYPES - {T.F16, T.BF16}
+MAX_QMM_ROWS = 16  # qmm.cpp's MAXM: larger batches go through dequant + GEMM
+
+
+def row_bytes(ggml_type: T, k: int) -> int:
+    block, size = GGML_QUANT_SIZES[ggml_type]
+    if k % block:
+        raise ConfigError(f"a {ggml_type.name} row of {k} weights is not a whole number of {block}-weight blocks")
+    return k // block * size
+
+
+@lru_cache(maxsize=1)
+def _load() -> bool:
+    """Load the compiled ops once; False when the extension is absent or disabled (KVBENCH_KERNELS=torch)."""
+    if os.environ.get("KVBENCH_KERNELS", "auto") == "torch":
+        return False
+    spec = importlib.util.find_spec("engine.kernels._qmm")
+    if spec is None or spec.origin is None:
+        if os.environ.get("KVBENCH_KERNELS") == "native":
+            raise ConfigError("KVBENCH_KERNELS=native but the C++ kernels are not built; reinstall with "
+                              "`pip install --no-build-isolation -e .` (torch must be installed first)")
+        return False
+    torch.ops.load_library(spec.origin)
+    return True
+
+
+def backend() -> str:
+    """'native-avx2', 'native-scalar' (built without AVX2/FMA/F16C) or 'torch' (the fallback)."""
+    if not _load():
+        return "torch"
+    return "native-avx2" if torch.ops.kvbench.simd() else "native-scalar"
+
+
+def qmm(x: torch.Tensor, data: torch.Tensor, ggml_type: T, n: int, k: int, act8: bool = False) -> torch.Tensor:
+    """x (M, K) float -> (M, N) float32 = x @ W^T, W given as its GGUF bytes (uint8), M <= MAX_QMM_ROWS.
+
+    ``act8=False``: x stays float32 and the weights are widened in registers (float32 GEMV accuracy).
+    ``act8=True``: x is quantized to int8 per 32 values and dotted in integers, as llama.cpp's CPU
+    backend does (faster, and as noisy as llama.cpp: see docs/engine.md). The fallback always
+    multiplies in float32 against the dequantized W."""
+    if _load():
+        return torch.ops.kvbench.qmm(x, data, int(ggml_type), n, k, act8)
+    return x.float() @ dequant(data, ggml_type, n, k).t()
+
+
+def dequant(data: torch.Tensor, ggml_type: T, n: int, k: int, rows: torch.Tensor | None = None,
+            bf16: bool = False) -> torch.Tensor:
+    """Rows ``rows`` (default all) of W (N, K) as float32, or bfloat16 with ``bf16``."""
+    if _load():
+        return torch.ops.kvbench.dequant(data, int(ggml_type), n, k, rows, bf16)
+    raw = data.numpy().reshape(n, -1)
+    if rows is not None:
+        raw = raw[rows.cpu().numpy()]
+    if ggml_type in (T.F16, T.BF16):
+        x = torch.from_numpy(np.ascontiguousarray(raw)).view(torch.float16 if ggml_type == T.F16 else torch.bfloat16)
+    else:
+        x = torch.from_numpy(gguf_quants.dequantize(raw, ggml_type))
+    x = x.reshape(-1, k)
+    return x.to(torch.bfloat16 if bf16 else torch.float32)

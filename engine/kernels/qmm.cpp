@@ -1,0 +1,685 @@
+// kvbench's matmul over GGUF-format weights: y (M, N) = x (M, K) . W(N, K)^T with W in its GGML block
+// layout (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F16, BF16), never expanded in memory.
+//
+// Design (the same split llama.cpp's CPU backend makes, written from the GGML block formats):
+//  * Small M (decode, M <= 16): the activations are quantized once per call to int8 in blocks of 32
+//    (scale d = max|x| / 127, plus the block sum for formats with a minimum), and every weight block is
+//    unpacked to 32 signed int8 in registers and dotted with each activation row in integer arithmetic
+//    (AVX2 maddubs/madd). Weight bytes are read once per call whatever M is: decode is bound by memory
+//    bandwidth, and the integer dot keeps the arithmetic under it.
+//  * Large M (prefill): callers dequantize W to bf16 (``dequant``) and hand it to torch's GEMM (oneDNN),
+//    whose blocking a hand kernel would not beat.
+//  * F16 / BF16 weights at small M: converted 8 at a time to f32 in registers and FMA'd with x in f32.
+// Threads: at::parallel_for over output rows (torch's own OpenMP pool, so no second runtime spins
+// beside torch's). Every path has a portable scalar twin compiled where AVX2 is absent.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define KV_AVX2 1
+#else
+#define KV_AVX2 0
+#endif
+
+namespace {
+
+// GGML type ids (ggml.h enum ggml_type)
+enum : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12,
+                 Q5_K = 13, Q6_K = 14, BF16 = 30 };
+
+struct Layout { int64_t block, bytes; };
+
+Layout layout(int64_t t) {
+  switch (t) {
+    case F16: return {1, 2};
+    case BF16: return {1, 2};
+    case Q4_0: return {32, 18};
+    case Q4_1: return {32, 20};
+    case Q5_0: return {32, 22};
+    case Q5_1: return {32, 24};
+    case Q8_0: return {32, 34};
+    case Q4_K: return {256, 144};
+    case Q5_K: return {256, 176};
+    case Q6_K: return {256, 210};
+  }
+  TORCH_CHECK(false, "kvbench qmm: GGML type ", t, " is not supported by the kernel");
+}
+
+inline float fp16(const uint8_t* p) {
+  uint16_t h; std::memcpy(&h, p, 2);
+#if KV_AVX2
+  return _cvtsh_ss(h);  // F16C: one instruction (the software conversion was a third of the decode kernel)
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
+}
+
+inline float bf16f(uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+
+// Q4_K / Q5_K: 6-bit scale and min of sub-block j (ggml's get_scale_min_k4)
+inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
+  if (j < 4) { sc = q[j] & 63; m = q[j + 4] & 63; }
+  else { sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+}
+
+// One 32-weight group unpacked: q[i] integers with  w_i = s[i / 16] * q[i] + mn  (two scales so that
+// Q6_K's 16-element sub-blocks fit; every other format repeats one scale).
+struct Group { int8_t q[32]; float s[2]; float mn; };
+
+// Unpack group g (0 .. block/32 - 1) of the block at p. Scalar: the compiler vectorizes the loops, and
+// the AVX2 dot below loads q as one register.
+inline void unpack(int64_t t, const uint8_t* p, int g, Group& o) {
+  o.mn = 0.f;
+  switch (t) {
+    case Q8_0: {
+      o.s[0] = o.s[1] = fp16(p);
+      std::memcpy(o.q, p + 2, 32);
+      return;
+    }
+    case Q4_0: case Q4_1: {
+      const uint8_t* qs = p + (t == Q4_0 ? 2 : 4);
+      const int off = t == Q4_0 ? 8 : 0;
+      for (int j = 0; j < 16; ++j) { o.q[j] = int8_t((qs[j] & 0xF) - off); o.q[j + 16] = int8_t((qs[j] >> 4) - off); }
+      o.s[0] = o.s[1] = fp16(p);
+      if (t == Q4_1) o.mn = fp16(p + 2);
+      return;
+    }
+    case Q5_0: case Q5_1: {
+      const bool one = t == Q5_1;
+      uint32_t qh; std::memcpy(&qh, p + (one ? 4 : 2), 4);
+      const uint8_t* qs = p + (one ? 8 : 6);
+      const int off = one ? 0 : 16;
+      for (int j = 0; j < 16; ++j) {
+        o.q[j] = int8_t(((qs[j] & 0xF) | (((qh >> j) << 4) & 0x10)) - off);
+        o.q[j + 16] = int8_t(((qs[j] >> 4) | ((qh >> (j + 12)) & 0x10)) - off);
+      }
+      o.s[0] = o.s[1] = fp16(p);
+      if (one) o.mn = fp16(p + 2);
+      return;
+    }
+    case Q4_K: case Q5_K: {
+      const float d = fp16(p), dmin = fp16(p + 2);
+      const uint8_t* scales = p + 4;
+      int sc, m;
+      scale_min_k4(g, scales, sc, m);
+      o.s[0] = o.s[1] = d * sc;
+      o.mn = -dmin * m;
+      const int pair = g / 2, hi = g % 2;  // groups 2j and 2j+1 share 32 bytes: low and high nibbles
+      if (t == Q4_K) {
+        const uint8_t* qs = p + 16 + 32 * pair;
+        for (int l = 0; l < 32; ++l) o.q[l] = int8_t(hi ? qs[l] >> 4 : qs[l] & 0xF);
+      } else {
+        const uint8_t* qh = p + 16;
+        const uint8_t* qs = p + 48 + 32 * pair;
+        for (int l = 0; l < 32; ++l)
+          o.q[l] = int8_t((hi ? qs[l] >> 4 : qs[l] & 0xF) | (((qh[l] >> g) & 1) << 4));
+      }
+      return;
+    }
+    case Q6_K: {
+      const uint8_t* ql = p + 64 * (g / 4);       // 128-element halves: 64 bytes of low nibbles ...
+      const uint8_t* qh = p + 128 + 32 * (g / 4);  // ... and 32 bytes of high bit pairs
+      const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192) + 8 * (g / 4);
+      const float d = fp16(p + 208);
+      const int r = g % 4;  // sub-group within the half: ql offset 0/32, nibble low/high, qh bits 2r
+      const uint8_t* l0 = ql + (r & 1) * 32;
+      for (int l = 0; l < 32; ++l)
+        o.q[l] = int8_t((((r < 2) ? (l0[l] & 0xF) : (l0[l] >> 4)) | (((qh[l] >> (2 * r)) & 3) << 4)) - 32);
+      o.s[0] = d * sc[2 * r];
+      o.s[1] = d * sc[2 * r + 1];
+      return;
+    }
+  }
+  TORCH_CHECK(false, "kvbench qmm: GGML type ", t, " has no unpacker");
+}
+
+// Activation row quantized like GGML's Q8_0/Q8_1: per 32 values int8 q, scale d, and d * sum(q) over
+// each half of 16 (the weight formats with an offset need it: w = s*q + mn contributes mn * d * sum(q)).
+struct QRow { const int8_t* q; const float* d; const float* s; };
+
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, float* s) {
+  const int64_t nb = K / 32;
+  at::parallel_for(0, M * nb, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* xb = x + b * 32;
+      float amax = 0.f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float dd = amax / 127.f, id = dd ? 1.f / dd : 0.f;
+      int sum[2] = {0, 0};
+      for (int i = 0; i < 32; ++i) { int v = int(std::nearbyint(xb[i] * id)); q[b * 32 + i] = int8_t(v); sum[i / 16] += v; }
+      d[b] = dd;
+      s[2 * b] = dd * float(sum[0]);
+      s[2 * b + 1] = dd * float(sum[1]);
+    }
+  });
+}
+
+#if KV_AVX2
+// sum over 32 int8 pairs, as 8 int32 lanes (lanes 0-3: elements 0-15, lanes 4-7: 16-31) in float.
+// u (unsigned, <= 128) . x (signed, |x| <= 127) in groups of 4 -> 8 int32 lanes, as float
+inline __m256 dotu32(__m256i u, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x));
+#elif defined(__AVXVNNI__)
+  return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, x));
+#else
+  const __m256i p16 = _mm256_maddubs_epi16(u, x);  // u <= 128, |x| <= 127: pairs stay under 2^15
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+#endif
+}
+// signed w . x: |w| carries the magnitude, x takes w's sign (w = -128 gives |w| = 128 as unsigned)
+inline __m256 dot32(__m256i w, __m256i x) { return dotu32(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)); }
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+constexpr int MAXM = 16;
+constexpr int MB = 4;  // activation rows per pass over a weight row: their accumulators stay in registers
+
+#if KV_AVX2
+inline __m256i nibbles_lo(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+inline __m256i nibbles_hi(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
+// 16 bytes of nibble pairs -> 32 values: low nibbles are elements 0-15, high nibbles 16-31 (Q4_0/Q4_1/Q5_x)
+inline __m256i nibbles_32(const uint8_t* p) {
+  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t, 4), m), _mm_and_si128(t, m));
+}
+// 32 bits -> 32 bytes, 0x10 where bit j of qh is set (the fifth bit of Q5_0/Q5_1 quants)
+inline __m256i bits_32(const uint8_t* p) {
+  uint32_t qh; std::memcpy(&qh, p, 4);
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(int(qh)),  // byte j <- byte j/8 of qh
+      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+  const __m256i sel = _mm256_set1_epi64x(int64_t(0x8040201008040201ULL));  // byte j tests bit j%8
+  const __m256i on = _mm256_cmpeq_epi8(_mm256_and_si256(spread, sel), sel);
+  return _mm256_and_si256(on, _mm256_set1_epi8(0x10));
+}
+
+// One block unpacked into NG groups of 32 int8 with  w = s * q + mn  (s and mn per 16 values, for
+// Q6_K's 16-value sub-blocks). Formats with an offset keep q unsigned (Q4_0's q - 8 becomes q with
+// mn = -8 d): the integer dot then needs no sign fix-up, and mn meets the activations' block sums.
+template <int64_t TY> struct Fmt;
+template <> struct Fmt<Q8_0> { static constexpr int NG = 1, BYTES = 34; static constexpr bool MIN = false, SIGNED = true;
+  static void unpack(const uint8_t* p, __m256i* q, __m256* s, float (*)[2]) {
+    q[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2)); s[0] = _mm256_set1_ps(fp16(p)); } };
+template <> struct Fmt<Q4_0> { static constexpr int NG = 1, BYTES = 18; static constexpr bool MIN = true, SIGNED = false;
+  static void unpack(const uint8_t* p, __m256i* q, __m256* s, float (*mn)[2]) {
+    const float d = fp16(p);
+    q[0] = nibbles_32(p + 2); s[0] = _mm256_set1_ps(d); mn[0][0] = mn[0][1] = -8.f * d; } };
+template <> struct Fmt<Q4_1> { static constexpr int NG = 1, BYTES = 20; static constexpr bool MIN = true, SIGNED = false;
+  static void unpack(const uint8_t* p, __m256i* q, __m256* s, float (*mn)[2]) {
+    q[0] = nibbles_32(p + 4); s[0] = _mm256_set1_ps(fp16(p)); mn[0][0] = mn[0][1] = fp16(p + 2); } };
+template <> struct Fmt<Q5_0> { static constexpr int NG = 1, BYTES = 22; static constexpr bool MIN = true, SIGNED = false;
+  static void unpack(const uint8_t* p, __m256i* q, __m256* s, float (*mn)[2]) {
+    const float d = fp16(p);
+    q[0] = _mm256_or_si256(nibbles_32(p + 6), bits_32(p + 2)); s[0] = _mm256_set1_ps(d); mn[0][0] = mn[0][1] = -16.f * d; } };
+template <> struct Fmt<Q5_1> { static constexpr int NG = 1, BYTES = 24; static constexpr bool MIN = true, SIGNED = false;
+  static void unpack(const uint8_t* p, __m256i* q, __m256* s, float (*mn)[2]) {
+    q[0] = _mm256_or_si256(nibbles_32(p + 8), bits_32(p + 4)); s[0] = _mm256_set1_ps(fp16(p));
+    mn[0][0] = mn[0][1] = fp16(p + 2); } };
+template <int64_t TY> inline void k4_scales(const uint8_t* p, __m256* s, float (*mn)[2]) {
+  const float d = fp16(p), dmin = fp16(p + 2);
+  for (int g = 0; g < 8; ++g) {
+    int sc, m; scale_min_k4(g, p + 4, sc, m);
+    s[g] = _mm256_set1_ps(d * sc); mn[g][0] = mn[g][1] = -dmin * m;
+  }
+}
+template <> struct Fmt<Q4_K> { static constexpr int NG = 8, BYTES = 144; static constexpr bool MIN = true, SIGNED = false;
+  static void unpack(const uint8_t* p, __m256i* q, __m256* s, float (*mn)[2]) {
+    k4_scales<Q4_K>(p, s, mn);
+    for (int j = 0; j < 4; ++j) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 32 * j));
+      q[2 * j] = nibbles_lo(v); q[2 * j + 1] = nibbles_hi(v);
+    } } };
+template <> struct Fmt<Q5_K> { static constexpr int NG = 8, BYTES = 176; static constexpr bool MIN = true, SIGNED = false;
+  static void unpack(const uint8_t* p, __m256i* q, __m256* s, float (*mn)[2]) {
+    k4_scales<Q5_K>(p, s, mn);
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
+    const __m256i one = _mm256_set1_epi8(1);
+    for (int j = 0; j < 4; ++j) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 48 + 32 * j));
+      const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one), 4);
+      const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one), 4);
+      q[2 * j] = _mm256_or_si256(nibbles_lo(v), h0); q[2 * j + 1] = _mm256_or_si256(nibbles_hi(v), h1);
+    } } };
+template <> struct Fmt<Q6_K> { static constexpr int NG = 8, BYTES = 210; static constexpr bool MIN = true, SIGNED = false;
+  static void unpack(const uint8_t* p, __m256i* q, __m256* s, float (*mn)[2]) {
+    const float d = fp16(p + 208);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
+    const __m256i three = _mm256_set1_epi8(3);
+    for (int h = 0; h < 2; ++h) {  // 128-element halves
+      const uint8_t* ql = p + 64 * h;
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * h));
+      const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+      const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+      const __m256i lo[4] = {nibbles_lo(l0), nibbles_lo(l1), nibbles_hi(l0), nibbles_hi(l1)};
+      for (int r = 0; r < 4; ++r) {
+        const int g = 4 * h + r;
+        const float s0 = d * sc[8 * h + 2 * r], s1 = d * sc[8 * h + 2 * r + 1];
+        q[g] = _mm256_or_si256(lo[r], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * r), three), 4));
+        s[g] = _mm256_setr_m128(_mm_set1_ps(s0), _mm_set1_ps(s1));
+        mn[g][0] = -32.f * s0; mn[g][1] = -32.f * s1;  // q6 - 32 as q6 with an offset
+      }
+    } } };
+
+// y[m0 .. m0+R) for weight rows [n0, n1): R <= MB activation rows, accumulators in registers.
+template <int64_t TY, int R>
+void qdot_t(const uint8_t* w, int64_t nblk, const QRow* xr, float* y, int64_t N, int64_t n0, int64_t n1) {
+  using F = Fmt<TY>;
+  const int64_t rb = nblk * F::BYTES;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * rb;
+    __m256 acc[R][2];
+    float accm[R];
+    for (int m = 0; m < R; ++m) { acc[m][0] = acc[m][1] = _mm256_setzero_ps(); accm[m] = 0.f; }
+    for (int64_t b = 0; b < nblk; ++b) {
+      __m256i q[F::NG]; __m256 s[F::NG]; float mn[F::NG][2];
+      F::unpack(row + b * F::BYTES, q, s, mn);
+      for (int g = 0; g < F::NG; ++g) {
+        const int64_t xb = b * F::NG + g;
+        const int a = int(xb & 1);  // two accumulator chains: the FMA latency is not the bound
+        for (int m = 0; m < R; ++m) {
+          const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m].q + xb * 32));
+          const __m256 dq = F::SIGNED ? dot32(q[g], xq) : dotu32(q[g], xq);
+          acc[m][a] = _mm256_fmadd_ps(dq, _mm256_mul_ps(s[g], _mm256_set1_ps(xr[m].d[xb])), acc[m][a]);
+          if (F::MIN) accm[m] += mn[g][0] * xr[m].s[2 * xb] + mn[g][1] * xr[m].s[2 * xb + 1];
+        }
+      }
+    }
+    for (int m = 0; m < R; ++m) y[m * N + n] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + accm[m];
+  }
+}
+
+// float32 activations: weights unpacked to int8 as above, then widened to float32 in registers and
+// multiplied with x as it is. No activation rounding (the result is float32 GEMV accuracy), about a
+// third more instructions per weight than the int8 dot. xs: sums of x per 16 values, for the minima.
+template <int64_t TY, int R>
+void fdotq_t(const uint8_t* w, int64_t nblk, const float* x, int64_t K, const float* xs, float* y, int64_t N,
+             int64_t n0, int64_t n1) {
+  using F = Fmt<TY>;
+  const int64_t rb = nblk * F::BYTES;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * rb;
+    __m256 acc[R][2];
+    float accm[R];
+    for (int m = 0; m < R; ++m) { acc[m][0] = acc[m][1] = _mm256_setzero_ps(); accm[m] = 0.f; }
+    for (int64_t b = 0; b < nblk; ++b) {
+      __m256i q[F::NG]; __m256 s[F::NG]; float mn[F::NG][2];
+      F::unpack(row + b * F::BYTES, q, s, mn);
+      for (int g = 0; g < F::NG; ++g) {
+        const int64_t xb = b * F::NG + g;
+        const __m128i lo = _mm256_castsi256_si128(q[g]), hi = _mm256_extracti128_si256(q[g], 1);
+        __m256 qf[4];
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int i = 0; i < 4; ++i)
+          qf[i] = _mm256_cvtepi32_ps(F::SIGNED ? _mm256_cvtepi8_epi32(parts[i]) : _mm256_cvtepu8_epi32(parts[i]));
+        const __m256 s0 = _mm256_permute2f128_ps(s[g], s[g], 0x00), s1 = _mm256_permute2f128_ps(s[g], s[g], 0x11);
+        for (int m = 0; m < R; ++m) {
+          const float* xg = x + m * K + xb * 32;
+          __m256 t0 = _mm256_mul_ps(qf[0], _mm256_loadu_ps(xg));
+          __m256 t1 = _mm256_mul_ps(qf[2], _mm256_loadu_ps(xg + 16));
+          t0 = _mm256_fmadd_ps(qf[1], _mm256_loadu_ps(xg + 8), t0);
+          t1 = _mm256_fmadd_ps(qf[3], _mm256_loadu_ps(xg + 24), t1);
+          acc[m][0] = _mm256_fmadd_ps(t0, s0, acc[m][0]);
+          acc[m][1] = _mm256_fmadd_ps(t1, s1, acc[m][1]);
+          if (F::MIN) accm[m] += mn[g][0] * xs[m * (K / 16) + 2 * xb] + mn[g][1] * xs[m * (K / 16) + 2 * xb + 1];
+        }
+      }
+    }
+    for (int m = 0; m < R; ++m) y[m * N + n] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + accm[m];
+  }
+}
+
+template <int64_t TY>
+void fdotq_rows_avx2(const uint8_t* w, int64_t nblk, const float* x, int64_t K, const float* xs, int64_t M,
+                     float* y, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int64_t TILE = 8;
+  for (int64_t t0 = n0; t0 < n1; t0 += TILE) {
+    const int64_t t1 = std::min(n1, t0 + TILE);
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+      const int64_t r = std::min<int64_t>(MB, M - m0);
+      const float* xm = x + m0 * K;
+      const float* sm = xs + m0 * (K / 16);
+      float* ym = y + m0 * N;
+      switch (r) {
+        case 1: fdotq_t<TY, 1>(w, nblk, xm, K, sm, ym, N, t0, t1); break;
+        case 2: fdotq_t<TY, 2>(w, nblk, xm, K, sm, ym, N, t0, t1); break;
+        case 3: fdotq_t<TY, 3>(w, nblk, xm, K, sm, ym, N, t0, t1); break;
+        default: fdotq_t<TY, 4>(w, nblk, xm, K, sm, ym, N, t0, t1); break;
+      }
+    }
+  }
+}
+
+template <int64_t TY>
+void qdot_rows_avx2(const uint8_t* w, int64_t nblk, const QRow* xr, int64_t M, float* y, int64_t N, int64_t n0,
+                    int64_t n1) {
+  // Rows of W in tiles that stay in L1 while every activation row block passes over them.
+  constexpr int64_t TILE = 8;
+  for (int64_t t0 = n0; t0 < n1; t0 += TILE) {
+    const int64_t t1 = std::min(n1, t0 + TILE);
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+      const int64_t r = std::min<int64_t>(MB, M - m0);
+      float* ym = y + m0 * N;
+      switch (r) {
+        case 1: qdot_t<TY, 1>(w, nblk, xr + m0, ym, N, t0, t1); break;
+        case 2: qdot_t<TY, 2>(w, nblk, xr + m0, ym, N, t0, t1); break;
+        case 3: qdot_t<TY, 3>(w, nblk, xr + m0, ym, N, t0, t1); break;
+        default: qdot_t<TY, 4>(w, nblk, xr + m0, ym, N, t0, t1); break;
+      }
+    }
+  }
+}
+#endif
+
+// Portable twin: unpack a group to int8 in memory, dot in int32.
+void qdot_rows_scalar(int64_t t, const uint8_t* w, int64_t K, const QRow* xr, int64_t M, float* y, int64_t N,
+                      int64_t n0, int64_t n1) {
+  const Layout L = layout(t);
+  const int64_t nblk = K / L.block, ng = L.block / 32, rb = nblk * L.bytes;
+  Group gr;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * rb;
+    float acc[MAXM] = {0};
+    for (int64_t b = 0; b < nblk; ++b)
+      for (int g = 0; g < ng; ++g) {
+        unpack(t, row + b * L.bytes, g, gr);
+        const int64_t xb = b * ng + g;
+        for (int64_t m = 0; m < M; ++m) {
+          const int8_t* xq = xr[m].q + xb * 32;
+          int s0 = 0, s1 = 0;
+          for (int i = 0; i < 16; ++i) s0 += int(gr.q[i]) * xq[i];
+          for (int i = 16; i < 32; ++i) s1 += int(gr.q[i]) * xq[i];
+          acc[m] += (gr.s[0] * s0 + gr.s[1] * s1) * xr[m].d[xb] + gr.mn * (xr[m].s[2 * xb] + xr[m].s[2 * xb + 1]);
+        }
+      }
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = acc[m];
+  }
+}
+
+void qdot_rows(int64_t t, const uint8_t* w, int64_t K, const QRow* xr, int64_t M, float* y, int64_t N,
+               int64_t n0, int64_t n1) {
+#if KV_AVX2
+  const int64_t nblk = K / layout(t).block;
+  switch (t) {
+    case Q8_0: return qdot_rows_avx2<Q8_0>(w, nblk, xr, M, y, N, n0, n1);
+    case Q4_0: return qdot_rows_avx2<Q4_0>(w, nblk, xr, M, y, N, n0, n1);
+    case Q4_1: return qdot_rows_avx2<Q4_1>(w, nblk, xr, M, y, N, n0, n1);
+    case Q5_0: return qdot_rows_avx2<Q5_0>(w, nblk, xr, M, y, N, n0, n1);
+    case Q5_1: return qdot_rows_avx2<Q5_1>(w, nblk, xr, M, y, N, n0, n1);
+    case Q4_K: return qdot_rows_avx2<Q4_K>(w, nblk, xr, M, y, N, n0, n1);
+    case Q5_K: return qdot_rows_avx2<Q5_K>(w, nblk, xr, M, y, N, n0, n1);
+    case Q6_K: return qdot_rows_avx2<Q6_K>(w, nblk, xr, M, y, N, n0, n1);
+  }
+#endif
+  qdot_rows_scalar(t, w, K, xr, M, y, N, n0, n1);
+}
+
+// float32-activation path over quantized W (qdot's twin without the int8 step); false: no AVX2 build.
+bool fdotq_rows(int64_t t, const uint8_t* w, int64_t K, const float* x, const float* xs, int64_t M, float* y,
+                int64_t N, int64_t n0, int64_t n1) {
+#if KV_AVX2
+  const int64_t nblk = K / layout(t).block;
+  switch (t) {
+    case Q8_0: fdotq_rows_avx2<Q8_0>(w, nblk, x, K, xs, M, y, N, n0, n1); return true;
+    case Q4_0: fdotq_rows_avx2<Q4_0>(w, nblk, x, K, xs, M, y, N, n0, n1); return true;
+    case Q4_1: fdotq_rows_avx2<Q4_1>(w, nblk, x, K, xs, M, y, N, n0, n1); return true;
+    case Q5_0: fdotq_rows_avx2<Q5_0>(w, nblk, x, K, xs, M, y, N, n0, n1); return true;
+    case Q5_1: fdotq_rows_avx2<Q5_1>(w, nblk, x, K, xs, M, y, N, n0, n1); return true;
+    case Q4_K: fdotq_rows_avx2<Q4_K>(w, nblk, x, K, xs, M, y, N, n0, n1); return true;
+    case Q5_K: fdotq_rows_avx2<Q5_K>(w, nblk, x, K, xs, M, y, N, n0, n1); return true;
+    case Q6_K: fdotq_rows_avx2<Q6_K>(w, nblk, x, K, xs, M, y, N, n0, n1); return true;
+  }
+#endif
+  return false;
+}
+
+// F16 / BF16 weights, f32 activations: R <= MB rows of x per pass, 4 accumulator chains for one row.
+#if KV_AVX2
+inline __m256 cvt8(int64_t t, const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return t == F16 ? _mm256_cvtph_ps(h) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+template <int R>
+void fdot_t(int64_t t, const uint16_t* w, int64_t K, const float* x, float* y, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int C = R == 1 ? 4 : 1;  // independent chains per row
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* row = w + n * K;
+    __m256 acc[R][C];
+    for (int m = 0; m < R; ++m) for (int c = 0; c < C; ++c) acc[m][c] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 * C <= K; k += 8 * C)
+      for (int c = 0; c < C; ++c) {
+        const __m256 wf = cvt8(t, row + k + 8 * c);
+        for (int m = 0; m < R; ++m) acc[m][c] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + m * K + k + 8 * c), acc[m][c]);
+      }
+    for (int m = 0; m < R; ++m) {
+      __m256 a = acc[m][0];
+      for (int c = 1; c < C; ++c) a = _mm256_add_ps(a, acc[m][c]);
+      float sum = hsum(a);
+      for (int64_t kk = k; kk < K; ++kk)
+        sum += (t == F16 ? c10::detail::fp16_ieee_to_fp32_value(row[kk]) : bf16f(row[kk])) * x[m * K + kk];
+      y[m * N + n] = sum;
+    }
+  }
+}
+#endif
+
+void fdot_rows(int64_t t, const uint16_t* w, int64_t K, const float* x, int64_t M, float* y, int64_t N,
+               int64_t n0, int64_t n1) {
+#if KV_AVX2
+  for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    const int64_t r = std::min<int64_t>(MB, M - m0);
+    const float* xm = x + m0 * K;
+    float* ym = y + m0 * N;
+    switch (r) {
+      case 1: fdot_t<1>(t, w, K, xm, ym, N, n0, n1); break;
+      case 2: fdot_t<2>(t, w, K, xm, ym, N, n0, n1); break;
+      case 3: fdot_t<3>(t, w, K, xm, ym, N, n0, n1); break;
+      default: fdot_t<4>(t, w, K, xm, ym, N, n0, n1); break;
+    }
+  }
+#else
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* row = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < K; ++k)
+        sum += (t == F16 ? c10::detail::fp16_ieee_to_fp32_value(row[k]) : bf16f(row[k])) * x[m * K + k];
+      y[m * N + n] = sum;
+    }
+  }
+#endif
+}
+
+void check_weight(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
+  const Layout L = layout(t);
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.scalar_type() == at::kByte,
+              "kvbench qmm: weights must be a contiguous uint8 CPU tensor");
+  TORCH_CHECK(k % L.block == 0, "kvbench qmm: row length ", k, " is not a multiple of the block ", L.block);
+  TORCH_CHECK(w.numel() == n * (k / L.block) * L.bytes, "kvbench qmm: ", w.numel(), " bytes do not hold ", n,
+              " rows of ", k, " weights of type ", t);
+}
+
+at::Tensor dequant_all(const at::Tensor& w, int64_t t, int64_t n, int64_t k);
+
+at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& w, int64_t t, int64_t n, int64_t k, bool act8) {
+  check_weight(w, t, n, k);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "kvbench qmm: x must be (M, ", k, ")");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0);
+  TORCH_CHECK(M <= MAXM, "kvbench qmm: at most ", MAXM, " rows per call (dequantize for larger batches)");
+  at::Tensor y = at::empty({M, n}, x.options());
+  if (M == 0) return y;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
+  if (t == F16 || t == BF16) {
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<uint8_t>());
+    at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+      fdot_rows(t, wp, k, x.data_ptr<float>(), M, y.data_ptr<float>(), n, n0, n1);
+    });
+    return y;
+  }
+  if (!act8) {
+    if (!KV_AVX2) return at::matmul(x, dequant_all(w, t, n, k).t());  // portable build: float32 GEMM
+    const at::Tensor xs = x.view({M, k / 16, 16}).sum(-1).contiguous();  // (M, K/16), for the minima
+    at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+      fdotq_rows(t, w.data_ptr<uint8_t>(), k, x.data_ptr<float>(), xs.data_ptr<float>(), M, y.data_ptr<float>(),
+                 n, n0, n1);
+    });
+    return y;
+  }
+  at::Tensor xq = at::empty({M, k}, x.options().dtype(at::kChar));
+  at::Tensor xd = at::empty({M, k / 32}, x.options());
+  at::Tensor xs = at::empty({M, k / 16}, x.options());
+  quantize_rows(x.data_ptr<float>(), M, k, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>());
+  QRow rows[MAXM];
+  for (int64_t m = 0; m < M; ++m)
+    rows[m] = {xq.data_ptr<int8_t>() + m * k, xd.data_ptr<float>() + m * (k / 32), xs.data_ptr<float>() + m * (k / 16)};
+  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+    qdot_rows(t, w.data_ptr<uint8_t>(), k, rows, M, y.data_ptr<float>(), n, n0, n1);
+  });
+  return y;
+}
+
+#if KV_AVX2
+// float32 -> bfloat16, round to nearest even (as torch's .to(bfloat16)); NaN never occurs in weights.
+inline __m128i to_bf16(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+inline void store8(float* o, __m256 v) { _mm256_storeu_ps(o, v); }
+inline void store8(c10::BFloat16* o, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(o), to_bf16(v)); }
+
+// s * q + mn rounded as gguf.quants rounds it, so dequantized weights equal its output bit for bit:
+// where mn is an offset of the scale (Q4_0's -8 d, Q6_K's -32 s) gguf computes s * (q - off), one
+// rounding, which an FMA reproduces; where it is a separate minimum (Q4_1, Q5_1, Q4_K, Q5_K) gguf
+// rounds the product and then the sum. (-ffp-contract=off keeps the compiler from fusing the latter.)
+template <int64_t TY>
+inline __m256 madd(__m256 s, __m256 q, __m256 mn) {
+  if constexpr (TY == Q4_1 || TY == Q5_1 || TY == Q4_K || TY == Q5_K) return _mm256_add_ps(_mm256_mul_ps(s, q), mn);
+  else return _mm256_fmadd_ps(s, q, mn);
+}
+
+template <int64_t TY, typename O>
+void dequant_row_avx2(const uint8_t* row, int64_t nblk, O* o) {
+  using F = Fmt<TY>;
+  for (int64_t b = 0; b < nblk; ++b) {
+    __m256i q[F::NG]; __m256 s[F::NG]; float mn[F::NG][2] = {};
+    F::unpack(row + b * F::BYTES, q, s, mn);
+    for (int g = 0; g < F::NG; ++g) {
+      O* og = o + (b * F::NG + g) * 32;
+      const __m128i lo = _mm256_castsi256_si128(q[g]), hi = _mm256_extracti128_si256(q[g], 1);
+      const __m128i parts[2] = {lo, hi};
+      for (int h = 0; h < 2; ++h) {  // s[g] holds the scale of elements 0-15 in lanes 0-3, 16-31 in 4-7
+        const __m256 sc = h == 0 ? _mm256_permute2f128_ps(s[g], s[g], 0x00) : _mm256_permute2f128_ps(s[g], s[g], 0x11);
+        const __m256 m = _mm256_set1_ps(mn[g][h]);
+        const __m128i lo8 = parts[h], hi8 = _mm_srli_si128(parts[h], 8);
+        const __m256 a = _mm256_cvtepi32_ps(F::SIGNED ? _mm256_cvtepi8_epi32(lo8) : _mm256_cvtepu8_epi32(lo8));
+        const __m256 c = _mm256_cvtepi32_ps(F::SIGNED ? _mm256_cvtepi8_epi32(hi8) : _mm256_cvtepu8_epi32(hi8));
+        store8(og + 16 * h, madd<TY>(sc, a, m));
+        store8(og + 16 * h + 8, madd<TY>(sc, c, m));
+      }
+    }
+  }
+}
+
+template <typename O>
+bool dequant_row_fast(int64_t t, const uint8_t* row, int64_t k, O* o) {
+  const int64_t nblk = k / layout(t).block;
+  switch (t) {
+    case Q8_0: dequant_row_avx2<Q8_0>(row, nblk, o); return true;
+    case Q4_0: dequant_row_avx2<Q4_0>(row, nblk, o); return true;
+    case Q4_1: dequant_row_avx2<Q4_1>(row, nblk, o); return true;
+    case Q5_0: dequant_row_avx2<Q5_0>(row, nblk, o); return true;
+    case Q5_1: dequant_row_avx2<Q5_1>(row, nblk, o); return true;
+    case Q4_K: dequant_row_avx2<Q4_K>(row, nblk, o); return true;
+    case Q5_K: dequant_row_avx2<Q5_K>(row, nblk, o); return true;
+    case Q6_K: dequant_row_avx2<Q6_K>(row, nblk, o); return true;
+    case F16: case BF16: {
+      const uint16_t* h = reinterpret_cast<const uint16_t*>(row);
+      int64_t i = 0;
+      for (; i + 8 <= k; i += 8) store8(o + i, cvt8(t, h + i));
+      for (; i < k; ++i) o[i] = O(t == F16 ? c10::detail::fp16_ieee_to_fp32_value(h[i]) : bf16f(h[i]));
+      return true;
+    }
+  }
+  return false;
+}
+#else
+template <typename O>
+bool dequant_row_fast(int64_t, const uint8_t*, int64_t, O*) { return false; }
+#endif
+
+// Rows idx of W (N, K) as float32 or bfloat16: the embedding lookup (get_rows) and the prefill path.
+template <typename T>
+void dequant_rows(int64_t t, const uint8_t* w, int64_t k, const int64_t* idx, int64_t R, T* out) {
+  const Layout L = layout(t);
+  const int64_t rb = (k / L.block) * L.bytes, nblk = k / L.block, ng = L.block / 32;
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    Group gr;
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = w + idx[r] * rb;
+      T* o = out + r * k;
+      if (dequant_row_fast(t, row, k, o)) continue;
+      if (t == F16 || t == BF16) {
+        const uint16_t* h = reinterpret_cast<const uint16_t*>(row);
+        for (int64_t i = 0; i < k; ++i) o[i] = T(t == F16 ? c10::detail::fp16_ieee_to_fp32_value(h[i]) : bf16f(h[i]));
+        continue;
+      }
+      for (int64_t b = 0; b < nblk; ++b)
+        for (int g = 0; g < ng; ++g) {
+          unpack(t, row + b * L.bytes, g, gr);
+          T* ob = o + (b * ng + g) * 32;
+          for (int i = 0; i < 32; ++i) ob[i] = T(gr.s[i / 16] * float(gr.q[i]) + gr.mn);
+        }
+    }
+  });
+}
+
+at::Tensor dequant(const at::Tensor& w, int64_t t, int64_t n, int64_t k, const std::optional<at::Tensor>& rows,
+                   bool bf16) {
+  check_weight(w, t, n, k);
+  const at::Tensor idx = rows.has_value() ? rows->to(at::kLong).contiguous().view(-1) : at::arange(n, at::kLong);
+  const int64_t R = idx.numel();
+  if (R) {
+    const auto lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < n, "kvbench dequant: row index out of [0, ", n, ")");
+  }
+  at::Tensor out = at::empty({R, k}, at::TensorOptions().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  if (bf16)
+    dequant_rows<c10::BFloat16>(t, w.data_ptr<uint8_t>(), k, idx.data_ptr<int64_t>(), R, out.data_ptr<c10::BFloat16>());
+  else
+    dequant_rows<float>(t, w.data_ptr<uint8_t>(), k, idx.data_ptr<int64_t>(), R, out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor dequant_all(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
+  return dequant(w, t, n, k, std::nullopt, false);
+}
+
+bool simd() { return KV_AVX2; }
+
+}  // namespace
+
+TORCH_LIBRARY(kvbench, m) {
+  m.def("qmm(Tensor x, Tensor w, int type, int n, int k, bool act8) -> Tensor");
+  m.def("dequant(Tensor w, int type, int n, int k, Tensor? rows, bool bf16) -> Tensor");
+  m.def("simd", simd);  // was the AVX2 path compiled in
+}
+
+TORCH_LIBRARY_IMPL(kvbench, CPU, m) {
+  m.impl("qmm", qmm);
+  m.impl("dequant", dequant);
+}

@@ -1,0 +1,137 @@
+"""Weight matrices as the model consumes them: ``y = x @ W^T`` and row lookup, whatever W's storage.
+
+Two compute modes (``compute=exact|fast``), chosen at load:
+
+* ``exact``: every matrix dequantized to float32 (``DenseWeight``), float32 GEMMs. The parity
+  reference against HF transformers and llama.cpp's logits; the default of ``kvbench logits``.
+* ``fast``: matrices keep their GGUF bytes (``PackedWeight``, one copy, the file's size). Up to
+  ``MAX_QMM_ROWS`` rows (decode) go through engine.kernels.qmm: blocks widened to float32 in
+  registers against float32 activations (float32 GEMV accuracy). Larger batches (prefill)
+  dequantize W to bf16 for the call and run torch's bf16 GEMM with bf16 activations.
+  Why not llama.cpp's int8 activations at decode: on SmolLM2 and real text they cost 5x the
+  KL divergence of the bf16 path (3.7e-3 vs 7e-4) for a kernel 1.1-1.6x faster; docs/engine.md
+  has the measurements. The int8 kernel stays (``kernels.qmm(act8=True)``) for that comparison.
+  F16 and BF16 matrices stay as they are; F32 stays F32; any other type (Q2_K, Q3_K, IQ*)
+  is dequantized at load to bf16 (``DenseWeight``) -- see engine.kernels.KERNEL_TYPES.
+
+Norms, rope, attention and the KV cache run in float32 in both modes (the cache has its own
+types): the modes differ only in the matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as T
+from torch import nn
+
+from engine import kernels
+from engine.errors import ConfigError
+
+COMPUTE_MODES = ("exact", "fast")
+
+
+def check_compute(compute: str) -> str:
+    if compute not in COMPUTE_MODES:
+        raise ConfigError(f"compute {compute!r}: expected one of {', '.join(COMPUTE_MODES)}")
+    return compute
+
+
+class Weight(nn.Module):
+    """A (n, k) matrix. ``forward(x)``: x (M, k) -> (M, n) in x's float type or float32."""
+
+    n: int
+    k: int
+    ggml_type: str  # storage as GGUF names it ("F32", "Q4_0" ...)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows idx (R,) as (R, k) in the storage's float type (float32 for packed blocks): the embedding lookup."""
+        raise NotImplementedError
+
+    def dense(self) -> torch.Tensor:
+        """The whole matrix as float32 (n, k), for the few consumers that need a plain tensor."""
+        return self.rows(torch.arange(self.n)).float()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers())
+
+
+class DenseWeight(Weight):
+    """A torch tensor in f32, f16 or bf16. f32 goes through F.linear (MKL picks GEMV at M=1, GEMM
+    above); f16/bf16 through the register-converting kernel at small M, bf16 GEMM at large M."""
+
+    def __init__(self, w: torch.Tensor, ggml_type: str | None = None) -> None:
+        super().__init__()
+        self.register_buffer("w", w)  # (n, k)
+        self.n, self.k = int(w.shape[0]), int(w.shape[1])
+        self.ggml_type = ggml_type or {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[w.dtype]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.w
+        if w.dtype == x.dtype or w.device.type != "cpu":  # exact mode (one dtype throughout), or a GPU
+            return F.linear(x.to(w.dtype), w).to(x.dtype)
+        # fast mode on the CPU: f16/bf16 matrices, float32 activations
+        if x.shape[0] <= kernels.MAX_QMM_ROWS:
+            return kernels.qmm(x, w.view(-1).view(torch.uint8), _TYPES[w.dtype], self.n, self.k)
+        return F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)).to(x.dtype)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.w)
+
+
+_TYPES = {torch.float16: T.F16, torch.bfloat16: T.BF16}
+
+
+class PackedWeight(Weight):
+    """GGUF blocks, row after row, as a flat uint8 buffer (a view of the file's bytes when mapped)."""
+
+    def __init__(self, data: torch.Tensor, ggml_type: T, n: int, k: int) -> None:
+        super().__init__()
+        if ggml_type not in kernels.KERNEL_TYPES:
+            raise ConfigError(f"no packed kernel for {ggml_type.name}")
+        if data.dtype != torch.uint8 or data.numel() != n * kernels.row_bytes(ggml_type, k):
+            raise ConfigError(f"{ggml_type.name} weight ({n}, {k}): {data.numel()} bytes do not hold its blocks")
+        self.register_buffer("data", data.view(-1))
+        self.qtype = ggml_type
+        self.n, self.k, self.ggml_type = n, k, ggml_type.name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= kernels.MAX_QMM_ROWS:
+            return kernels.qmm(x, self.data, self.qtype, self.n, self.k)
+        w = kernels.dequant(self.data, self.qtype, self.n, self.k, bf16=True)  # (n, k) for this call only
+        return F.linear(x.to(torch.bfloat16), w).float()
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return kernels.dequant(self.data, self.qtype, self.n, self.k, rows=idx)
+
+
+class CatWeight(Weight):
+    """Matrices stacked along n that cannot share one buffer (different types, or views of a mapped
+    file): one call per part, outputs concatenated."""
+
+    def __init__(self, parts: list[Weight]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.n, self.k = sum(p.n for p in parts), parts[0].k
+        self.ggml_type = "+".join(dict.fromkeys(p.ggml_type for p in parts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.dense() for p in self.parts])[idx]
+
+
+def cat_weights(parts: list[Weight], copy: bool = True) -> Weight:
+    """One weight for parts stacked along n (fused q/k/v: one pass over x, one kernel call).
+
+    Parts of one storage type become one buffer (a copy: ``copy=False`` keeps views of a mapped
+    file apart instead); mixed types (a Q4_K_M file's Q6_K attn_v beside Q4_K attn_q) stay a
+    ``CatWeight``."""
+    first = parts[0]
+    if copy and all(isinstance(p, DenseWeight) for p in parts) and len({p.w.dtype for p in parts}) == 1:
+        return DenseWeight(torch.cat([p.w for p in parts]), first.ggml_type)
+    if copy and all(isinstance(p, PackedWeight) and p.qtype == first.qtype and p.k == first.k for p in parts):
+        return PackedWeight(torch.cat([p.data for p in parts]), first.qtype, sum(p.n for p in parts), first.k)
+    return CatWeight(parts)

@@ -45,6 +45,9 @@ FILE_TYPES = {
     "bf16": (LlamaFileType.MOSTLY_BF16, GGMLQuantizationType.BF16),
     "q8_0": (LlamaFileType.MOSTLY_Q8_0, GGMLQuantizationType.Q8_0),
     "q4_0": (LlamaFileType.MOSTLY_Q4_0, GGMLQuantizationType.Q4_0),
+    "q4_1": (LlamaFileType.MOSTLY_Q4_1, GGMLQuantizationType.Q4_1),
+    "q5_0": (LlamaFileType.MOSTLY_Q5_0, GGMLQuantizationType.Q5_0),
+    "q5_1": (LlamaFileType.MOSTLY_Q5_1, GGMLQuantizationType.Q5_1),
 }
 
 

@@ -19,6 +19,9 @@ RECURRENT_RESULTS: dict[tuple[str, str, int], float] = {}
 # trackers on vs off: step ms and relative overhead
 OVERHEAD_RESULTS: dict[str, float] = {}
 
+# file -> speeds, peak RSS and ratios of kvbench vs llama.cpp and HF (test_engine_vs_llamacpp.py)
+LLAMACPP_RESULTS: dict[str, dict] = {}
+
 BENCH_THREADS = int(os.environ.get("KVBENCH_BENCH_THREADS", "2"))
 
 
@@ -44,6 +47,17 @@ def pytest_terminal_summary(terminalreporter):
                       f"overhead {100 * r['step_overhead']:+.2f}%  (gate: < 2%)")
         tr.write_line(f"loop / step : off {r['loop_ms_off']:.3f} ms  on {r['loop_ms_on']:.3f} ms  "
                       f"overhead {100 * r['loop_overhead']:+.2f}%")
+    if LLAMACPP_RESULTS:
+        tr.section("kvbench (fast / exact) vs llama.cpp and HF: medians of interleaved rounds, t/s and peak RSS MiB")
+        for name, r in LLAMACPP_RESULTS.items():
+            pp, tg, rss = r["prefill_tps"], r["decode_tps"], r["peak_rss_mib"]
+            tr.write_line(f"{name}  ({r['file_mib']:.0f} MiB; held as {r['weights']})")
+            for k in pp:
+                tr.write_line(f"  {k:<10} prefill {pp[k]:8.1f}   decode {tg[k]:7.1f}")
+            tr.write_line("  peak RSS  " + "   ".join(f"{k} {v:.0f}" for k, v in rss.items()))
+            for key in ("fast_vs_llamacpp", "fast_vs_hf"):
+                if key in r:
+                    tr.write_line(f"  {key:<17} " + "   ".join(f"{k} {v:.2f}x" for k, v in r[key].items()))
     if not GENERATE_RESULTS:
         return
     tr.section("generate tokens/s (medians; decode = n_decode / (t[prefill+decode] - t[prefill]))")

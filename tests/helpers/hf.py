@@ -88,3 +88,52 @@ def hf_greedy(model, tokens: list[int], n: int) -> list[int]:
     out = model.generate(torch.tensor([tokens]), max_new_tokens=n, do_sample=False, eos_token_id=None,
                          pad_token_id=0, attention_mask=torch.ones(1, len(tokens), dtype=torch.long))
     return out[0, len(tokens):].tolist()
+
+
+_HF_NAMES = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+             "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+             "feed_forward.w2": "mlp.down_proj"}
+
+
+def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of convert_hf_to_gguf's permute: interleaved pairs per head -> HF rotate-half rows."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_from_gguf(path, attn: str = "sdpa"):
+    """HF LlamaForCausalLM on a llama GGUF's weights, dequantized to float32 by gguf.quants (the same
+    values kvbench's exact mode computes with): the real-model reference for speed and logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.gguf.reader import open_gguf
+
+    f = open_gguf(path)
+    c = f.config()
+    assert c.arch == "llama" and c.rope_type == "norm" and c.rope_freq_scale == 1.0, "llama-family files only"
+    conf = LlamaConfig(vocab_size=c.n_vocab, hidden_size=c.n_embd, intermediate_size=c.n_ff,
+                       num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head_kv,
+                       head_dim=c.n_embd_head_k, max_position_embeddings=c.n_ctx_train, rms_norm_eps=c.rms_eps,
+                       tie_word_embeddings=c.tied_output, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                       rope_parameters={"rope_type": "default", "rope_theta": c.rope_freq_base})
+    sd = {}
+    for name, w in f.load_weights(c).items():
+        if name == "tok_embeddings.weight":
+            sd["model.embed_tokens.weight"] = w
+        elif name == "norm.weight":
+            sd["model.norm.weight"] = w
+        elif name == "output.weight":
+            sd["lm_head.weight"] = w
+        else:
+            _, il, rest = name.split(".", 2)
+            mod = rest.rsplit(".", 1)[0]
+            if mod == "attention.wq":
+                w = _unpermute_qk(w, c.n_head)
+            elif mod == "attention.wk":
+                w = _unpermute_qk(w, c.n_head_kv)
+            sd[f"model.layers.{il}.{_HF_NAMES[mod]}.weight"] = w
+    if c.tied_output:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    model = LlamaForCausalLM._from_config(conf, dtype=torch.float32, attn_implementation=attn)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()

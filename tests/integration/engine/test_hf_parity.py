@@ -62,3 +62,27 @@ def test_greedy_equals_hf(name, tmp_path_factory):
     eng = create_engine(lm, create_memory(lm, size=128))
     ours = generate(eng, [tokens], 32).tokens[0]
     assert ours == hf_greedy(ref, tokens, 32)
+
+
+def test_real_model_logits_equal_hf():
+    """SmolLM2-135M (a trained model, Q4_1 + Q8_0): kvbench's exact mode and HF transformers on the same
+    weights, dequantized by gguf.quants, over real text. Bound from float32 arithmetic: each of the
+    7 matmuls per layer rounds a K-term sum (K <= 1536), relative error ~sqrt(K) u (u = 2**-24) for
+    sums in different orders; 30 layers add them, so |diff| <= 7 * 30 * sqrt(1536) * u * max|logit|
+    (about 5e-4 relative; measured 2e-6)."""
+    from engine.gguf.presets import ensure_model
+    from harness.corpus import load_text
+    from tests.helpers.hf import hf_from_gguf
+
+    path = ensure_model("smollm2-135m")
+    lm = load_model(path)
+    text, _ = load_text(None)
+    tokens = [lm.config.bos_id] + lm.tokenizer.encode(text[:4000])[:199]
+    eng = create_engine(lm, create_memory(lm, size=256), n_ubatch=64)
+    b = Batch()
+    b.add_sequence(tokens, 0, output="all")
+    ours = eng.decode(b)
+    theirs = hf_logits(hf_from_gguf(path, attn="eager"), tokens)
+    bound = 7 * lm.config.n_layer * 1536**0.5 * 2.0**-24 * theirs.abs().max().item()
+    err = (ours - theirs).abs().max().item()
+    assert err <= bound, f"max |logit diff| {err:.3g} > {bound:.3g}"

@@ -258,14 +258,14 @@ class GGUFFile:
         n, k = int(t.shape[1]), int(t.shape[0])  # GGUF ne0 is the row length
         qtype = t.tensor_type
         if qtype == GGMLQuantizationType.F32:
-            return DenseWeight(self.dequantize(name, torch.float32, mmap))
+            return DenseWeight(self.dequantize(name, torch.float32, mmap), fast=True)
         if qtype not in kernels.KERNEL_TYPES:
-            return DenseWeight(self.dequantize(name, torch.bfloat16, mmap), qtype.name)
+            return DenseWeight(self.dequantize(name, torch.bfloat16, mmap), qtype.name, fast=True)
         data = torch.from_numpy(self.raw(name, mmap)).reshape(-1).view(torch.uint8)
         if qtype == GGMLQuantizationType.F16:
-            return DenseWeight(data.view(torch.float16).view(n, k))
+            return DenseWeight(data.view(torch.float16).view(n, k), fast=True)
         if qtype == GGMLQuantizationType.BF16:
-            return DenseWeight(data.view(torch.bfloat16).view(n, k))
+            return DenseWeight(data.view(torch.bfloat16).view(n, k), fast=True)
         return PackedWeight(data, qtype, n, k)
 
     def raw(self, name: str, mmap: bool = True) -> np.ndarray:

@@ -64,6 +64,7 @@ def backend() -> str:
 
 def qmm(x: torch.Tensor, data: torch.Tensor, ggml_type: T, n: int, k: int, act8: bool = False) -> torch.Tensor:
     """x (M, K) float -> (M, N) float32 = x @ W^T, W given as its GGUF bytes (uint8), M <= MAX_QMM_ROWS.
+    ``ggml_type`` is a KERNEL_TYPE, or F32 (plain float32 rows, read as they are).
 
     ``act8=False``: x stays float32 and the weights are widened in registers (float32 GEMV accuracy).
     ``act8=True``: x is quantized to int8 per 32 values and dotted in integers, as llama.cpp's CPU
@@ -71,6 +72,8 @@ def qmm(x: torch.Tensor, data: torch.Tensor, ggml_type: T, n: int, k: int, act8:
     multiplies in float32 against the dequantized W."""
     if _load():
         return torch.ops.kvbench.qmm(x, data, int(ggml_type), n, k, act8)
+    if ggml_type == T.F32:
+        return x.float() @ data.view(torch.float32).view(n, k).t()
     return x.float() @ dequant(data, ggml_type, n, k).t()
 
 

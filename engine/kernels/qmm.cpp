@@ -42,6 +42,7 @@ struct Layout { int64_t block, bytes; };
 
 Layout layout(int64_t t) {
   switch (t) {
+    case F32: return {1, 4};
     case F16: return {1, 2};
     case BF16: return {1, 2};
     case Q4_0: return {32, 18};
@@ -66,6 +67,11 @@ inline float fp16(const uint8_t* p) {
 }
 
 inline float bf16f(uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+// element k of an F32 / F16 / BF16 row
+inline float wval(int64_t t, const uint16_t* row, int64_t k) {
+  if (t == F32) { float f; std::memcpy(&f, reinterpret_cast<const float*>(row) + k, 4); return f; }
+  return t == F16 ? c10::detail::fp16_ieee_to_fp32_value(row[k]) : bf16f(row[k]);
+}
 
 // Q4_K / Q5_K: 6-bit scale and min of sub-block j (ggml's get_scale_min_k4)
 inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
@@ -360,8 +366,8 @@ void fdotq_lut_t(const uint8_t* w, int64_t nblk, const float* x, int64_t K, floa
   const __m512 iota16 = _mm512_add_ps(iota, _mm512_set1_ps(16.f));
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * rb;
-    __m512 acc[R][2];
-    for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    __m512 acc[R][4];  // two chains per half-group, alternating between groups: FMA latency hidden
+    for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nblk; ++b) {
       __m256i q[F::NG]; __m256 s[F::NG]; float mn[F::NG][2];
       F::unpack(row + b * F::BYTES, q, s, mn);
@@ -379,14 +385,17 @@ void fdotq_lut_t(const uint8_t* w, int64_t nblk, const float* x, int64_t K, floa
           w0 = _mm512_permutexvar_ps(i0, lut);
           w1 = _mm512_permutexvar_ps(i1, lut);
         }
-        const int64_t xo = (b * F::NG + g) * 32;
+        const int64_t xb = b * F::NG + g, xo = xb * 32;
+        const int a = 2 * int(xb & 1);
         for (int m = 0; m < R; ++m) {
-          acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + xo), acc[m][0]);
-          acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + xo + 16), acc[m][1]);
+          acc[m][a] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + xo), acc[m][a]);
+          acc[m][a + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + xo + 16), acc[m][a + 1]);
         }
       }
     }
-    for (int m = 0; m < R; ++m) y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+    for (int m = 0; m < R; ++m)
+      y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                                        _mm512_add_ps(acc[m][2], acc[m][3])));
   }
 }
 
@@ -534,25 +543,29 @@ inline __m256 cvt8(int64_t t, const uint16_t* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return t == F16 ? _mm256_cvtph_ps(h) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+// 8 weights of row element type t starting at element k (F32 rows are read as floats)
+inline __m256 load8(int64_t t, const uint16_t* row, int64_t k) {
+  return t == F32 ? _mm256_loadu_ps(reinterpret_cast<const float*>(row) + k) : cvt8(t, row + k);
+}
 template <int R>
 void fdot_t(int64_t t, const uint16_t* w, int64_t K, const float* x, float* y, int64_t N, int64_t n0, int64_t n1) {
   constexpr int C = R == 1 ? 4 : 1;  // independent chains per row
+  const int64_t stride = t == F32 ? 2 * K : K;  // row length in uint16 units
   for (int64_t n = n0; n < n1; ++n) {
-    const uint16_t* row = w + n * K;
+    const uint16_t* row = w + n * stride;
     __m256 acc[R][C];
     for (int m = 0; m < R; ++m) for (int c = 0; c < C; ++c) acc[m][c] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 * C <= K; k += 8 * C)
       for (int c = 0; c < C; ++c) {
-        const __m256 wf = cvt8(t, row + k + 8 * c);
+        const __m256 wf = load8(t, row, k + 8 * c);
         for (int m = 0; m < R; ++m) acc[m][c] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + m * K + k + 8 * c), acc[m][c]);
       }
     for (int m = 0; m < R; ++m) {
       __m256 a = acc[m][0];
       for (int c = 1; c < C; ++c) a = _mm256_add_ps(a, acc[m][c]);
       float sum = hsum(a);
-      for (int64_t kk = k; kk < K; ++kk)
-        sum += (t == F16 ? c10::detail::fp16_ieee_to_fp32_value(row[kk]) : bf16f(row[kk])) * x[m * K + kk];
+      for (int64_t kk = k; kk < K; ++kk) sum += wval(t, row, kk) * x[m * K + kk];
       y[m * N + n] = sum;
     }
   }
@@ -574,12 +587,12 @@ void fdot_rows(int64_t t, const uint16_t* w, int64_t K, const float* x, int64_t 
     }
   }
 #else
+  const int64_t stride = t == F32 ? 2 * K : K;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint16_t* row = w + n * K;
+    const uint16_t* row = w + n * stride;
     for (int64_t m = 0; m < M; ++m) {
       float sum = 0.f;
-      for (int64_t k = 0; k < K; ++k)
-        sum += (t == F16 ? c10::detail::fp16_ieee_to_fp32_value(row[k]) : bf16f(row[k])) * x[m * K + k];
+      for (int64_t k = 0; k < K; ++k) sum += wval(t, row, k) * x[m * K + k];
       y[m * N + n] = sum;
     }
   }
@@ -606,7 +619,7 @@ at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& w, int64_t t, int64_t n
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0) return y;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
-  if (t == F16 || t == BF16) {
+  if (t == F32 || t == F16 || t == BF16) {
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<uint8_t>());
     at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
       fdot_rows(t, wp, k, x.data_ptr<float>(), M, y.data_ptr<float>(), n, n0, n1);

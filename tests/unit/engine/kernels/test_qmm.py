@@ -11,7 +11,7 @@ Every bound is derived from the operations the kernel performs (u = 2**-24, floa
   8 lanes summed and the minimum terms added. That is at most G + 8 roundings along any path
   (G = K/32 groups), each of relative size u, of terms bounded by |x'| (|w| + 2 |mn|) (the kernel
   adds s*q and mn separately, with |s*q| <= |w| + |mn|): |err| <= (G + 8) u sum_k |x'_k| (|w_k| + 2|mn_k|).
-* F16/BF16 W: x is not quantized; chains of K/8/4 FMAs, then 4 + 3 additions: (K/8 + 8) u |x| @ |W|.
+* F32/F16/BF16 W: x is not quantized; chains of K/8/4 FMAs, then 4 + 3 additions: (K/8 + 8) u |x| @ |W|.
 """
 
 from __future__ import annotations
@@ -127,12 +127,16 @@ def test_qmm_float_activations(t, m):
     assert (got - want).abs().le(bound).all(), ((got - want).abs() / bound).max().item()
 
 
-@pytest.mark.parametrize("t", [T.F16, T.BF16], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.F32, T.F16, T.BF16], ids=lambda t: t.name)
 @pytest.mark.parametrize("m", [1, 3, 4, 16])
-def test_qmm_half(t, m):
+def test_qmm_float_weights(t, m):
     n, k = 37, 520  # not a multiple of 32: the scalar tail runs too
-    raw = random_weights(t, n, k, seed=3)
-    w = reference(t, raw, k).double()
+    if t == T.F32:
+        raw = np.random.default_rng(3).standard_normal((n, k)).astype(np.float32).view(np.uint8)
+        w = torch.from_numpy(raw.view(np.float32)).double()
+    else:
+        raw = random_weights(t, n, k, seed=3)
+        w = reference(t, raw, k).double()
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     got = kernels.qmm(x, torch.from_numpy(raw.reshape(-1).copy()), t, n, k).double()
     want = x.double() @ w.t()

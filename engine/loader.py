@@ -131,7 +131,7 @@ def load_model(model: str | os.PathLike, device: str = "cpu", dtype: str = "f32"
     else:
         weights = f.load_weights(cfg, DTYPES[dtype], mmap=mmap, compute=compute)
     model_cls = HybridLM if ARCHS[cfg.arch].model == "hybrid" else Transformer
-    net = model_cls.from_weights(cfg, weights, dev, fuse_copy=not mmap)
+    net = model_cls.from_weights(cfg, weights, dev, fuse_copy=not mmap, compute=compute)
     return LoadedModel(path, f, cfg, net, dev, DTYPES[dtype], compute)
 
 

@@ -91,3 +91,20 @@ def dequant(data: torch.Tensor, ggml_type: T, n: int, k: int, rows: torch.Tensor
         x = torch.from_numpy(gguf_quants.dequantize(raw, ggml_type))
     x = x.reshape(-1, k)
     return x.to(torch.bfloat16 if bf16 else torch.float32)
+
+
+def fused_available() -> bool:
+    """Whether rms_norm and rope below run as single native ops (else they are torch expressions)."""
+    return _load()
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * w over the last dim, float32, one op (the sum of squares in double)."""
+    if _load():
+        return torch.ops.kvbench.rms_norm(x, w, eps)
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    """Rotate x (T, H, D) by cos/sin (T, n_rot/2): NEOX halves or NORM adjacent pairs; returns a new tensor."""
+    return torch.ops.kvbench.rope(x, cos, sin, neox)

@@ -762,6 +762,60 @@ at::Tensor dequant(const at::Tensor& w, int64_t t, int64_t n, int64_t k, const s
   return out;
 }
 
+// RMS norm of each row, times the weight, in one pass over the row (torch 2.13's CPU rms_norm is six
+// ops at decode sizes). Sum of squares in double, as ggml's rms_norm; y = x * (1/sqrt(mean + eps)) * w.
+at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && w_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
+              "kvbench rms_norm: float32 CPU tensors");
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t D = x.size(-1), T = x.numel() / std::max<int64_t>(D, 1);
+  TORCH_CHECK(w.numel() == D, "kvbench rms_norm: weight of ", w.numel(), " for rows of ", D);
+  at::Tensor y = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * D;
+      double ss = 0.0;
+      for (int64_t i = 0; i < D; ++i) ss += double(xr[i]) * double(xr[i]);
+      const float scale = 1.0f / std::sqrt(float(ss / double(D)) + float(eps));
+      float* yr = yp + r * D;
+      for (int64_t i = 0; i < D; ++i) yr[i] = (xr[i] * scale) * wp[i];
+    }
+  });
+  return y;
+}
+
+// Rotary embedding of x (T, H, D), any strides, by angles cos/sin (T, n_rot/2): NORM rotates adjacent
+// pairs (x[2i], x[2i+1]), NEOX halves (x[i], x[i + n_rot/2]); dims past n_rot pass through. One op in
+// place of the ~12 a tensor expression takes per call.
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor& sin_in, bool neox) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "kvbench rope: x (T, H, D) float32");
+  const at::Tensor c = cos_in.to(at::kFloat).contiguous(), s = sin_in.to(at::kFloat).contiguous();
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = c.numel() / std::max<int64_t>(T, 1);
+  TORCH_CHECK(c.numel() == T * half && s.numel() == T * half && 2 * half <= D, "kvbench rope: angles do not fit x");
+  at::Tensor y = at::empty({T, H, D}, x.options());
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
+  const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, T * H, std::max<int64_t>(1, 8192 / std::max<int64_t>(D, 1)), [&](int64_t a, int64_t b) {
+    for (int64_t th = a; th < b; ++th) {
+      const int64_t t = th / H, h = th % H;
+      const float* xr = xp + t * s0 + h * s1;
+      float* yr = yp + th * D;
+      const float *ct = cp + t * half, *st = sp + t * half;
+      for (int64_t i = 0; i < half; ++i) {
+        const int64_t i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
+        const float x0 = xr[i0 * s2], x1 = xr[i1 * s2];
+        yr[i0] = x0 * ct[i] - x1 * st[i];
+        yr[i1] = x0 * st[i] + x1 * ct[i];
+      }
+      for (int64_t i = 2 * half; i < D; ++i) yr[i] = xr[i * s2];
+    }
+  });
+  return y;
+}
+
 at::Tensor dequant_all(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
   return dequant(w, t, n, k, std::nullopt, false);
 }
@@ -774,6 +828,8 @@ bool simd512() { return KV_AVX512; }
 TORCH_LIBRARY(kvbench, m) {
   m.def("qmm(Tensor x, Tensor w, int type, int n, int k, bool act8) -> Tensor");
   m.def("dequant(Tensor w, int type, int n, int k, Tensor? rows, bool bf16) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin, bool neox) -> Tensor");
   m.def("simd", simd);  // was the AVX2 path compiled in
   m.def("simd512", simd512);  // and the AVX-512 one
 }
@@ -781,4 +837,6 @@ TORCH_LIBRARY(kvbench, m) {
 TORCH_LIBRARY_IMPL(kvbench, CPU, m) {
   m.impl("qmm", qmm);
   m.impl("dequant", dequant);
+  m.impl("rms_norm", rms_norm);
+  m.impl("rope", rope);
 }

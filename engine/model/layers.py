@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import kernels
 from engine.config import ROPE_NEOX, ModelConfig
 from engine.memory.base import AttnInput
 from engine.model.weights import DenseWeight, Weight
@@ -39,16 +40,22 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    fused = False  # fast mode: one native op (engine.kernels.rms_norm) instead of torch's six at decode sizes
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.dtype == torch.float32 and x.device.type == "cpu":
+            return kernels.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Rope(nn.Module):
+    fused = False  # fast mode: engine.kernels.rope (the same float32 operations in one op)
+
     """Rotary position embedding, computed from positions per ubatch.
 
     Positions come from the batch, not from an index: cells of one ubatch can belong to many
@@ -81,6 +88,8 @@ class Rope(nn.Module):
         if self.n_rot == 0:  # no rope (Jamba's attention layers)
             return x
         cos, sin = cs
+        if self.fused and x.dtype == torch.float32 and x.device.type == "cpu":  # fast mode: one native op
+            return kernels.rope(x, cos, sin, self.neox)
         n = self.n_rot
         rot, rest = (x, None) if n == x.shape[-1] else (x[..., :n], x[..., n:])
         if self.neox:

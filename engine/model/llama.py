@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine import kernels
 from engine.config import ModelConfig
 from engine.model.layers import Embedding, FeedForward, Linear, RMSNorm, Rope, attend
 from engine.model.weights import DenseWeight, Weight, cat_weights
@@ -84,7 +85,7 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor | Weight],
-                     device: torch.device | str = "cpu", fuse_copy: bool = True) -> Transformer:
+                     device: torch.device | str = "cpu", fuse_copy: bool = True, compute: str = "exact") -> Transformer:
         """Build from kvbench-named parameters (engine.gguf.keymap): tensors, or ``Weight``s for the
         matrices (fast mode). Fuses q, k and v into one matrix; ``fuse_copy=False`` (weights that are
         views of a mapped file) keeps them apart rather than copying mapped pages."""
@@ -112,6 +113,10 @@ class Transformer(nn.Module):
         if missing or unexpected:  # keymap and model disagree: a bug here, not a user error
             raise AssertionError(f"parameters not loaded: {missing[:5]}; unknown: {unexpected[:5]}")
         model.rope = Rope(cfg)
+        if compute == "fast" and kernels.fused_available():  # exact mode keeps torch's own norm and rope
+            for m in model.modules():
+                if isinstance(m, (RMSNorm, Rope)):
+                    m.fused = True
         if freq_factors is not None:
             model.rope.set_freq_factors(freq_factors if isinstance(freq_factors, torch.Tensor) else freq_factors.dense())
         for p in model.parameters():

@@ -170,3 +170,32 @@ def test_bad_shapes_are_refused():
         kernels.qmm(torch.randn(1, 32), raw, T.Q4_0, 4, 64)
     with pytest.raises(RuntimeError, match="out of"):
         kernels.dequant(raw, T.Q4_0, 4, 64, rows=torch.tensor([4]))
+
+
+def test_rms_norm_is_rounded_once_per_step():
+    """Sum of squares in double, then 1/sqrt(mean + eps) in float32 (mean, add, sqrt, divide: 4 roundings),
+    x * scale and * w (2 more): |y - y64| <= 6 u |y| + the double sum's own error (negligible)."""
+    x = torch.randn(7, 576, generator=torch.Generator().manual_seed(0)) * 3
+    w = torch.rand(576, generator=torch.Generator().manual_seed(1)) + 0.5
+    got = kernels.rms_norm(x, w, 1e-5).double()
+    x64 = x.double()
+    want = x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    assert (got - want).abs().le(6 * U * want.abs() + 1e-30).all()
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope_equals_the_torch_expression(neox):
+    """The native op does the layer's float32 operations (x0*cos - x1*sin, x0*sin + x1*cos) in the same
+    order, on a strided view (q sliced out of the fused qkv), so the results are equal bit for bit."""
+    from engine.config import ModelConfig
+    from engine.model.layers import Rope
+
+    cfg = ModelConfig(arch="llama", n_vocab=10, n_embd=256, n_layer=1, n_head=4, n_head_kv=4, n_ff=8,
+                      n_rot=48, rope_type="neox" if neox else "norm")
+    rope = Rope(cfg)
+    qkv = torch.randn(5, 3 * 256)
+    x = qkv[:, :256].view(5, 4, 64)  # (T, H, D), not contiguous
+    cs = rope.angles(torch.tensor([0, 3, 7, 100, 4095]), torch.float32)
+    want = rope.apply(x, cs)
+    rope.fused = True
+    assert torch.equal(rope.apply(x, cs), want)

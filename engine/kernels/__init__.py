@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import statistics
+import time
 from functools import lru_cache
 
 import numpy as np
@@ -38,6 +40,48 @@ def row_bytes(ggml_type: T, k: int) -> int:
     if k % block:
         raise ConfigError(f"a {ggml_type.name} row of {k} weights is not a whole number of {block}-weight blocks")
     return k // block * size
+
+
+class Autotune:
+    """Picks, per shape, the fastest of implementations that compute the same product, from timings of
+    the real calls on the running machine.
+
+    Which GEMM shape MKL serves best at decode sizes differs between machines: on one VM mm(W, x^T)
+    beat F.linear 1.9x at one row, on another it lost 1.9x, and at 4 rows the order flips again. A
+    tight-loop micro-benchmark misleads as well: in the engine, with other ops between the calls,
+    F.linear's threaded GEMV took 54 us a call where a loop measured 9 us (its threads had gone to
+    sleep). So the first ``TRIALS`` calls of each candidate are the real calls of the run, in turn,
+    timed where they happen; then the one with the lowest median serves the rest of the process.
+    Nothing is fixed from one machine, and no extra work is done: exploring costs only the slower
+    candidates' extra time on a few calls per shape."""
+
+    TRIALS = 5
+
+    def __init__(self) -> None:
+        self.state: dict[tuple, list[list[float]] | int] = {}
+
+    def __call__(self, key: tuple, fns, *args):
+        """(result, the chosen function once decided, else None): callers may keep the choice themselves."""
+        st = self.state.get(key)
+        if isinstance(st, int):
+            return fns[st](*args), fns[st]
+        if st is None:
+            st = self.state[key] = [[] for _ in fns]
+        i = min(range(len(fns)), key=lambda j: len(st[j]))  # the least-tried candidate serves this call
+        t0 = time.perf_counter()
+        y = fns[i](*args)
+        st[i].append(time.perf_counter() - t0)
+        if len(st[-1]) >= self.TRIALS:
+            best = self.state[key] = min(range(len(fns)), key=lambda j: statistics.median(st[j]))
+            return y, fns[best]
+        return y, None
+
+    def choices(self) -> dict[tuple, int]:
+        """The decided shapes: key -> index of the chosen implementation."""
+        return {k: v for k, v in self.state.items() if isinstance(v, int)}
+
+
+autotune = Autotune()
 
 
 @lru_cache(maxsize=1)

@@ -60,10 +60,11 @@ class Weight(nn.Module):
 class DenseWeight(Weight):
     """A torch tensor in f32, f16 or bf16.
 
-    Exact mode (``fast=False``): F.linear in the tensor's dtype. Fast mode: up to MAX_QMM_ROWS rows
-    through engine.kernels.qmm (F32 read as it is, F16/BF16 widened in registers; float32 sums),
-    which streams the matrix at the machine's bandwidth where MKL's GEMV here did not (llama-small
-    F32: 33 t/s decode through F.linear); larger batches through F.linear, in bf16 for F16/BF16."""
+    Exact mode (``fast=False``): float32 (or the tensor's dtype) GEMMs; at up to MAX_QMM_ROWS rows the
+    GEMM shape (F.linear, or mm(W, x^T)) is whichever ``kernels.autotune`` timed faster in this run's
+    own calls. Fast mode: F32 also has engine.kernels' float32 GEMV among those candidates (it streamed
+    llama-small's F32 matrices 2.5x faster than MKL's GEMV here); F16/BF16 go through the kernel
+    (widened in registers, float32 sums) at small batches and bf16 GEMM at large ones."""
 
     def __init__(self, w: torch.Tensor, ggml_type: str | None = None, fast: bool = False) -> None:
         super().__init__()
@@ -71,20 +72,50 @@ class DenseWeight(Weight):
         self.n, self.k = int(w.shape[0]), int(w.shape[1])
         self.ggml_type = ggml_type or {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[w.dtype]
         self.fast = fast
+        self._pick: dict[int, object] = {}  # rows -> the implementation kernels.autotune chose for this shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.w
-        if not self.fast or w.device.type != "cpu" or x.dtype != torch.float32:
+        w = self._buffers["w"]  # not self.w: Module.__getattr__ costs a microsecond a call at decode
+        m = x.shape[0]
+        if w.device.type != "cpu":
             return F.linear(x.to(w.dtype), w).to(x.dtype)
-        if x.shape[0] <= kernels.MAX_QMM_ROWS:
+        if w.dtype == x.dtype:  # exact mode, or an F32 matrix in fast mode
+            if m > kernels.MAX_QMM_ROWS:
+                return F.linear(x, w)
+            f = self._pick.get(m)
+            if f is not None:
+                return f(x, w)
+            fns = _FAST_F32 if self.fast and w.dtype == torch.float32 else _GEMM_SHAPES
+            y, f = kernels.autotune((self.n, self.k, m, w.dtype, len(fns)), fns, x, w)
+            if f is not None:
+                self._pick[m] = f
+            return y
+        # fast mode: f16/bf16 matrices, float32 activations
+        if m <= kernels.MAX_QMM_ROWS:
             return kernels.qmm(x, w.view(-1).view(torch.uint8), _TYPES[w.dtype], self.n, self.k)
-        if w.dtype == torch.float32:
-            return F.linear(x, w)
         return F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)).to(x.dtype)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.w)
 
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w)
+
+
+def _mm_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """mm(W, x^T)^T: MKL's GEMM with the weights as the left operand (one row padded to two: GEMM, not GEMV)."""
+    if x.shape[0] == 1:
+        return torch.mm(w, torch.cat((x, x)).t()).t()[:1]
+    return torch.mm(w, x.t()).t()
+
+
+def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return kernels.qmm(x, w.view(-1).view(torch.uint8), T.F32, w.shape[0], w.shape[1])
+
+
+_GEMM_SHAPES = (_linear, _mm_t)
+_FAST_F32 = (_linear, _mm_t, _gemv)
 
 _TYPES = {torch.float32: T.F32, torch.float16: T.F16, torch.bfloat16: T.BF16}
 

@@ -60,9 +60,9 @@ class Weight(nn.Module):
 class DenseWeight(Weight):
     """A torch tensor in f32, f16 or bf16.
 
-    Exact mode (``fast=False``): float32 (or the tensor's dtype) GEMMs; at up to MAX_QMM_ROWS rows the
-    GEMM shape (F.linear, or mm(W, x^T)) is whichever ``kernels.autotune`` timed faster in this run's
-    own calls. Fast mode: F32 also has engine.kernels' float32 GEMV among those candidates (it streamed
+    Exact mode (``fast=False``): float32 (or the tensor's dtype) GEMMs in the shape (F.linear, or
+    mm(W, x^T)) that ``kernels.autotune`` timed faster in this run's own calls, per row count (per
+    power-of-two bucket above MAX_QMM_ROWS: mm(W, x^T) was 0-40% faster at 32-128 rows here). Fast mode: F32 also has engine.kernels' float32 GEMV among those candidates (it streamed
     llama-small's F32 matrices 2.5x faster than MKL's GEMV here); F16/BF16 go through the kernel
     (widened in registers, float32 sums) at small batches and bf16 GEMM at large ones."""
 
@@ -80,15 +80,15 @@ class DenseWeight(Weight):
         if w.device.type != "cpu":
             return F.linear(x.to(w.dtype), w).to(x.dtype)
         if w.dtype == x.dtype:  # exact mode, or an F32 matrix in fast mode
-            if m > kernels.MAX_QMM_ROWS:
-                return F.linear(x, w)
-            f = self._pick.get(m)
+            small = m <= kernels.MAX_QMM_ROWS
+            rows = m if small else 1 << (m - 1).bit_length()  # prefill sizes tuned by power-of-two bucket
+            f = self._pick.get(rows)
             if f is not None:
                 return f(x, w)
-            fns = _FAST_F32 if self.fast and w.dtype == torch.float32 else _GEMM_SHAPES
-            y, f = kernels.autotune((self.n, self.k, m, w.dtype, len(fns)), fns, x, w)
+            fns = _FAST_F32 if small and self.fast and w.dtype == torch.float32 else _GEMM_SHAPES
+            y, f = kernels.autotune((self.n, self.k, rows, w.dtype, len(fns)), fns, x, w)
             if f is not None:
-                self._pick[m] = f
+                self._pick[rows] = f
             return y
         # fast mode: f16/bf16 matrices, float32 activations
         if m <= kernels.MAX_QMM_ROWS:

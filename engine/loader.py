@@ -73,7 +73,7 @@ class LoadedModel:
 
     @property
     def kernels(self) -> str:
-        """Which matmul kernels run: 'native-avx2' / 'native-scalar' (engine/kernels/qmm.cpp), 'torch'
+        """Which matmul kernels run: engine.kernels.backend() ('native-avx512', 'native-avx2', ...), 'torch'
         (its fallback), or 'aten' (exact mode, GPUs: torch's own GEMMs only)."""
         return kernels.backend() if self.compute == "fast" and self.device.type == "cpu" else "aten"
 

@@ -236,14 +236,14 @@ class GGUFFile:
     def planned_weight_bytes(self, config: ModelConfig, compute: str, dtype: torch.dtype) -> int:
         """Bytes the weights will take once loaded, from the header alone: exact mode holds every tensor
         in ``dtype``; fast mode holds matrices as ``weight`` keeps them and the rest in float32."""
-        total = 0
+        total, itemsize = 0, torch.empty((), dtype=dtype).element_size()
         for gguf_name, _, _ in expand(ARCHS[config.arch].tensors, config):
             t = self.tensors.get(gguf_name)
             if t is None:
                 continue
             n = int(np.prod([int(d) for d in t.shape]))
             if compute != "fast":
-                total += n * torch.empty((), dtype=dtype).element_size()
+                total += n * itemsize
             elif len(t.shape) == 2 and (t.tensor_type in kernels.KERNEL_TYPES
                                         or t.tensor_type == GGMLQuantizationType.F32):
                 total += int(t.n_bytes)

@@ -100,10 +100,13 @@ def _load() -> bool:
 
 
 def backend() -> str:
-    """'native-avx2', 'native-scalar' (built without AVX2/FMA/F16C) or 'torch' (the fallback)."""
+    """'native-avx512' (AVX2 plus the AVX-512 4/5-bit tables), 'native-avx2', 'native-scalar' (built without
+    AVX2/FMA/F16C) or 'torch' (the fallback): what a record's run.kernels says."""
     if not _load():
         return "torch"
-    return "native-avx2" if torch.ops.kvbench.simd() else "native-scalar"
+    if not torch.ops.kvbench.simd():
+        return "native-scalar"
+    return "native-avx512" if torch.ops.kvbench.simd512() else "native-avx2"
 
 
 def qmm(x: torch.Tensor, data: torch.Tensor, ggml_type: T, n: int, k: int, act8: bool = False) -> torch.Tensor:
@@ -143,10 +146,9 @@ def fused_available() -> bool:
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * w over the last dim, float32, one op (the sum of squares in double)."""
-    if _load():
-        return torch.ops.kvbench.rms_norm(x, w, eps)
-    return torch.nn.functional.rms_norm(x, (x.shape[-1],), w, eps)
+    """x / sqrt(mean(x^2) + eps) * w over the last dim, float32, one op (the sum of squares in double).
+    Native only, as ``rope``: callers use either where ``fused_available()``."""
+    return torch.ops.kvbench.rms_norm(x, w, eps)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:

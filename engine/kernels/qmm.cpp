@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -196,6 +197,50 @@ inline float hsum(__m256 v) {
 
 constexpr int MAXM = 16;
 constexpr int MB = 4;  // activation rows per pass over a weight row: their accumulators stay in registers
+
+template <int R>
+using Rows = std::integral_constant<int, R>;
+
+// f(Rows<r>{}, m0) for each block of r <= MB activation rows starting at m0 (r a compile-time constant, so
+// the kernels keep that block's accumulators in registers).
+template <typename F>
+inline void row_blocks(int64_t M, F&& f) {
+  for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    switch (std::min<int64_t>(MB, M - m0)) {
+      case 1: f(Rows<1>{}, m0); break;
+      case 2: f(Rows<2>{}, m0); break;
+      case 3: f(Rows<3>{}, m0); break;
+      default: f(Rows<4>{}, m0); break;
+    }
+  }
+}
+
+// Weight rows [n0, n1) in tiles of 8 that stay in L1 while every block of activation rows passes over them:
+// f(Rows<r>{}, m0, t0, t1).
+template <typename F>
+inline void weight_tiles(int64_t M, int64_t n0, int64_t n1, F&& f) {
+  constexpr int64_t TILE = 8;
+  for (int64_t t0 = n0; t0 < n1; t0 += TILE) {
+    const int64_t t1 = std::min(n1, t0 + TILE);
+    row_blocks(M, [&](auto R, int64_t m0) { f(R, m0, t0, t1); });
+  }
+}
+
+// f(std::integral_constant<int64_t, TY>{}) for each quantized format; false (f not called) for other types.
+template <typename F>
+inline bool by_format(int64_t t, F&& f) {
+  switch (t) {
+    case Q8_0: f(std::integral_constant<int64_t, Q8_0>{}); return true;
+    case Q4_0: f(std::integral_constant<int64_t, Q4_0>{}); return true;
+    case Q4_1: f(std::integral_constant<int64_t, Q4_1>{}); return true;
+    case Q5_0: f(std::integral_constant<int64_t, Q5_0>{}); return true;
+    case Q5_1: f(std::integral_constant<int64_t, Q5_1>{}); return true;
+    case Q4_K: f(std::integral_constant<int64_t, Q4_K>{}); return true;
+    case Q5_K: f(std::integral_constant<int64_t, Q5_K>{}); return true;
+    case Q6_K: f(std::integral_constant<int64_t, Q6_K>{}); return true;
+  }
+  return false;
+}
 
 #if KV_AVX2
 inline __m256i nibbles_lo(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
@@ -399,67 +444,8 @@ void fdotq_lut_t(const uint8_t* w, int64_t nblk, const float* x, int64_t K, floa
   }
 }
 
-template <int64_t TY>
-void fdotq_lut_rows(const uint8_t* w, int64_t nblk, const float* x, int64_t K, int64_t M, float* y, int64_t N,
-                    int64_t n0, int64_t n1) {
-  constexpr int64_t TILE = 8;
-  for (int64_t t0 = n0; t0 < n1; t0 += TILE) {
-    const int64_t t1 = std::min(n1, t0 + TILE);
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-      const int64_t r = std::min<int64_t>(MB, M - m0);
-      const float* xm = x + m0 * K;
-      float* ym = y + m0 * N;
-      switch (r) {
-        case 1: fdotq_lut_t<TY, 1>(w, nblk, xm, K, ym, N, t0, t1); break;
-        case 2: fdotq_lut_t<TY, 2>(w, nblk, xm, K, ym, N, t0, t1); break;
-        case 3: fdotq_lut_t<TY, 3>(w, nblk, xm, K, ym, N, t0, t1); break;
-        default: fdotq_lut_t<TY, 4>(w, nblk, xm, K, ym, N, t0, t1); break;
-      }
-    }
-  }
-}
 #endif
 
-template <int64_t TY>
-void fdotq_rows_avx2(const uint8_t* w, int64_t nblk, const float* x, int64_t K, const float* xs, int64_t M,
-                     float* y, int64_t N, int64_t n0, int64_t n1) {
-  constexpr int64_t TILE = 8;
-  for (int64_t t0 = n0; t0 < n1; t0 += TILE) {
-    const int64_t t1 = std::min(n1, t0 + TILE);
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-      const int64_t r = std::min<int64_t>(MB, M - m0);
-      const float* xm = x + m0 * K;
-      const float* sm = xs + m0 * (K / 16);
-      float* ym = y + m0 * N;
-      switch (r) {
-        case 1: fdotq_t<TY, 1>(w, nblk, xm, K, sm, ym, N, t0, t1); break;
-        case 2: fdotq_t<TY, 2>(w, nblk, xm, K, sm, ym, N, t0, t1); break;
-        case 3: fdotq_t<TY, 3>(w, nblk, xm, K, sm, ym, N, t0, t1); break;
-        default: fdotq_t<TY, 4>(w, nblk, xm, K, sm, ym, N, t0, t1); break;
-      }
-    }
-  }
-}
-
-template <int64_t TY>
-void qdot_rows_avx2(const uint8_t* w, int64_t nblk, const QRow* xr, int64_t M, float* y, int64_t N, int64_t n0,
-                    int64_t n1) {
-  // Rows of W in tiles that stay in L1 while every activation row block passes over them.
-  constexpr int64_t TILE = 8;
-  for (int64_t t0 = n0; t0 < n1; t0 += TILE) {
-    const int64_t t1 = std::min(n1, t0 + TILE);
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-      const int64_t r = std::min<int64_t>(MB, M - m0);
-      float* ym = y + m0 * N;
-      switch (r) {
-        case 1: qdot_t<TY, 1>(w, nblk, xr + m0, ym, N, t0, t1); break;
-        case 2: qdot_t<TY, 2>(w, nblk, xr + m0, ym, N, t0, t1); break;
-        case 3: qdot_t<TY, 3>(w, nblk, xr + m0, ym, N, t0, t1); break;
-        default: qdot_t<TY, 4>(w, nblk, xr + m0, ym, N, t0, t1); break;
-      }
-    }
-  }
-}
 #endif
 
 // Portable twin: unpack a group to int8 in memory, dot in int32.
@@ -491,16 +477,12 @@ void qdot_rows(int64_t t, const uint8_t* w, int64_t K, const QRow* xr, int64_t M
                int64_t n0, int64_t n1) {
 #if KV_AVX2
   const int64_t nblk = K / layout(t).block;
-  switch (t) {
-    case Q8_0: return qdot_rows_avx2<Q8_0>(w, nblk, xr, M, y, N, n0, n1);
-    case Q4_0: return qdot_rows_avx2<Q4_0>(w, nblk, xr, M, y, N, n0, n1);
-    case Q4_1: return qdot_rows_avx2<Q4_1>(w, nblk, xr, M, y, N, n0, n1);
-    case Q5_0: return qdot_rows_avx2<Q5_0>(w, nblk, xr, M, y, N, n0, n1);
-    case Q5_1: return qdot_rows_avx2<Q5_1>(w, nblk, xr, M, y, N, n0, n1);
-    case Q4_K: return qdot_rows_avx2<Q4_K>(w, nblk, xr, M, y, N, n0, n1);
-    case Q5_K: return qdot_rows_avx2<Q5_K>(w, nblk, xr, M, y, N, n0, n1);
-    case Q6_K: return qdot_rows_avx2<Q6_K>(w, nblk, xr, M, y, N, n0, n1);
-  }
+  const bool done = by_format(t, [&](auto TY) {
+    weight_tiles(M, n0, n1, [&](auto R, int64_t m0, int64_t t0, int64_t t1) {
+      qdot_t<decltype(TY)::value, decltype(R)::value>(w, nblk, xr + m0, y + m0 * N, N, t0, t1);
+    });
+  });
+  if (done) return;
 #endif
   qdot_rows_scalar(t, w, K, xr, M, y, N, n0, n1);
 }
@@ -508,33 +490,24 @@ void qdot_rows(int64_t t, const uint8_t* w, int64_t K, const QRow* xr, int64_t M
 // float32-activation path over quantized W (qdot's twin without the int8 step); false: no AVX2 build.
 bool fdotq_rows(int64_t t, const uint8_t* w, int64_t K, const float* x, const float* xs, int64_t M, float* y,
                 int64_t N, int64_t n0, int64_t n1) {
-#if KV_AVX512
-  {
-    const int64_t nb = K / layout(t).block;
-    switch (t) {
-      case Q4_0: fdotq_lut_rows<Q4_0>(w, nb, x, K, M, y, N, n0, n1); return true;
-      case Q4_1: fdotq_lut_rows<Q4_1>(w, nb, x, K, M, y, N, n0, n1); return true;
-      case Q4_K: fdotq_lut_rows<Q4_K>(w, nb, x, K, M, y, N, n0, n1); return true;
-      case Q5_0: fdotq_lut_rows<Q5_0>(w, nb, x, K, M, y, N, n0, n1); return true;
-      case Q5_1: fdotq_lut_rows<Q5_1>(w, nb, x, K, M, y, N, n0, n1); return true;
-      case Q5_K: fdotq_lut_rows<Q5_K>(w, nb, x, K, M, y, N, n0, n1); return true;
-    }
-  }
-#endif
 #if KV_AVX2
   const int64_t nblk = K / layout(t).block;
-  switch (t) {
-    case Q8_0: fdotq_rows_avx2<Q8_0>(w, nblk, x, K, xs, M, y, N, n0, n1); return true;
-    case Q4_0: fdotq_rows_avx2<Q4_0>(w, nblk, x, K, xs, M, y, N, n0, n1); return true;
-    case Q4_1: fdotq_rows_avx2<Q4_1>(w, nblk, x, K, xs, M, y, N, n0, n1); return true;
-    case Q5_0: fdotq_rows_avx2<Q5_0>(w, nblk, x, K, xs, M, y, N, n0, n1); return true;
-    case Q5_1: fdotq_rows_avx2<Q5_1>(w, nblk, x, K, xs, M, y, N, n0, n1); return true;
-    case Q4_K: fdotq_rows_avx2<Q4_K>(w, nblk, x, K, xs, M, y, N, n0, n1); return true;
-    case Q5_K: fdotq_rows_avx2<Q5_K>(w, nblk, x, K, xs, M, y, N, n0, n1); return true;
-    case Q6_K: fdotq_rows_avx2<Q6_K>(w, nblk, x, K, xs, M, y, N, n0, n1); return true;
-  }
+  return by_format(t, [&](auto TY) {
+    constexpr int64_t ty = decltype(TY)::value;
+    weight_tiles(M, n0, n1, [&](auto R, int64_t m0, int64_t t0, int64_t t1) {
+      constexpr int r = decltype(R)::value;
+#if KV_AVX512
+      if constexpr (ty == Q4_0 || ty == Q4_1 || ty == Q4_K || ty == Q5_0 || ty == Q5_1 || ty == Q5_K) {
+        fdotq_lut_t<ty, r>(w, nblk, x + m0 * K, K, y + m0 * N, N, t0, t1);
+        return;
+      }
 #endif
+      fdotq_t<ty, r>(w, nblk, x + m0 * K, K, xs + m0 * (K / 16), y + m0 * N, N, t0, t1);
+    });
+  });
+#else
   return false;
+#endif
 }
 
 // F16 / BF16 weights, f32 activations: R <= MB rows of x per pass, 4 accumulator chains for one row.
@@ -575,17 +548,9 @@ void fdot_t(int64_t t, const uint16_t* w, int64_t K, const float* x, float* y, i
 void fdot_rows(int64_t t, const uint16_t* w, int64_t K, const float* x, int64_t M, float* y, int64_t N,
                int64_t n0, int64_t n1) {
 #if KV_AVX2
-  for (int64_t m0 = 0; m0 < M; m0 += MB) {
-    const int64_t r = std::min<int64_t>(MB, M - m0);
-    const float* xm = x + m0 * K;
-    float* ym = y + m0 * N;
-    switch (r) {
-      case 1: fdot_t<1>(t, w, K, xm, ym, N, n0, n1); break;
-      case 2: fdot_t<2>(t, w, K, xm, ym, N, n0, n1); break;
-      case 3: fdot_t<3>(t, w, K, xm, ym, N, n0, n1); break;
-      default: fdot_t<4>(t, w, K, xm, ym, N, n0, n1); break;
-    }
-  }
+  row_blocks(M, [&](auto R, int64_t m0) {
+    fdot_t<decltype(R)::value>(t, w, K, x + m0 * K, y + m0 * N, N, n0, n1);
+  });
 #else
   const int64_t stride = t == F32 ? 2 * K : K;
   for (int64_t n = n0; n < n1; ++n) {
@@ -695,24 +660,13 @@ void dequant_row_avx2(const uint8_t* row, int64_t nblk, O* o) {
 template <typename O>
 bool dequant_row_fast(int64_t t, const uint8_t* row, int64_t k, O* o) {
   const int64_t nblk = k / layout(t).block;
-  switch (t) {
-    case Q8_0: dequant_row_avx2<Q8_0>(row, nblk, o); return true;
-    case Q4_0: dequant_row_avx2<Q4_0>(row, nblk, o); return true;
-    case Q4_1: dequant_row_avx2<Q4_1>(row, nblk, o); return true;
-    case Q5_0: dequant_row_avx2<Q5_0>(row, nblk, o); return true;
-    case Q5_1: dequant_row_avx2<Q5_1>(row, nblk, o); return true;
-    case Q4_K: dequant_row_avx2<Q4_K>(row, nblk, o); return true;
-    case Q5_K: dequant_row_avx2<Q5_K>(row, nblk, o); return true;
-    case Q6_K: dequant_row_avx2<Q6_K>(row, nblk, o); return true;
-    case F16: case BF16: {
-      const uint16_t* h = reinterpret_cast<const uint16_t*>(row);
-      int64_t i = 0;
-      for (; i + 8 <= k; i += 8) store8(o + i, cvt8(t, h + i));
-      for (; i < k; ++i) o[i] = O(t == F16 ? c10::detail::fp16_ieee_to_fp32_value(h[i]) : bf16f(h[i]));
-      return true;
-    }
-  }
-  return false;
+  if (by_format(t, [&](auto TY) { dequant_row_avx2<decltype(TY)::value>(row, nblk, o); })) return true;
+  if (t != F16 && t != BF16) return false;
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(row);
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) store8(o + i, cvt8(t, h + i));
+  for (; i < k; ++i) o[i] = O(t == F16 ? c10::detail::fp16_ieee_to_fp32_value(h[i]) : bf16f(h[i]));
+  return true;
 }
 #else
 template <typename O>

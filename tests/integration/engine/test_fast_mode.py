@@ -112,8 +112,11 @@ def test_real_model_prefill_path_quality(smollm):
     relative error up to 2**-9 each per product. On SmolLM2 that moves the logits by ~0.2 (median of
     the per-position max, on logits up to ~41, 30 layers deep), and KLD ~ Var_p(delta)/2 comes to
     6.5e-4 .. 7.6e-4 per 256-token chunk. Bounds: the mean under 1e-3 (the issue's figure), and every
-    top-1 change at a near tie (measured margins 1e-4 .. 0.25, all below the perturbation); top-1
-    agreement measured 97.7-98.8% per chunk, held here at 97%."""
+    top-1 change at a near tie (measured margins 1e-4 .. 0.25, all below the perturbation). Top-1
+    agreement measured 97.7-98.8% per chunk, held here at 97%. Why those figures carry to another CPU:
+    the bf16 roundings of weights and activations are round-to-nearest-even of the same float32 values
+    on any CPU; only the GEMM's float32 accumulation order differs (oneDNN with or without AMX), a
+    2**-24-level change against the 2**-9-level rounding that moves the logits."""
     exact, fast, chunks = smollm
     kl, agree = [], []
     for ids in chunks:

@@ -1,8 +1,9 @@
 """Read any llama.cpp GGUF (v2, v3): metadata -> ModelConfig, tensors -> torch.
 
-Parsing is ``gguf.GGUFReader``'s; dequantization is ``gguf.quants.dequantize``'s. What this
-module adds is the model-level contract: which keys an architecture needs, the shape every
-tensor must have, and errors that name the file and the key or tensor.
+The header is parsed by engine/gguf/header.py (bounded, and light on memory); dequantization is
+``gguf.quants.dequantize``'s. What this module adds is the model-level contract: which keys an
+architecture needs, the shape every tensor must have, and errors that name the file and the key or
+tensor.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 from gguf import quants as gguf_quants
 
 from engine import kernels
 from engine.config import ATTN, SSM, ModelConfig
 from engine.errors import KvbenchError, ModelFileError, UnsupportedError
-from engine.gguf.header import HeaderSummary, check_header
+from engine.gguf.header import GGUFHeader, TensorInfo, Undecodable, read_header
 from engine.gguf.keymap import ARCHS, expand
 from engine.model.weights import DenseWeight, PackedWeight, Weight
 
@@ -33,6 +34,7 @@ _BLOCK = re.compile(r"blk\.(\d+)\.")
 
 # Tensor types whose GGUF data numpy can view directly (no dequantization step).
 _NATIVE = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16}
+_ARRAY = int(GGUFValueType.ARRAY)
 
 
 class GGUFFile:
@@ -40,40 +42,37 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.header: HeaderSummary = check_header(self.path)
-        try:
-            # 'c' (copy-on-write) gives writable arrays, so torch.from_numpy can wrap the
-            # mapping without a copy or a warning; nothing is ever written back to the file.
-            self.reader = GGUFReader(self.path, mode="c")
-        except (ValueError, KeyError, IndexError, UnicodeDecodeError) as e:
-            raise ModelFileError(f"{self.path}: malformed GGUF ({e}); re-convert the model") from None
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.header: GGUFHeader = read_header(self.path)
+        self.fields = self.header.fields
+        self.tensors: dict[str, TensorInfo] = self.header.tensors
+
+    @cached_property
+    def _map(self) -> np.memmap:
+        # 'c' (copy-on-write) gives writable arrays, so torch.from_numpy can wrap the mapping
+        # without a copy or a warning; nothing is ever written back to the file.
+        return np.memmap(self.path, dtype=np.uint8, mode="c")
 
     # -- metadata ------------------------------------------------------------------------------
     def has(self, key: str) -> bool:
-        return key in self.reader.fields
+        return key in self.fields
 
     def get(self, key: str, default: Any = _MISSING) -> Any:
         """Metadata value as a Python scalar, string or list."""
-        field = self.reader.fields.get(key)
-        if field is None:
+        value = self.fields.get(key, _MISSING)
+        if value is _MISSING:
             if default is _MISSING:
                 raise ModelFileError(
                     f"{self.path}: missing required metadata key {key!r}; "
                     "the file was not written by a compatible converter"
                 )
             return default
-        try:
-            return field.contents()  # gguf decodes strings here, lazily
-        except UnicodeDecodeError as e:
-            raise ModelFileError(f"{self.path}: metadata key {key!r} holds a string that is not valid UTF-8 "
-                                 f"(byte {e.start}: {e.reason}); the file is damaged -- re-convert it") from None
-        except (ValueError, IndexError, TypeError) as e:
-            raise ModelFileError(f"{self.path}: metadata key {key!r} cannot be read ({e}); the file is damaged") from None
+        if isinstance(value, Undecodable):
+            raise ModelFileError(f"{self.path}: metadata key {key!r} {value.reason}; "
+                                 "the file is damaged -- re-convert it")
+        return value
 
     def get_scalar(self, key: str, default: Any = _MISSING) -> Any:
-        field = self.reader.fields.get(key)
-        if field is not None and field.types and field.types[0] == GGUFValueType.ARRAY:
+        if self.header.types.get(key, (None,))[0] == _ARRAY:
             raise UnsupportedError(
                 f"{self.path}: key {key!r} holds per-layer values; kvbench supports one value "
                 "for all layers"
@@ -241,7 +240,7 @@ class GGUFFile:
             t = self.tensors.get(gguf_name)
             if t is None:
                 continue
-            n = int(np.prod([int(d) for d in t.shape]))
+            n = t.n_elements
             if compute != "fast":
                 total += n * itemsize
             elif len(t.shape) == 2 and (t.tensor_type in kernels.KERNEL_TYPES
@@ -271,10 +270,11 @@ class GGUFFile:
     def raw(self, name: str, mmap: bool = True) -> np.ndarray:
         """A tensor's stored data as the reader shapes it (a view of the mapping, or a copy read from the file)."""
         t = self.tensors[name]
+        dtype, shape = t.view_layout()
         if mmap:
-            return t.data
-        arr = np.fromfile(self.path, dtype=t.data.dtype, count=t.data.size, offset=t.data_offset)
-        return arr.reshape(t.data.shape)
+            return self._map[t.data_offset:t.data_offset + t.n_bytes].view(dtype).reshape(shape)
+        return np.fromfile(self.path, dtype=dtype, count=t.n_bytes // dtype.itemsize,
+                           offset=t.data_offset).reshape(shape)
 
     def dequantize(self, name: str, dtype: torch.dtype = torch.float32, mmap: bool = True) -> torch.Tensor:
         t = self.tensors[name]
@@ -294,7 +294,7 @@ class GGUFFile:
         return x if x.dtype == dtype else x.to(dtype)
 
     def tokenizer_metadata(self) -> dict[str, Any]:
-        return {k: self.get(k) for k in self.reader.fields if k.startswith("tokenizer.ggml.")}
+        return {k: self.get(k) for k in self.fields if k.startswith("tokenizer.ggml.")}
 
 
 def _opt_int(v: Any) -> int | None:

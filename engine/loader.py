@@ -29,6 +29,8 @@ from engine.runtime.engine import Engine
 from engine.tokenizer import GGUFTokenizer
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+# Who runs a sweep point: kvbench's own engine over its allocators, or llama.cpp (engine/llamacpp).
+BACKENDS = ("torch", "llamacpp")
 
 
 def resolve_device(device: str) -> torch.device:

@@ -19,7 +19,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from engine.alloc import ALLOCATORS
 from engine.errors import ConfigError
 from engine.gguf.presets import MODEL_NAMES
-from engine.loader import DTYPES
+from engine.llamacpp.lib import CACHE_TYPES as LLAMACPP_CACHE_TYPES
+from engine.loader import BACKENDS, DTYPES
 from engine.memory.codecs import CACHE_TYPES
 from engine.memory.kv_cache import GROWTH, CacheSpec
 from engine.memory.tiers import TIER_NAMES
@@ -35,7 +36,10 @@ from harness.workload import (
 
 # The choices come from the engine's registries: a new allocator, cache type or tier needs no edit here.
 Allocator = Enum("Allocator", {name: name for name in ALLOCATORS})
-CacheType = Enum("CacheType", {name: name for name in CACHE_TYPES})
+# torch's cache types, then the ones only llama.cpp stores (validate() tells the two apart)
+ALL_CACHE_TYPES = tuple(CACHE_TYPES) + tuple(t for t in LLAMACPP_CACHE_TYPES if t not in CACHE_TYPES)
+CacheType = Enum("CacheType", {name: name for name in ALL_CACHE_TYPES})
+Backend = Enum("Backend", {name: name for name in BACKENDS})
 Tier = Enum("Tier", {name: name for name in TIER_NAMES})
 Growth = Enum("Growth", {name: name for name in GROWTH})
 
@@ -62,6 +66,15 @@ class CacheConf:
     # K and V types as one value, TYPE_K/TYPE_V: experiments/config.yaml derives type_k and type_v from it
     # unless they are set themselves, so one sweep key can walk equal types and K/V mixes alike
     kv: str = "f32/f32"
+
+
+@dataclass
+class LlamaCppConf:
+    """backend=llamacpp only (engine/llamacpp): llama.cpp's own memory knobs."""
+
+    kv_unified: bool = True  # one cell pool for all sequences (as pooled); false: one stream per sequence
+    swa_full: bool = False  # sliding-window layers keep the full context (llama.cpp's --swa-full)
+    mmap: bool = True  # weights mapped from the file (llama.cpp's default; --no-mmap reads them)
 
 
 @dataclass
@@ -93,6 +106,8 @@ class NoiseConf:
 @dataclass
 class RunConfig:
     model: ModelConf = field(default_factory=ModelConf)
+    backend: Backend = Backend.torch  # torch: kvbench's engine and allocators; llamacpp: llama.cpp itself
+    llamacpp: LlamaCppConf = field(default_factory=LlamaCppConf)
     allocator: Allocator = Allocator.pooled
     cache: CacheConf = field(default_factory=CacheConf)
     workload: Any = MISSING  # one of the workload group's configs
@@ -124,8 +139,8 @@ class RunConfig:
 def kv_part(kv: str, i: int) -> str:
     """The K (0) or V (1) type of a cache.kv value such as q8_0/q4_0 (an OmegaConf resolver)."""
     parts = str(kv).split("/")
-    if len(parts) != 2 or not all(p in CACHE_TYPES for p in parts):
-        raise ValueError(f"cache.kv = {kv!r}: expected TYPE_K/TYPE_V with types among {', '.join(CACHE_TYPES)}, "
+    if len(parts) != 2 or not all(p in ALL_CACHE_TYPES for p in parts):
+        raise ValueError(f"cache.kv = {kv!r}: expected TYPE_K/TYPE_V with types among {', '.join(ALL_CACHE_TYPES)}, "
                          "e.g. q8_0/q4_0")
     return parts[int(i)]
 
@@ -189,6 +204,34 @@ def effective_parallel(cfg: DictConfig) -> int:
     return int(p) if p is not None else int(cfg.parallel)
 
 
+def _value(x) -> str:
+    return x.value if isinstance(x, Enum) else str(x)
+
+
+def _check_backend(cfg: DictConfig, alloc: str) -> None:
+    """What applies to which backend: kvbench's allocators, tiers and growth are torch's; a few K/V types
+    only llama.cpp stores."""
+    backend = _value(cfg.backend)
+    types = {k: _value(cfg.cache[k]) for k in ("type_k", "type_v")}
+    if backend == "torch":
+        for k, t in types.items():
+            if t not in CACHE_TYPES:
+                raise ConfigError(f"cache.{k} = {t}: only backend=llamacpp stores it; the torch backend's types are "
+                                  f"{', '.join(CACHE_TYPES)}")
+        return
+    if alloc != "pooled":
+        raise ConfigError(f"allocator = {alloc}: allocators apply to backend=torch; llama.cpp's memory is set by "
+                          "llamacpp.kv_unified (true: one cell pool, as pooled; false: one stream per sequence)")
+    if _value(cfg.cache.offload) != "device":
+        raise ConfigError(f"cache.offload = {_value(cfg.cache.offload)}: tiers apply to backend=torch; "
+                          "llama.cpp on the CPU keeps its KV in host memory")
+    if cfg.model.compute != "fast" or cfg.model.dtype != "f32":
+        raise ConfigError("model.compute and model.dtype apply to backend=torch; llama.cpp computes the file's "
+                          "weights its own way (leave them at their defaults)")
+    if cfg.device != "cpu":
+        raise ConfigError(f"device = {cfg.device}: the llamacpp backend runs on the CPU here (no GPU build)")
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks a schema cannot express; ConfigError naming the key. Cheap: no model is loaded."""
     unknown = _unknown_keys(cfg, OmegaConf.structured(RunConfig))
@@ -220,6 +263,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"parallel = {par}: more sequences than cache.size = {size} can hold "
                           f"({capacity} {unit}); lower parallel or raise cache.size")
     _model_exists(cfg.model.name)
+    _check_backend(cfg, alloc)
     if cfg.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype = {cfg.model.dtype!r}: expected one of {', '.join(DTYPES)}")
     if cfg.model.compute not in COMPUTE_MODES:

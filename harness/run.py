@@ -14,6 +14,8 @@ import time
 import traceback
 from collections import deque
 from contextlib import ExitStack
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -22,11 +24,21 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from engine.batch import Batch
+from engine.config import ModelConfig
 from engine.errors import KvbenchError
-from engine.loader import create_engine, create_memory, load_model
+from engine.gguf.reader import open_gguf
+from engine.loader import (
+    BACKENDS,
+    create_engine,
+    create_memory,
+    load_model,
+    resolve_model_path,
+)
+from engine.memory.base import Memory
 from engine.memory.kv_cache import CacheSpec
 from engine.memory.plan import check as check_memory
 from engine.memory.plan import plan as plan_memory
+from engine.runtime.engine import Generator
 from engine.runtime.sampling import SamplingParams
 from engine.runtime.scheduler import Scheduler
 from harness import faults
@@ -78,6 +90,68 @@ def probe_logit_error(lm, spec: CacheSpec, n_tokens: int = 128) -> dict[str, flo
     return {"quality.logit_max_abs_err": d.max().item(), "quality.logit_mean_abs_err": d.mean().item()}
 
 
+@dataclass
+class Built:
+    """A point's engine and memory, whichever backend built them, and what the run needs to know of them."""
+
+    engine: Generator
+    memory: Memory
+    config: ModelConfig
+    device: torch.device
+    weight_bytes: int
+    memory_only: bool
+    timed: list  # the workload's requests with arrival times
+    metrics: dict  # measured before the run (probes, quality) and what the build decided (cache size, kernels)
+
+    def final_metrics(self) -> dict:
+        return self.engine.run_metrics()
+
+
+def build_torch(cfg: DictConfig, spec: CacheSpec, workload) -> Built:
+    lm = load_model(cfg.model.name, cfg.device, cfg.model.dtype, allow_memory_only=True, compute=cfg.model.compute)
+    faults.slow_down(lm.model, faults.slowdown())  # test-only (KVBENCH_FAULT_INJECT=slow:k); 1 = untouched
+    timed = workload.generate(lm.config.n_vocab, cfg.seed)
+    if workload.fit_cache:
+        spec = dataclasses.replace(spec, size=fit_cache_size(timed, spec.n_seq_max, spec.block_size))
+    if cfg.memory_check and not lm.memory_only:  # before the KV cache is allocated (weights are resident)
+        check_memory(plan_memory(lm.config, spec, cfg.ubatch), lm.device, spec)
+    metrics: dict = {"run.memory_only": lm.memory_only, "run.cache_size": spec.size, "run.kernels": lm.kernels}
+    if cfg.probe_logit_error and not lm.memory_only:
+        metrics |= probe_logit_error(lm, spec)
+    if cfg.trackers.quality and not lm.memory_only:
+        tc = cfg.trackers
+        metrics |= quality_metrics(lm, spec, tc.quality_ctx, tc.quality_chunks)
+    mem = create_memory(lm, spec)
+    eng = create_engine(lm, mem, cfg.ubatch)
+    return Built(eng, mem, lm.config, lm.device, lm.weight_bytes(), lm.memory_only, timed, metrics)
+
+
+def build_llamacpp(cfg: DictConfig, spec: CacheSpec, workload) -> Built:
+    """llama.cpp's engine and memory (engine/llamacpp) on the same file. n_ctx is cache.size, which llama.cpp
+    rounds up (to 256 cells, per stream without kv_unified): ``run.cache_size`` is the cells it made."""
+    from engine.llamacpp.engine import (
+        LlamaCppEngine,  # the optional extra: imported only when asked for
+    )
+
+    path = resolve_model_path(cfg.model.name)
+    config = open_gguf(path).config()
+    timed = workload.generate(config.n_vocab, cfg.seed)
+    if workload.fit_cache:
+        spec = dataclasses.replace(spec, size=fit_cache_size(timed, spec.n_seq_max, spec.block_size))
+    lc = cfg.llamacpp
+    eng = LlamaCppEngine(path, config, n_ctx=spec.size, n_seq_max=spec.n_seq_max, type_k=spec.type_k,
+                         type_v=spec.type_v, kv_unified=lc.kv_unified, swa_full=lc.swa_full, n_ubatch=cfg.ubatch,
+                         n_batch=cfg.n_batch, threads=cfg.threads, mmap=lc.mmap)
+    metrics = {"run.memory_only": False, "run.cache_size": eng.memory.n_cells, "run.kernels": eng.kernels,
+               "run.memory_kind": eng.memory.kind, "llamacpp.n_ctx_requested": spec.size,
+               "llamacpp.kv_buffer_bytes": eng.kv_buffer_bytes}
+    return Built(eng, eng.memory, config, eng.device, eng.weight_bytes, False, timed, metrics)
+
+
+BUILDERS = {"torch": build_torch, "llamacpp": build_llamacpp}
+assert set(BUILDERS) == set(BACKENDS)
+
+
 def drive(sched: Scheduler, timed, trackers, progress) -> None:
     """Submit requests at their arrival times (real time) and step until everything finished."""
     pending = deque(sorted(timed, key=lambda t: t.arrival_s))
@@ -111,23 +185,9 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
     try:
         validate(cfg)
         torch.set_num_threads(cfg.threads)
-        lm = load_model(cfg.model.name, cfg.device, cfg.model.dtype, allow_memory_only=True, compute=cfg.model.compute)
-        faults.slow_down(lm.model, faults.slowdown())  # test-only (KVBENCH_FAULT_INJECT=slow:k); 1 = untouched
-        spec = point_cache_spec(cfg)
-        workload = instantiate(cfg.workload)
-        timed = workload.generate(lm.config.n_vocab, cfg.seed)
-        if workload.fit_cache:
-            spec = dataclasses.replace(spec, size=fit_cache_size(timed, spec.n_seq_max, spec.block_size))
-        if cfg.memory_check and not lm.memory_only:  # before the KV cache is allocated (weights are resident)
-            check_memory(plan_memory(lm.config, spec, cfg.ubatch), lm.device, spec)
-        metrics: dict = {"run.memory_only": lm.memory_only, "run.cache_size": spec.size, "run.kernels": lm.kernels}
-        if cfg.probe_logit_error and not lm.memory_only:
-            metrics |= probe_logit_error(lm, spec)
-        if cfg.trackers.quality and not lm.memory_only:
-            tc = cfg.trackers
-            metrics |= quality_metrics(lm, spec, tc.quality_ctx, tc.quality_chunks)
-        mem = create_memory(lm, spec)
-        eng = create_engine(lm, mem, cfg.ubatch)
+        backend = cfg.backend.value if isinstance(cfg.backend, Enum) else str(cfg.backend)
+        pt = BUILDERS[backend](cfg, point_cache_spec(cfg), instantiate(cfg.workload))
+        eng, mem, timed, metrics = pt.engine, pt.memory, pt.timed, pt.metrics
         if cfg.warmup:
             eng.warmup()
         sched = Scheduler(eng, effective_parallel(cfg), SamplingParams(seed=cfg.seed), eos_id=None,
@@ -135,15 +195,15 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
         tc = cfg.trackers
         kw = dict(sample_interval_ms=tc.sample_interval_ms)
         trackers = []
-        if cfg.noise.track and not lm.memory_only:  # first in, last out: its probes sit outside the others
+        if cfg.noise.track and not pt.memory_only:  # first in, last out: its probes sit outside the others
             trackers.append(NoiseTracker(cfg.noise, **kw))
-        if tc.latency and not lm.memory_only:  # a memory-only run has no timings worth reporting
+        if tc.latency and not pt.memory_only:  # a memory-only run has no timings worth reporting
             trackers.append(LatencyTracker(sched, **kw))
         if tc.memory:
-            trackers.append(MemoryTracker(mem, lm.weight_bytes(), lm.device, **kw))
+            trackers.append(MemoryTracker(mem, pt.weight_bytes, pt.device, **kw))
         if tc.fragmentation:
-            trackers.append(FragmentationTracker(mem, lm.device, **kw))
-        with tqdm(total=len(timed), desc=f"{spec.allocator} {Path(out_dir).name}", unit="req",
+            trackers.append(FragmentationTracker(mem, pt.device, **kw))
+        with tqdm(total=len(timed), desc=f"{mem.kind} {Path(out_dir).name}", unit="req",
                   disable=quiet(cfg), file=sys.stderr, leave=False) as progress, ExitStack() as stack:
             for t in trackers:
                 stack.enter_context(t)
@@ -163,9 +223,9 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
             "tokens.prompt": sum(len(r.prompt) for r in res),
             "tokens.generated": sum(len(r.tokens) for r in res),
             "memory.kv_bytes_per_token": mem.bytes_per_token,
-            "memory.recurrent_bytes_per_seq": lm.config.recurrent_bytes_per_seq,
-        }
-        if lm.memory_only:
+            "memory.recurrent_bytes_per_seq": pt.config.recurrent_bytes_per_seq,
+        } | pt.final_metrics()
+        if pt.memory_only:
             metrics = {k: v for k, v in metrics.items() if not k.startswith(_NOT_MODELED)}
             metrics["memory.model_peak_bytes"] = (metrics["memory.weights_bytes"]
                                                   + metrics["memory.kv_reserved_transient_peak_bytes"])
@@ -173,9 +233,10 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
             metrics["stability.requests_clean"] = len(clean) / len(res) if res else float("nan")
         metrics |= normalized(metrics)
         rec.metrics = metrics
-        rec.env = collect_env(lm.device)
+        rec.env = collect_env(pt.device)
         rec.status, rec.error = outcome(res)
         mem.close()
+        eng.close()
     except KvbenchError as e:
         rec.error = str(e)
     except Exception as e:  # noqa: BLE001 -- the job boundary: any crash becomes a failed record, the sweep goes on

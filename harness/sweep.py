@@ -67,7 +67,8 @@ def _fmt(m: dict, key: str, spec: str, scale: float = 1.0) -> str:
 
 def summary_line(rec) -> str:
     """One line per finished point, whatever it holds (a failed point has no metrics)."""
-    m, alloc = rec.metrics, rec.config.get("allocator", "?")
+    m = rec.metrics
+    alloc = m.get("run.memory_kind") or rec.config.get("allocator", "?")  # llama.cpp points: its memory
     if rec.status == "failed":
         return f"FAILED: {rec.error}"
     if m.get("run.memory_only"):

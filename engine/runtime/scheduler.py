@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from engine.batch import Batch
 from engine.errors import ConfigError, MemoryFullError
-from engine.runtime.engine import Engine, synchronize
+from engine.runtime.engine import Generator, synchronize
 from engine.runtime.sampling import Sampler, SamplingParams
 
 
@@ -81,7 +81,7 @@ class StepInfo:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, parallel: int, sampling: SamplingParams = SamplingParams(),
+    def __init__(self, engine: Generator, parallel: int, sampling: SamplingParams = SamplingParams(),
                  eos_id: int | None = None, share_prefix: bool = True, n_batch: int = 2048,
                  clock=time.perf_counter) -> None:
         if parallel <= 0:

@@ -35,7 +35,9 @@ SUMMARY = [
     ("quality.kld.mean", "KLD vs f32 KV (nats)", 1),
     ("quality.top1_agreement", "top-1 = f32 KV", 1),
 ]
-CONFIG_COLUMNS = ["model.name", "allocator", "cache.size", "cache.block_size", "cache.type_k", "cache.type_v",
+# "allocator" is the memory that held the KV: an allocator of the torch backend, or llama.cpp's own memory
+# (llamacpp.unified / llamacpp.streams) on backend=llamacpp, so plots and comparisons treat it as one axis
+CONFIG_COLUMNS = ["model.name", "backend", "allocator", "cache.size", "cache.block_size", "cache.type_k", "cache.type_v",
                   "cache.offload", "cache.offload_layers", "parallel", "workload", "share_prefix"]
 # run-level columns that are not metrics of the point (never aggregated)
 _RUN_COLUMNS = {"job", "status", "error", "repeat", "point", "resumed_from", "noisy", "noise.reason", "duration_s",
@@ -69,6 +71,8 @@ def records_frame(records: list[tuple[Path, Record]], root: Path) -> pd.DataFram
         conf["workload"] = rec.choices.get("workload") or \
             str(wl.get("_target_", "")).rsplit(".", 1)[-1].replace("Workload", "").lower()
         conf |= {f"workload.{k}": v for k, v in flatten({k: v for k, v in wl.items() if k != "_target_"}).items()}
+        if rec.metrics.get("run.memory_kind"):  # backend=llamacpp: llama.cpp's memory stands in the allocator axis
+            conf["allocator"] = rec.metrics["run.memory_kind"]
         if isinstance(rec.metrics.get("run.cache_size"), int):  # the workload sized the cache (workload.fit_cache)
             conf["cache.size"] = rec.metrics["run.cache_size"]
         rows.append({"job": str(path.parent.relative_to(root)), "status": rec.status, "error": rec.error,
@@ -153,7 +157,7 @@ def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
     for dim, dcols, preferred in DIMENSIONS:
         if not set(dcols) <= set(ok.columns) or _levels(ok, dcols).nunique() < 2:
             continue
-        cond_cols = [c for c in conf_vary if c not in dcols]
+        cond_cols = [c for c in conf_vary if c not in dcols and c != "backend"]  # the allocator names the backend
         level = _levels(ok, dcols)
         order = list(dict.fromkeys(level))
         base = preferred if preferred in order else order[0]

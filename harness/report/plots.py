@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from engine.alloc import ALLOCATORS  # noqa: E402
+from engine.llamacpp.lib import MEMORY_KINDS  # noqa: E402
 from harness.records import Record  # noqa: E402
 from harness.report.frames import CONFIG_COLUMNS, varying  # noqa: E402
 from harness.report.state import has_recurrent, models  # noqa: E402
@@ -26,13 +27,13 @@ from harness.report.state import has_recurrent, models  # noqa: E402
 MIB = 2**20
 _PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 # one colour per allocator, in the registry's order: a new allocator gets its own without an edit here
-COLORS = {name: _PALETTE[i % len(_PALETTE)] for i, name in enumerate(ALLOCATORS)}
+COLORS = {name: _PALETTE[i % len(_PALETTE)] for i, name in enumerate(tuple(ALLOCATORS) + MEMORY_KINDS)}
 STYLES = ["-", "--", ":", "-."]
 
 
 def _labels(df: pd.DataFrame) -> pd.Series:
     """A short name per run: its allocator plus the other config values that vary in the sweep."""
-    cols = [c for c in varying(df, CONFIG_COLUMNS) if c != "allocator"]
+    cols = [c for c in varying(df, CONFIG_COLUMNS) if c not in ("allocator", "backend")]
 
     def one(row) -> str:
         bits = [str(row.get("allocator", ""))] + [f"{c.split('.')[-1]}={row[c]}" for c in cols]
@@ -55,7 +56,7 @@ def _num(df: pd.DataFrame, col: str) -> pd.Series:
 
 
 def _lines(ax, df: pd.DataFrame, x: str, y: str, scale: float = 1.0) -> None:
-    others = [c for c in varying(df, CONFIG_COLUMNS) if c not in ("allocator", x)]
+    others = [c for c in varying(df, CONFIG_COLUMNS) if c not in ("allocator", "backend", x)]
     for key, g in df.groupby(["allocator"] + others, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         g = g.sort_values(x)

@@ -49,7 +49,7 @@ def test_memory_only_7b_counts_real_bytes():
     assert st.reserved_bytes == 0 and st.reserved_peak_bytes >= 512 * bpt  # freed at the end; peaked above 512 tokens
 
 
-def _runs_frame(rounds=3, pooled_lat=95.0, noisy_round=None):
+def _runs_frame(rounds=3, pooled_lat=95.0, noisy_round=None, llamacpp=False):
     """A runs frame as harness.report.records_frame builds it: one row per (point, round)."""
     rng = np.random.default_rng(0)
     rows = []
@@ -68,14 +68,23 @@ def _runs_frame(rounds=3, pooled_lat=95.0, noisy_round=None):
                                  "memory.peak_rss_bytes": 8e8 * (1 + 0.01 * r),
                                  "memory.model_peak_bytes": 13.8e9 if a == "naive" else 13.75e9 if sized else 14.5e9,
                                  "memory.weights_bytes": 13.48e9, "memory.kv_bytes_per_token": 524288})
+        if llamacpp:  # llama.cpp itself, on the continuous workload: streams (per-sequence) vs unified
+            for a, waste in (("llamacpp.streams", 0.1), ("llamacpp.unified", 0.6)):
+                rows.append({"model.name": "llama-small", "workload": "claims_continuous", "allocator": a,
+                             "status": "ok", "repeat": r, "noisy": False,
+                             "fragmentation.kv_waste.time_weighted": waste + 0.01 * r,
+                             "fragmentation.allocator.time_weighted": 0.02, "stability.steps_within_25pct": 0.9,
+                             "stability.requests_clean": 1.0, "memory.peak_rss_bytes": 5e8})
     return pd.DataFrame(rows)
 
 
 def test_claims_table_pairs_rounds_and_gives_verdicts():
     t = claims_table(_runs_frame())
-    assert len(t) == 12 and set(t["claim"].str.split(" \\(").str[0]) == {
+    assert len(t) == 17 and set(t["claim"].str.split(" \\(").str[0]) == {
         "single-request latency", "memory fragmentation", "continuous inference stability", "peak memory"}
-    assert (t["rounds"] == 3).all()
+    kv = t[~t["kvbench measures"].str.startswith("llama.cpp")]
+    assert (kv["rounds"] == 3).all()
+    assert t[t["kvbench measures"].str.startswith("llama.cpp")]["verdict"].str.startswith("not measured").all()
     lat = t[t["claim"].str.startswith("single-request")]["verdict"]
     assert lat.str.startswith("does not hold: a real change").all()  # -5% in every round, exact: real, tiny
     frag = t[t["claim"].str.startswith("memory fragmentation")]["verdict"]
@@ -89,7 +98,8 @@ def test_claims_table_pairs_rounds_and_gives_verdicts():
 
 def test_noisy_rounds_make_timed_verdicts_inconclusive_and_leave_memory_alone():
     t = claims_table(_runs_frame(noisy_round=1))
-    timed = t[t["kvbench measures"].str.contains("TTFT|TPOT|E2E|decode steps")]
+    timed = t[t["kvbench measures"].str.contains("TTFT|TPOT|E2E|decode steps")
+              & ~t["kvbench measures"].str.startswith("llama.cpp")]
     assert len(timed) == 4 and timed["verdict"].str.startswith("inconclusive").all()
     memory = t[t["kvbench measures"].str.contains("RSS|kv_waste")]
     assert not memory["verdict"].str.startswith("inconclusive").any()
@@ -99,3 +109,14 @@ def test_a_single_round_gives_no_timed_verdict():
     t = claims_table(_runs_frame(rounds=1, pooled_lat=50.0))
     lat = t[t["claim"].str.startswith("single-request")]["verdict"]
     assert lat.str.startswith("inconclusive").all()
+
+
+def test_llamacpp_rows_compare_its_streams_with_its_unified_pool():
+    """experiment=seed_claims runs llama.cpp too: per-sequence streams -> one unified pool, the same verdict rules,
+    on the continuous workload (with one sequence the two memories are the same, so nothing to compare)."""
+    t = claims_table(_runs_frame(llamacpp=True))
+    lc = t[t["kvbench measures"].str.startswith("llama.cpp itself")]
+    assert len(lc) == 5 and (lc["rounds"] == 3).all()
+    assert lc["kvbench measures"].str.contains("continuous workload").all()
+    waste = lc[lc["kvbench measures"].str.contains("kv_waste")].iloc[0]
+    assert "worse" in waste["verdict"] and "(paged" not in waste["measured medians (naive -> pooled)"]

@@ -7,7 +7,7 @@ import pytest
 from gguf import GGUFReader, GGUFValueType
 
 from engine.gguf.header import read_header
-from engine.gguf.presets import PRESETS, ensure_preset
+from engine.gguf.presets import PRESETS
 from engine.gguf.reader import open_gguf
 from engine.loader import resolve_model_path
 

@@ -27,6 +27,7 @@ from engine.batch import Batch
 from engine.config import ModelConfig
 from engine.errors import KvbenchError
 from engine.gguf.reader import open_gguf
+from engine.llamacpp.engine import LlamaCppEngine
 from engine.loader import (
     BACKENDS,
     create_engine,
@@ -129,10 +130,6 @@ def build_torch(cfg: DictConfig, spec: CacheSpec, workload) -> Built:
 def build_llamacpp(cfg: DictConfig, spec: CacheSpec, workload) -> Built:
     """llama.cpp's engine and memory (engine/llamacpp) on the same file. n_ctx is cache.size, which llama.cpp
     rounds up (to 256 cells, per stream without kv_unified): ``run.cache_size`` is the cells it made."""
-    from engine.llamacpp.engine import (
-        LlamaCppEngine,  # the optional extra: imported only when asked for
-    )
-
     path = resolve_model_path(cfg.model.name)
     config = open_gguf(path).config()
     timed = workload.generate(config.n_vocab, cfg.seed)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 
 from engine.batch import Batch
 from engine.config import ModelConfig
@@ -26,8 +27,6 @@ _PAD = 256  # llama.cpp rounds n_ctx (and n_ctx / n_seq_max per stream) up to a 
 
 
 def row_bytes(ggml_type, n: int) -> int:
-    from gguf import GGML_QUANT_SIZES
-
     block, size = GGML_QUANT_SIZES[ggml_type]
     return n // block * size
 
@@ -93,9 +92,7 @@ class LlamaCppEngine(Generator):
 
     @property
     def kernels(self) -> str:
-        import llama_cpp
-
-        return f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
+        return f"llama.cpp (llama-cpp-python {self.lib.__version__})"
 
     def decode(self, batch: Batch) -> torch.Tensor:
         """Run a batch; float32 logits (n_outputs, n_vocab) in batch order."""

@@ -109,16 +109,20 @@ def backend() -> str:
     return "native-avx512" if torch.ops.kvbench.simd512() else "native-avx2"
 
 
-def qmm(x: torch.Tensor, data: torch.Tensor, ggml_type: T, n: int, k: int, act8: bool = False) -> torch.Tensor:
-    """x (M, K) float -> (M, N) float32 = x @ W^T, W given as its GGUF bytes (uint8), M <= MAX_QMM_ROWS.
-    ``ggml_type`` is a KERNEL_TYPE, or F32 (plain float32 rows, read as they are).
+# How qmm takes the activations of quantized weights (F32/F16/BF16 weights always meet float32 x):
+#   f32: as they are, weights widened to float32 in registers (float32 GEMV accuracy)
+#   q8:  int8 per 32 values, dotted in integers, as llama.cpp's CPU backend does (|x - x'| <= max|x| / 254)
+#   q16: 16-bit fixed point per 32 values as two int8 halves, two integer dots (|x - x'| <= max|x| / 65024)
+ACTIVATIONS = {"f32": 0, "q8": 1, "q16": 2}
 
-    ``act8=False``: x stays float32 and the weights are widened in registers (float32 GEMV accuracy).
-    ``act8=True``: x is quantized to int8 per 32 values and dotted in integers, as llama.cpp's CPU
-    backend does (faster, and as noisy as llama.cpp: see docs/engine.md). The fallback always
+
+def qmm(x: torch.Tensor, data: torch.Tensor, ggml_type: T, n: int, k: int, act: str = "f32") -> torch.Tensor:
+    """x (M, K) float -> (M, N) float32 = x @ W^T, W given as its GGUF bytes (uint8), M <= MAX_QMM_ROWS.
+    ``ggml_type`` is a KERNEL_TYPE, or F32 (plain float32 rows, read as they are). ``act``: one of
+    ACTIVATIONS (docs/engine.md has what each costs in speed and accuracy). The fallback always
     multiplies in float32 against the dequantized W."""
     if _load():
-        return torch.ops.kvbench.qmm(x, data, int(ggml_type), n, k, act8)
+        return torch.ops.kvbench.qmm(x, data, int(ggml_type), n, k, ACTIVATIONS[act])
     if ggml_type == T.F32:
         return x.float() @ data.view(torch.float32).view(n, k).t()
     return x.float() @ dequant(data, ggml_type, n, k).t()
@@ -149,6 +153,14 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * w over the last dim, float32, one op (the sum of squares in double).
     Native only, as ``rope``: callers use either where ``fused_available()``."""
     return torch.ops.kvbench.rms_norm(x, w, eps)
+
+
+def attend_small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 scale: float) -> torch.Tensor:
+    """Attention for a few query rows: q (T, H, d), k (n, Hkv, d), v (n, Hkv, dv), mask (T, n) bool or None
+    (causal, rows at the end of k/v) -> (T, H * dv) float32. Native only, as ``rope``."""
+    _load()
+    return torch.ops.kvbench.attend_small(q, k, v, mask, scale)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:

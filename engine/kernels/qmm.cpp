@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -168,6 +169,36 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, fl
       d[b] = dd;
       s[2 * b] = dd * float(sum[0]);
       s[2 * b + 1] = dd * float(sum[1]);
+    }
+  });
+}
+
+// Activation row as 16-bit fixed point per 32 values ("q16"): X = round(x / dd), dd = max|x| / 32512, split
+// into two int8 halves X = 256 hi + lo, hi in [-127, 127] and lo in [-127, 127]: where round gives lo = -128
+// (1 in 256 values) X moves one unit up, because signed weights negate lo and -(-128) does not fit int8. So
+// |x - dd X| <= 1.5 dd = max|x| / 21675 (float32 keeps 2^-24 relative; llama.cpp's int8 max|x| / 254). Two
+// integer dots per weight group, exact in int32, give the dot with X. dl repeats dd 8 times per group (one per int32 lane
+// of the dot), s holds the float sums of x per 16 values (for the formats' minima, as in the float path).
+struct Q16Row { const int8_t* hi; const int8_t* lo; const float* dl; const float* s; };
+
+void quantize16_rows(const float* x, int64_t M, int64_t K, int8_t* hi, int8_t* lo, float* dl, float* s) {
+  const int64_t nb = K / 32;
+  at::parallel_for(0, M * nb, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* xb = x + b * 32;
+      float amax = 0.f, sum[2] = {0.f, 0.f};
+      for (int i = 0; i < 32; ++i) { amax = std::max(amax, std::fabs(xb[i])); sum[i / 16] += xb[i]; }
+      const float dd = amax / 32512.f, id = amax > 0.f ? 32512.f / amax : 0.f;
+      for (int i = 0; i < 32; ++i) {
+        int X = std::max(-32512, std::min(32512, int(std::nearbyint(xb[i] * id))));
+        if (((X + 128) & 255) == 0) X += 1;  // lo would be -128
+        const int h = (X + 128) >> 8;  // floor((X + 128) / 256): round(X / 256)
+        hi[b * 32 + i] = int8_t(h);
+        lo[b * 32 + i] = int8_t(X - 256 * h);
+      }
+      for (int l = 0; l < 8; ++l) dl[b * 8 + l] = dd;
+      s[2 * b] = sum[0];
+      s[2 * b + 1] = sum[1];
     }
   });
 }
@@ -343,7 +374,7 @@ void qdot_t(const uint8_t* w, int64_t nblk, const QRow* xr, float* y, int64_t N,
       F::unpack(row + b * F::BYTES, q, s, mn);
       for (int g = 0; g < F::NG; ++g) {
         const int64_t xb = b * F::NG + g;
-        const int a = int(xb & 1);  // two accumulator chains: the FMA latency is not the bound
+        constexpr int a = 0;  // one chain (see fdotq_lut_t)
         for (int m = 0; m < R; ++m) {
           const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m].q + xb * 32));
           const __m256 dq = F::SIGNED ? dot32(q[g], xq) : dotu32(q[g], xq);
@@ -396,6 +427,152 @@ void fdotq_t(const uint8_t* w, int64_t nblk, const float* x, int64_t K, const fl
   }
 }
 
+// u . x in groups of 4 bytes added to acc (u unsigned, x signed; |u x| pairs stay under 2^15 for the
+// quants here: q <= 63, or |q| <= 127 for Q8_0, times |x| <= 128)
+inline __m256i dpb(__m256i acc, __m256i u, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, x);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, x);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)));
+#endif
+}
+// 256 (q . hi) + (q . lo) = q . X, exact in int32 (|q . X| <= 32 * 127 * 32512 < 2^31), as 8 float lanes
+template <bool SIGNED>
+inline __m256 dot16(__m256i q, const int8_t* hi, const int8_t* lo) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi));
+  __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo));
+  if constexpr (SIGNED) { h = _mm256_sign_epi8(h, q); l = _mm256_sign_epi8(l, q); q = _mm256_sign_epi8(q, q); }
+  const __m256i z = _mm256_setzero_si256();
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(dpb(z, q, h), 8), dpb(z, q, l)));
+}
+
+// q16 activations, one group (ymm) at a time: the AVX2 path, and the odd tail of the AVX-512 one.
+template <int64_t TY, int R>
+void q16dot_t(const uint8_t* w, int64_t nblk, const Q16Row* xr, float* y, int64_t N, int64_t n0, int64_t n1) {
+  using F = Fmt<TY>;
+  const int64_t rb = nblk * F::BYTES;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * rb;
+    __m256 acc[R][2];
+    float accm[R];
+    for (int m = 0; m < R; ++m) { acc[m][0] = acc[m][1] = _mm256_setzero_ps(); accm[m] = 0.f; }
+    for (int64_t b = 0; b < nblk; ++b) {
+      __m256i q[F::NG]; __m256 s[F::NG]; float mn[F::NG][2];
+      F::unpack(row + b * F::BYTES, q, s, mn);
+      for (int g = 0; g < F::NG; ++g) {
+        const int64_t xb = b * F::NG + g;
+        constexpr int a = 0;
+        for (int m = 0; m < R; ++m) {
+          const __m256 dq = dot16<F::SIGNED>(q[g], xr[m].hi + xb * 32, xr[m].lo + xb * 32);
+          acc[m][a] = _mm256_fmadd_ps(dq, _mm256_mul_ps(s[g], _mm256_loadu_ps(xr[m].dl + xb * 8)), acc[m][a]);
+          if (F::MIN) accm[m] += mn[g][0] * xr[m].s[2 * xb] + mn[g][1] * xr[m].s[2 * xb + 1];
+        }
+      }
+    }
+    for (int m = 0; m < R; ++m) y[m * N + n] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + accm[m];
+  }
+}
+
+#if KV_AVX512 && defined(__AVX512VNNI__)
+// q16 activations with AVX-512 VNNI: two groups (64 weights) per zmm, so every dot, conversion and FMA
+// covers twice the weights of the AVX2 path. Groups pair up inside a block (K-quants: 8 groups) or across
+// two blocks (32-weight formats); an odd last block goes through one ymm group.
+template <bool SIGNED>
+inline __m512 dot16x2(__m512i q, const int8_t* hi, const int8_t* lo) {
+  __m512i h = _mm512_loadu_si512(hi), l = _mm512_loadu_si512(lo);
+  if constexpr (SIGNED) {  // AVX-512BW has no sign_epi8: negate x where q < 0, then take |q|
+    const __mmask64 neg = _mm512_movepi8_mask(q);
+    const __m512i z = _mm512_setzero_si512();
+    h = _mm512_mask_sub_epi8(h, neg, z, h); l = _mm512_mask_sub_epi8(l, neg, z, l); q = _mm512_abs_epi8(q);
+  }
+  const __m512i z = _mm512_setzero_si512();
+  return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(z, q, h), 8),
+                                             _mm512_dpbusd_epi32(z, q, l)));
+}
+inline __m512i cat256(__m256i a, __m256i b) { return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1); }
+inline __m512 cat256(__m256 a, __m256 b) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(a)), _mm256_castps_pd(b), 1));
+}
+
+// Two Q4_0 / Q4_1 blocks (at p and p + BYTES) as 64 quants in element order, in one zmm: the 32 bytes of
+// nibble pairs split into low and high nibbles, then 128-bit lanes ordered [lo0, hi0, lo1, hi1].
+template <int BYTES, int QS>
+inline __m512i nibbles_64(const uint8_t* p) {
+  const __m256i v = _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + QS))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + BYTES + QS)), 1);
+  const __m256i m = _mm256_set1_epi8(0x0F);
+  const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m)),
+                                       _mm256_and_si256(_mm256_srli_epi16(v, 4), m), 1);
+  return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));
+}
+
+template <int64_t TY, int R>
+void q16dot512_t(const uint8_t* w, int64_t nblk, const Q16Row* xr, float* y, int64_t N, int64_t n0, int64_t n1) {
+  using F = Fmt<TY>;
+  constexpr int BP = F::NG == 1 ? 2 : 1;  // blocks unpacked per step: an even number of groups
+  constexpr int NG = BP * F::NG;
+  const int64_t rb = nblk * F::BYTES, nsteps = nblk / BP;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * rb;
+    __m512 acc[R][2];
+    float accm[R];
+    for (int m = 0; m < R; ++m) { acc[m][0] = acc[m][1] = _mm512_setzero_ps(); accm[m] = 0.f; }
+    if constexpr (TY == Q4_0 || TY == Q4_1) {  // the common 4-bit formats: both blocks unpacked at once
+      constexpr int QS = TY == Q4_0 ? 2 : 4;
+      for (int64_t st = 0; st < nsteps; ++st) {
+        const uint8_t* p = row + st * 2 * F::BYTES;
+        const float d0 = fp16(p), d1 = fp16(p + F::BYTES);
+        const float m0 = TY == Q4_0 ? -8.f * d0 : fp16(p + 2), m1 = TY == Q4_0 ? -8.f * d1 : fp16(p + F::BYTES + 2);
+        const __m512i qq = nibbles_64<F::BYTES, QS>(p);
+        const __m512 ss = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
+        const int64_t xb = st * 2;
+        constexpr int a = 0;
+        for (int m = 0; m < R; ++m) {
+          const __m512 dq = dot16x2<false>(qq, xr[m].hi + xb * 32, xr[m].lo + xb * 32);
+          acc[m][a] = _mm512_fmadd_ps(dq, _mm512_mul_ps(ss, _mm512_loadu_ps(xr[m].dl + xb * 8)), acc[m][a]);
+          const float* xs = xr[m].s + 2 * xb;
+          accm[m] += m0 * (xs[0] + xs[1]) + m1 * (xs[2] + xs[3]);
+        }
+      }
+    } else
+    for (int64_t st = 0; st < nsteps; ++st) {
+      __m256i q[NG]; __m256 s[NG]; float mn[NG][2];
+      for (int i = 0; i < BP; ++i)
+        F::unpack(row + (st * BP + i) * F::BYTES, q + i * F::NG, s + i * F::NG, mn + i * F::NG);
+      for (int g = 0; g < NG; g += 2) {
+        const int64_t xb = st * NG + g;
+        const __m512i qq = cat256(q[g], q[g + 1]);
+        const __m512 ss = cat256(s[g], s[g + 1]);
+        constexpr int a = 0;
+        for (int m = 0; m < R; ++m) {
+          const __m512 dq = dot16x2<F::SIGNED>(qq, xr[m].hi + xb * 32, xr[m].lo + xb * 32);
+          acc[m][a] = _mm512_fmadd_ps(dq, _mm512_mul_ps(ss, _mm512_loadu_ps(xr[m].dl + xb * 8)), acc[m][a]);
+          if (F::MIN)
+            accm[m] += mn[g][0] * xr[m].s[2 * xb] + mn[g][1] * xr[m].s[2 * xb + 1]
+                     + mn[g + 1][0] * xr[m].s[2 * xb + 2] + mn[g + 1][1] * xr[m].s[2 * xb + 3];
+        }
+      }
+    }
+    float tail[R] = {};
+    if (nblk % BP) {  // the odd last block of a 32-weight format
+      const int64_t b = nblk - 1;
+      __m256i q[1]; __m256 s[1]; float mn[1][2];
+      F::unpack(row + b * F::BYTES, q, s, mn);
+      for (int m = 0; m < R; ++m) {
+        const __m256 dq = dot16<F::SIGNED>(q[0], xr[m].hi + b * 32, xr[m].lo + b * 32);
+        tail[m] = hsum(_mm256_mul_ps(dq, _mm256_mul_ps(s[0], _mm256_loadu_ps(xr[m].dl + b * 8))));
+        if (F::MIN) tail[m] += mn[0][0] * xr[m].s[2 * b] + mn[0][1] * xr[m].s[2 * b + 1];
+      }
+    }
+    for (int m = 0; m < R; ++m)
+      y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + accm[m] + tail[m];
+  }
+}
+#endif
+
 #if KV_AVX512
 // 4- and 5-bit formats with AVX-512: a group's 16 (or 32) possible weight values s*j + mn form a
 // table in one (two) zmm registers; the quants index it (vpermps), giving float32 weights without
@@ -431,7 +608,9 @@ void fdotq_lut_t(const uint8_t* w, int64_t nblk, const float* x, int64_t K, floa
           w1 = _mm512_permutexvar_ps(i1, lut);
         }
         const int64_t xb = b * F::NG + g, xo = xb * 32;
-        const int a = 2 * int(xb & 1);
+        // One chain per half-group. Alternating chains by a runtime index (xb & 1) looked free but kept the
+        // accumulators on the stack: a store and a reload on every FMA (seen in the assembly), ~1.5x slower.
+        constexpr int a = 0;
         for (int m = 0; m < R; ++m) {
           acc[m][a] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + xo), acc[m][a]);
           acc[m][a + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + xo + 16), acc[m][a + 1]);
@@ -485,6 +664,52 @@ void qdot_rows(int64_t t, const uint8_t* w, int64_t K, const QRow* xr, int64_t M
   if (done) return;
 #endif
   qdot_rows_scalar(t, w, K, xr, M, y, N, n0, n1);
+}
+
+// q16 activations, portable twin: the same integer dots against the scalar unpack (q signed, mn the format's
+// separate minimum), so every build computes the same products.
+void q16dot_rows_scalar(int64_t t, const uint8_t* w, int64_t K, const Q16Row* xr, int64_t M, float* y, int64_t N,
+                        int64_t n0, int64_t n1) {
+  const Layout L = layout(t);
+  const int64_t nblk = K / L.block, ng = L.block / 32, rb = nblk * L.bytes;
+  Group gr;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * rb;
+    float acc[MAXM] = {0};
+    for (int64_t b = 0; b < nblk; ++b)
+      for (int g = 0; g < ng; ++g) {
+        unpack(t, row + b * L.bytes, g, gr);
+        const int64_t xb = b * ng + g;
+        for (int64_t m = 0; m < M; ++m) {
+          const int8_t* h = xr[m].hi + xb * 32;
+          const int8_t* l = xr[m].lo + xb * 32;
+          int s0 = 0, s1 = 0;
+          for (int i = 0; i < 16; ++i) s0 += int(gr.q[i]) * (256 * h[i] + l[i]);
+          for (int i = 16; i < 32; ++i) s1 += int(gr.q[i]) * (256 * h[i] + l[i]);
+          acc[m] += (gr.s[0] * float(s0) + gr.s[1] * float(s1)) * xr[m].dl[xb * 8]
+                    + gr.mn * (xr[m].s[2 * xb] + xr[m].s[2 * xb + 1]);
+        }
+      }
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = acc[m];
+  }
+}
+
+void q16dot_rows(int64_t t, const uint8_t* w, int64_t K, const Q16Row* xr, int64_t M, float* y, int64_t N,
+                 int64_t n0, int64_t n1) {
+#if KV_AVX2
+  const int64_t nblk = K / layout(t).block;
+  const bool done = by_format(t, [&](auto TY) {
+    weight_tiles(M, n0, n1, [&](auto R, int64_t m0, int64_t t0, int64_t t1) {
+#if KV_AVX512 && defined(__AVX512VNNI__)
+      q16dot512_t<decltype(TY)::value, decltype(R)::value>(w, nblk, xr + m0, y + m0 * N, N, t0, t1);
+#else
+      q16dot_t<decltype(TY)::value, decltype(R)::value>(w, nblk, xr + m0, y + m0 * N, N, t0, t1);
+#endif
+    });
+  });
+  if (done) return;
+#endif
+  q16dot_rows_scalar(t, w, K, xr, M, y, N, n0, n1);
 }
 
 // float32-activation path over quantized W (qdot's twin without the int8 step); false: no AVX2 build.
@@ -575,7 +800,10 @@ void check_weight(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
 
 at::Tensor dequant_all(const at::Tensor& w, int64_t t, int64_t n, int64_t k);
 
-at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& w, int64_t t, int64_t n, int64_t k, bool act8) {
+// act: 0 float32 activations, 1 int8 per 32 values (llama.cpp's arithmetic), 2 q16 (16-bit fixed point per
+// 32 values, two int8 dots).
+at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& w, int64_t t, int64_t n, int64_t k, int64_t act) {
+  TORCH_CHECK(act >= 0 && act <= 2, "kvbench qmm: act must be 0 (float32), 1 (int8) or 2 (q16)");
   check_weight(w, t, n, k);
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "kvbench qmm: x must be (M, ", k, ")");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
@@ -591,7 +819,21 @@ at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& w, int64_t t, int64_t n
     });
     return y;
   }
-  if (!act8) {
+  if (act == 2) {
+    at::Tensor hi = at::empty({M, k}, x.options().dtype(at::kChar)), lo = at::empty({M, k}, x.options().dtype(at::kChar));
+    at::Tensor dl = at::empty({M, k / 4}, x.options()), xs = at::empty({M, k / 16}, x.options());
+    quantize16_rows(x.data_ptr<float>(), M, k, hi.data_ptr<int8_t>(), lo.data_ptr<int8_t>(), dl.data_ptr<float>(),
+                    xs.data_ptr<float>());
+    Q16Row rows[MAXM];
+    for (int64_t m = 0; m < M; ++m)
+      rows[m] = {hi.data_ptr<int8_t>() + m * k, lo.data_ptr<int8_t>() + m * k, dl.data_ptr<float>() + m * (k / 4),
+                 xs.data_ptr<float>() + m * (k / 16)};
+    at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+      q16dot_rows(t, w.data_ptr<uint8_t>(), k, rows, M, y.data_ptr<float>(), n, n0, n1);
+    });
+    return y;
+  }
+  if (act == 0) {
     if (!KV_AVX2) return at::matmul(x, dequant_all(w, t, n, k).t());  // portable build: float32 GEMM
     const at::Tensor xs = x.view({M, k / 16, 16}).sum(-1).contiguous();  // (M, K/16), for the minima
     at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
@@ -774,16 +1016,99 @@ at::Tensor dequant_all(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
   return dequant(w, t, n, k, std::nullopt, false);
 }
 
+// dot of two float rows, and y += a x: 8 lanes at a time where AVX2 is built (the compiler does not vectorize
+// a float reduction on its own without reassociating it, which -ffp-contract=off and no -ffast-math forbid).
+inline float dotf(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#if KV_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  s = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+inline void axpyf(float a, const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+#if KV_AVX2
+  const __m256 av = _mm256_set1_ps(a);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// Attention for a few query rows (decode): q (T, H, d), k (n, Hkv, d), v (n, Hkv, dv) float32 with contiguous
+// rows, mask (T, n) bool (true: may attend) or none (rows are the last T positions of k/v: causal). Per (row,
+// head): scores in float32, softmax with its max subtracted, the weighted sum of v. Why a kernel: at these sizes
+// torch's flash-attention op, or bmm + softmax + bmm, spend most of their time waking threads between ops
+// (~70 us a layer in the engine for a few microseconds of arithmetic); this runs inline unless the work is large.
+// A row that may attend nothing gets zeros (torch's kernel gives NaN; kvbench's memories never produce one).
+at::Tensor attend_small(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                        const c10::optional<at::Tensor>& mask_in, double scale) {
+  TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 3 && v_in.dim() == 3, "kvbench attend_small: q, k, v must be 3-D");
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && k_in.scalar_type() == at::kFloat && v_in.scalar_type() == at::kFloat,
+              "kvbench attend_small: float32 tensors");
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor k = k_in.stride(2) == 1 ? k_in : k_in.contiguous();
+  const at::Tensor v = v_in.stride(2) == 1 ? v_in : v_in.contiguous();
+  const int64_t T = q.size(0), H = q.size(1), d = q.size(2), n = k.size(0), hkv = k.size(1), dv = v.size(2);
+  TORCH_CHECK(k.size(2) == d && v.size(0) == n && v.size(1) == hkv && H % hkv == 0, "kvbench attend_small: shapes");
+  at::Tensor mask;
+  if (mask_in.has_value()) {
+    mask = mask_in->to(at::kBool).contiguous();
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == T && mask.size(1) == n, "kvbench attend_small: mask (T, n)");
+  }
+  at::Tensor y = at::empty({T, H * dv}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1), g = H / hkv;
+  const float sc = float(scale);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, n * (d + dv)));
+  at::parallel_for(0, T * H, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> p(n);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = r / H, h = r % H, hk = h / g;
+      const float* qr = qp + (t * H + h) * d;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        const bool ok = mp ? mp[t * n + j] : j <= n - T + t;
+        if (!ok) { p[j] = -INFINITY; continue; }
+        p[j] = dotf(qr, kp + j * ks0 + hk * ks1, d) * sc;
+        mx = std::max(mx, p[j]);
+      }
+      float* out = yp + t * H * dv + h * dv;
+      for (int64_t i = 0; i < dv; ++i) out[i] = 0.f;
+      if (mx == -INFINITY) continue;
+      float sum = 0.f;
+      for (int64_t j = 0; j < n; ++j) { p[j] = p[j] == -INFINITY ? 0.f : std::exp(p[j] - mx); sum += p[j]; }
+      const float inv = 1.f / sum;
+      for (int64_t j = 0; j < n; ++j) {
+        if (p[j] == 0.f) continue;
+        axpyf(p[j] * inv, vp + j * vs0 + hk * vs1, out, dv);
+      }
+    }
+  });
+  return y;
+}
+
 bool simd() { return KV_AVX2; }
 bool simd512() { return KV_AVX512; }
 
 }  // namespace
 
 TORCH_LIBRARY(kvbench, m) {
-  m.def("qmm(Tensor x, Tensor w, int type, int n, int k, bool act8) -> Tensor");
+  m.def("qmm(Tensor x, Tensor w, int type, int n, int k, int act) -> Tensor");
   m.def("dequant(Tensor w, int type, int n, int k, Tensor? rows, bool bf16) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin, bool neox) -> Tensor");
+  m.def("attend_small(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
   m.def("simd", simd);  // was the AVX2 path compiled in
   m.def("simd512", simd512);  // and the AVX-512 one
 }
@@ -793,4 +1118,5 @@ TORCH_LIBRARY_IMPL(kvbench, CPU, m) {
   m.impl("dequant", dequant);
   m.impl("rms_norm", rms_norm);
   m.impl("rope", rope);
+  m.impl("attend_small", attend_small);
 }

@@ -123,6 +123,34 @@ def attend(q: torch.Tensor, inp: AttnInput, scale: float) -> torch.Tensor:
     return y.squeeze(0).transpose(0, 1).reshape(T, -1)
 
 
+SMALL_T = 16  # query rows up to which fast mode computes attention as matmuls (attend_small)
+
+
+def attend_small(q: torch.Tensor, inp: AttnInput, scale: float) -> torch.Tensor:
+    """attend() for a few query rows (decode), fast mode only (exact mode keeps torch's kernel, the reference).
+
+    Why: in the engine, torch's CPU flash-attention op took ~70 us a layer at decode sizes whatever n_kv
+    (SmolLM2: 30 layers x 70 us of a 15 ms step), and bmm + softmax + bmm ~65 us: mostly threads waking
+    between small ops. engine.kernels.attend_small does the same float32 arithmetic inline; off the CPU,
+    or without the native build, the torch expression below."""
+    if q.device.type == "cpu" and q.dtype == inp.k.dtype == torch.float32 and kernels.fused_available():
+        return kernels.attend_small(q, inp.k, inp.v, inp.mask, scale)
+    T, H, d = q.shape
+    n_kv, h_kv, dv = inp.v.shape
+    g = H // h_kv
+    qh = q.view(T, h_kv, g, d).permute(1, 2, 0, 3).reshape(h_kv, g * T, d)  # (h_kv, g*T, d), heads of a group together
+    s = torch.bmm(qh, inp.k.permute(1, 2, 0)).mul_(scale).view(h_kv, g, T, n_kv)  # (h_kv, g, T, n_kv)
+    mask = inp.mask
+    if mask is None and T > 1:  # rows sit at the end of k/v: row i sees kv[: n_kv - T + i + 1]
+        idx = torch.arange(n_kv, device=q.device)
+        mask = idx[None, :] <= (n_kv - T + torch.arange(T, device=q.device))[:, None]
+    if mask is not None:
+        s.masked_fill_(~mask, float("-inf"))
+    p = torch.softmax(s.view(h_kv, g * T, n_kv), dim=-1)
+    y = torch.bmm(p, inp.v.permute(1, 0, 2))  # (h_kv, g*T, dv)
+    return y.view(h_kv, g, T, dv).permute(2, 0, 1, 3).reshape(T, H * dv)
+
+
 class FeedForward(nn.Module):
     """SwiGLU. Gate and up stay separate: fused into one (2*n_ff, n_embd) matrix they were
     slower at prefill here (9.8 ms vs 2 x 4.1 ms at M=128 on llama-small shapes)."""

@@ -12,11 +12,22 @@ from torch import nn
 
 from engine import kernels
 from engine.config import ModelConfig
-from engine.model.layers import Embedding, FeedForward, Linear, RMSNorm, Rope, attend
+from engine.model.layers import (
+    SMALL_T,
+    Embedding,
+    FeedForward,
+    Linear,
+    RMSNorm,
+    Rope,
+    attend,
+    attend_small,
+)
 from engine.model.weights import DenseWeight, Weight, cat_weights
 
 
 class Attention(nn.Module):
+    fused = False  # fast mode: attend_small for decode-sized ubatches (engine/model/layers.py)
+
     def __init__(self, cfg: ModelConfig, il: int) -> None:
         super().__init__()
         self.il = il
@@ -36,12 +47,13 @@ class Attention(nn.Module):
         v = v.view(T, self.n_head_kv, self.d_v)
         mctx.store(self.il, k, v)
         groups = mctx.attn_inputs(self.il)
+        att = attend_small if self.fused and T <= SMALL_T else attend
         if len(groups) == 1 and groups[0].rows is None:
-            y = attend(q, groups[0], self.scale)
+            y = att(q, groups[0], self.scale)
         else:
             y = q.new_empty(T, self.n_head * self.d_v)
             for g in groups:
-                y[g.rows] = attend(q[g.rows], g, self.scale)
+                y[g.rows] = att(q[g.rows], g, self.scale)
         return self.wo(y)
 
 
@@ -113,9 +125,9 @@ class Transformer(nn.Module):
         if missing or unexpected:  # keymap and model disagree: a bug here, not a user error
             raise AssertionError(f"parameters not loaded: {missing[:5]}; unknown: {unexpected[:5]}")
         model.rope = Rope(cfg)
-        if compute == "fast" and kernels.fused_available():  # exact mode keeps torch's own norm and rope
+        if compute == "fast":  # exact mode keeps torch's own norm, rope and attention kernels
             for m in model.modules():
-                if isinstance(m, (RMSNorm, Rope)):
+                if isinstance(m, Attention) or (isinstance(m, (RMSNorm, Rope)) and kernels.fused_available()):
                     m.fused = True
         if freq_factors is not None:
             model.rope.set_freq_factors(freq_factors if isinstance(freq_factors, torch.Tensor) else freq_factors.dense())

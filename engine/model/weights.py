@@ -5,12 +5,13 @@ Two compute modes (``compute=exact|fast``), chosen at load:
 * ``exact``: every matrix dequantized to float32 (``DenseWeight``), float32 GEMMs. The parity
   reference against HF transformers and llama.cpp's logits; the default of ``kvbench logits``.
 * ``fast``: matrices keep their GGUF bytes (``PackedWeight``, one copy, the file's size). Up to
-  ``MAX_QMM_ROWS`` rows (decode) go through engine.kernels.qmm: blocks widened to float32 in
-  registers against float32 activations (float32 GEMV accuracy). Larger batches (prefill)
+  ``MAX_QMM_ROWS`` rows (decode) go through engine.kernels.qmm with ``DECODE_ACT`` activations:
+  16-bit fixed point per 32 values, dotted in integers (two int8 halves). Larger batches (prefill)
   dequantize W to bf16 for the call and run torch's bf16 GEMM with bf16 activations.
-  Why not llama.cpp's int8 activations at decode: on SmolLM2 and real text they cost 5x the
-  KL divergence of the bf16 path (3.7e-3 vs 7e-4) for a kernel 1.1-1.6x faster; docs/engine.md
-  has the measurements. The int8 kernel stays (``kernels.qmm(act8=True)``) for that comparison.
+  Why q16 and not llama.cpp's int8 activations (``act="q8"``): on SmolLM2 and real text int8 costs
+  5x the KL divergence of the bf16 path (3.7e-3 vs 7e-4); q16 keeps 2^-14 of each block's range,
+  for nearly int8's speed. Why not float32 activations (``act="f32"``): the widening costs more
+  instructions per weight than the integer dots. docs/engine.md has the measurements.
   F16 and BF16 matrices stay as they are; F32 stays F32; any other type (Q2_K, Q3_K, IQ*)
   is dequantized at load to bf16 (``DenseWeight``) -- see engine.kernels.KERNEL_TYPES.
 
@@ -118,6 +119,7 @@ _GEMM_SHAPES = (_linear, _mm_t)
 _FAST_F32 = (_linear, _mm_t, _gemv)
 
 _TYPES = {torch.float32: T.F32, torch.float16: T.F16, torch.bfloat16: T.BF16}
+DECODE_ACT = "q16"  # how PackedWeight's decode path takes activations (engine.kernels.ACTIVATIONS)
 
 
 class PackedWeight(Weight):
@@ -135,7 +137,7 @@ class PackedWeight(Weight):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= kernels.MAX_QMM_ROWS:
-            return kernels.qmm(x, self.data, self.qtype, self.n, self.k)
+            return kernels.qmm(x, self.data, self.qtype, self.n, self.k, DECODE_ACT)
         w = kernels.dequant(self.data, self.qtype, self.n, self.k, bf16=True)  # (n, k) for this call only
         return F.linear(x.to(torch.bfloat16), w).float()
 

@@ -90,11 +90,13 @@ def smollm():
 
 
 def test_real_model_decode_path_matches_exact(smollm):
-    """Batches of up to 16 rows (decode) widen the blocks to float32 against float32 activations: the
-    same products as exact mode, summed in another order. Per matmul that is float32 GEMV rounding,
-    ~(K/32 + 12) u relative to |x|.|w| (tests/unit/engine/kernels); through 30 layers the logits
-    move by ~1e-5, so the next-token distributions must agree to KLD < 1e-6 and top-1 everywhere
-    except exact ties."""
+    """Batches of up to 16 rows (decode) take activations as 16-bit fixed point per 32 values (q16,
+    engine/model/weights.py): each x moves by at most 1.5 max|x| / 32512 of its block (typically a third
+    of that), where llama.cpp's int8 moves it by max|x| / 254. KLD grows with the square of the
+    perturbation: int8 activations measured KLD 3.7e-3 here (docs/engine.md), so q16 should land between
+    3.7e-3 x (254 / (3 x 32512))^2 = 5.7e-8 and 3.7e-3 x (1.5 x 254 / 32512)^2 = 5.1e-7 (measured 3.5e-7).
+    Bound: 2e-6, and top-1 everywhere except near ties. The integer dots are exact on any CPU and the
+    float32 sums around them differ at 2^-24, so the figure carries to other machines."""
     exact, fast, chunks = smollm
     assert fast.weight_types().keys() == {"Q4_1", "Q8_0"}  # the file's own types, nothing dequantized
     kl, agree = [], []
@@ -103,7 +105,7 @@ def test_real_model_decode_path_matches_exact(smollm):
         k, t = _kld_top1(a, b)
         assert _flips_are_ties(a, b, t)
         kl.append(k), agree.append(t)
-    assert torch.cat(kl).mean() < 1e-6
+    assert torch.cat(kl).mean() < 2e-6
     assert torch.cat(agree).double().mean() >= 0.999
 
 

@@ -4,13 +4,20 @@ Every bound is derived from the operations the kernel performs (u = 2**-24, floa
 
 * ``dequant`` rounds each weight as gguf.quants does (qmm.cpp, ``madd``): equal bit for bit, and
   its bf16 output is that float32 value rounded to nearest even, as torch's ``.to(bfloat16)``.
-* ``qmm(act8=True)`` for quantized W first quantizes x per 32 values (d = max|x|/127, q = round(x/d)); the
+* ``qmm(act="q8")`` for quantized W first quantizes x per 32 values (d = max|x|/127, q = round(x/d)); the
   test repeats that step with the same float32 operations, so both sides multiply the same x'.
   What is left is float32 accumulation: per 32-value group an exact integer dot (|sum| < 2**24),
   one rounded scale product and one fused multiply-add into one of two chains per lane, then
   8 lanes summed and the minimum terms added. That is at most G + 8 roundings along any path
   (G = K/32 groups), each of relative size u, of terms bounded by |x'| (|w| + 2 |mn|) (the kernel
   adds s*q and mn separately, with |s*q| <= |w| + |mn|): |err| <= (G + 8) u sum_k |x'_k| (|w_k| + 2|mn_k|).
+* ``qmm(act="q16")``: x as 16-bit fixed point per 32 values, X = round(x * (32512 / max|x|)) moved one
+  unit up where X + 128 is a multiple of 256, x' = X * (max|x| / 32512); the test repeats that step. The
+  kernel dots (w - mn) with x' in integers (exact), and mn with float sums of x per 16 values. Float32 part:
+  per group a conversion of the integer dot (|q X| can pass 2^24), one scale product and one FMA into a
+  chain (G along a path), lanes summed (4 steps for 16 lanes, plus 2 for the chains); the minima add
+  15 roundings per 16-value sum and 2 per group along the scalar chain: |err| <= (2 G + 24) u
+  (|x'| @ |w - mn| + |x| @ |mn|).
 * F32/F16/BF16 W: x is not quantized; chains of K/8/4 FMAs, then 4 + 3 additions: (K/8 + 8) u |x| @ |W|.
 """
 
@@ -105,11 +112,42 @@ def test_qmm_int8_activations(t, m):
     w, mn = reference(t, raw, k).double(), minima(t, raw, k).double()
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     x[0, :32] = 0  # an all-zero block: scale 0, no division by it
-    got = kernels.qmm(x, torch.from_numpy(raw.reshape(-1).copy()), t, n, k, act8=True).double()
+    got = kernels.qmm(x, torch.from_numpy(raw.reshape(-1).copy()), t, n, k, act="q8").double()
     xq = quantize_x(x).double()
     want = xq @ w.t()
     bound = (k // 32 + 8) * U * (xq.abs() @ (w.abs() + 2 * mn.abs()).t())
     assert (got - want).abs().le(bound).all(), ((got - want).abs() / bound).max().item()
+
+
+def quantize_x16(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's q16 step in the same float32 operations (qmm.cpp, quantize16_rows)."""
+    xb = x.view(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax == 0, torch.zeros_like(amax), torch.tensor(32512.0) / amax)
+    X = torch.round(xb * inv).clamp(-32512, 32512)
+    X = torch.where((X + 128).remainder(256) == 0, X + 1, X)
+    return (X.double() * (amax / 32512).double()).view(x.shape)
+
+
+@pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 16])
+@pytest.mark.parametrize("blocks", [16, 3], ids=["even", "odd"])
+def test_qmm_q16_activations(t, m, blocks):
+    """odd: three blocks, so the AVX-512 path's last 32-weight block runs alone."""
+    n, k = 37, blocks * GGML_QUANT_SIZES[t][0]
+    raw = random_weights(t, n, k, seed=int(t))
+    w, mn = reference(t, raw, k).double(), minima(t, raw, k).double()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    x[0, :32] = 0  # an all-zero block: scale 0, no division by it
+    x[-1, 32:64] *= 1e3  # one block far larger than the rest: its own scale
+    got = kernels.qmm(x, torch.from_numpy(raw.reshape(-1).copy()), t, n, k, act="q16").double()
+    x16, xd = quantize_x16(x), x.double()
+    want = x16 @ (w - mn).t() + xd @ mn.t()
+    bound = (2 * (k // 32) + 24) * U * (x16.abs() @ (w - mn).abs().t() + xd.abs() @ mn.abs().t())
+    assert (got - want).abs().le(bound).all(), ((got - want).abs() / bound).max().item()
+    # and what that costs against x itself: |x - x'| <= 1.5 max|x| / 32512 per value
+    amax = x.view(m, -1, 32).abs().amax(-1, keepdim=True).expand(m, k // 32, 32).reshape(m, k).double()
+    assert (x16 - xd).abs().le(1.5 * amax / 32512).all()
 
 
 @pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)

@@ -1,0 +1,62 @@
+"""engine.kernels.attend_small against float64 attention.
+
+Bound, from the kernel's float32 operations (u = 2**-24): a score is a d-term dot in two 8-lane FMA chains,
+the lanes summed and the scale applied: |ds| <= delta = (d/16 + 6) u scale sum_i |q_i k_i|. exp(s - max) is
+within 2 ulp and the subtraction adds 1; the sum of n weights and the normalisation add (n + 2) u relative;
+a score error delta moves a weight by at most 2 delta relative. The output accumulates n products w v with
+one FMA each: (n + 1) u. So |y - y*| <= sum_j p_j |v_j| (2 delta + (2 n + 8) u)."""
+
+import pytest
+import torch
+
+from engine import kernels
+
+U = 2.0**-24
+
+
+def reference(q, k, v, mask, scale):
+    """float64 attention, and the bound above per output value."""
+    T, H, d = q.shape
+    n, hkv, dv = v.shape
+    g = H // hkv
+    qd, kd, vd = q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = torch.einsum("thd,nhd->thn", qd, kd) * scale  # (T, H, n)
+    sa = torch.einsum("thd,nhd->thn", qd.abs(), kd.abs()) * scale
+    if mask is None:
+        mask = torch.arange(n)[None, :] <= (n - T + torch.arange(T))[:, None]
+    s = s.masked_fill(~mask[:, None, :], float("-inf"))
+    p = torch.softmax(s, -1)
+    y = torch.einsum("thn,nhd->thd", p, vd)
+    delta = ((d / 16 + 6) * U * sa.masked_fill(~mask[:, None, :], 0)).amax(-1, keepdim=True)
+    bound = torch.einsum("thn,nhd->thd", p, vd.abs()) * (2 * delta + (2 * n + 8) * U)
+    return y.reshape(T, -1), bound.reshape(T, -1)
+
+
+@pytest.mark.parametrize("T, H, hkv, d, n", [(1, 9, 3, 64, 140), (4, 16, 16, 128, 37), (16, 8, 2, 64, 300),
+                                             (2, 4, 1, 20, 5)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attend_small_equals_float64_attention(T, H, hkv, d, n, masked):
+    gen = torch.Generator().manual_seed(T * 1000 + n)
+    q, k = torch.randn(T, H, d, generator=gen), torch.randn(n, hkv, d, generator=gen) * 3
+    v = torch.randn(n, hkv, d + 8, generator=gen)
+    mask = torch.rand(T, n, generator=gen) < 0.6 if masked else None
+    if mask is not None:
+        mask[:, 0] = True  # every row may attend something
+    scale = d**-0.5
+    got = kernels.attend_small(q, k, v, mask, scale).double()
+    want, bound = reference(q, k, v, mask, scale)
+    assert got.shape == want.shape
+    assert (got - want).abs().le(bound).all(), ((got - want).abs() / bound).max().item()
+
+
+def test_strided_cache_views_and_a_row_that_sees_nothing():
+    """k and v as views of a larger cache (row stride > row length), and a fully masked row: zeros."""
+    cache = torch.randn(50, 2, 2, 32)  # (cells, K/V, heads, d)
+    k, v = cache[:20, 0], cache[:20, 1]
+    q = torch.randn(2, 4, 32)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1] = False
+    got = kernels.attend_small(q, k, v, mask, 0.2)
+    want, bound = reference(q[:1], k, v, mask[:1], 0.2)
+    assert (got[:1].double() - want).abs().le(bound).all()
+    assert torch.equal(got[1], torch.zeros(4 * 32))

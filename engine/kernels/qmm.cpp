@@ -178,10 +178,12 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, fl
 // (1 in 256 values) X moves one unit up, because signed weights negate lo and -(-128) does not fit int8. So
 // |x - dd X| <= 1.5 dd = max|x| / 21675 (float32 keeps 2^-24 relative; llama.cpp's int8 max|x| / 254). Two
 // integer dots per weight group, exact in int32, give the dot with X. dl repeats dd 8 times per group (one per int32 lane
-// of the dot), s holds the float sums of x per 16 values (for the formats' minima, as in the float path).
-struct Q16Row { const int8_t* hi; const int8_t* lo; const float* dl; const float* s; };
+// of the dot), s holds the float sums of x per 16 values (for the formats' minima, as in the float path), ls
+// the integer sums of X per 4 values (one per int32 lane: Q4_0's offset of 8 subtracted inside the dot).
+struct Q16Row { const int8_t* hi; const int8_t* lo; const float* dl; const float* s; const int32_t* ls; };
 
-void quantize16_rows(const float* x, int64_t M, int64_t K, int8_t* hi, int8_t* lo, float* dl, float* s) {
+void quantize16_rows(const float* x, int64_t M, int64_t K, int8_t* hi, int8_t* lo, float* dl, float* s,
+                     int32_t* ls) {
   const int64_t nb = K / 32;
   at::parallel_for(0, M * nb, 64, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -195,6 +197,8 @@ void quantize16_rows(const float* x, int64_t M, int64_t K, int8_t* hi, int8_t* l
         const int h = (X + 128) >> 8;  // floor((X + 128) / 256): round(X / 256)
         hi[b * 32 + i] = int8_t(h);
         lo[b * 32 + i] = int8_t(X - 256 * h);
+        if (i % 4 == 0) ls[b * 8 + i / 4] = 0;
+        ls[b * 8 + i / 4] += X;
       }
       for (int l = 0; l < 8; ++l) dl[b * 8 + l] = dd;
       s[2 * b] = sum[0];
@@ -522,19 +526,23 @@ void q16dot512_t(const uint8_t* w, int64_t nblk, const Q16Row* xr, float* y, int
     for (int m = 0; m < R; ++m) { acc[m][0] = acc[m][1] = _mm512_setzero_ps(); accm[m] = 0.f; }
     if constexpr (TY == Q4_0 || TY == Q4_1) {  // the common 4-bit formats: both blocks unpacked at once
       constexpr int QS = TY == Q4_0 ? 2 : 4;
+      const __m512i z = _mm512_setzero_si512();
       for (int64_t st = 0; st < nsteps; ++st) {
         const uint8_t* p = row + st * 2 * F::BYTES;
-        const float d0 = fp16(p), d1 = fp16(p + F::BYTES);
-        const float m0 = TY == Q4_0 ? -8.f * d0 : fp16(p + 2), m1 = TY == Q4_0 ? -8.f * d1 : fp16(p + F::BYTES + 2);
         const __m512i qq = nibbles_64<F::BYTES, QS>(p);
-        const __m512 ss = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
+        const __m512 ss = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(fp16(p)), _mm512_set1_ps(fp16(p + F::BYTES)));
         const int64_t xb = st * 2;
-        constexpr int a = 0;
         for (int m = 0; m < R; ++m) {
-          const __m512 dq = dot16x2<false>(qq, xr[m].hi + xb * 32, xr[m].lo + xb * 32);
-          acc[m][a] = _mm512_fmadd_ps(dq, _mm512_mul_ps(ss, _mm512_loadu_ps(xr[m].dl + xb * 8)), acc[m][a]);
-          const float* xs = xr[m].s + 2 * xb;
-          accm[m] += m0 * (xs[0] + xs[1]) + m1 * (xs[2] + xs[3]);
+          const __m512i h = _mm512_loadu_si512(xr[m].hi + xb * 32), l = _mm512_loadu_si512(xr[m].lo + xb * 32);
+          __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(z, qq, h), 8), _mm512_dpbusd_epi32(z, qq, l));
+          if constexpr (TY == Q4_0)  // (q - 8) . X = q . X - 8 sum(X), per lane, exact: no float minimum term
+            dot = _mm512_sub_epi32(dot, _mm512_slli_epi32(_mm512_loadu_si512(xr[m].ls + xb * 8), 3));
+          acc[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ss, _mm512_loadu_ps(xr[m].dl + xb * 8)),
+                                      acc[m][0]);
+          if constexpr (TY == Q4_1) {
+            const float* xs = xr[m].s + 2 * xb;
+            accm[m] += fp16(p + 2) * (xs[0] + xs[1]) + fp16(p + F::BYTES + 2) * (xs[2] + xs[3]);
+          }
         }
       }
     } else
@@ -822,12 +830,13 @@ at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& w, int64_t t, int64_t n
   if (act == 2) {
     at::Tensor hi = at::empty({M, k}, x.options().dtype(at::kChar)), lo = at::empty({M, k}, x.options().dtype(at::kChar));
     at::Tensor dl = at::empty({M, k / 4}, x.options()), xs = at::empty({M, k / 16}, x.options());
+    at::Tensor ls = at::empty({M, k / 4}, x.options().dtype(at::kInt));
     quantize16_rows(x.data_ptr<float>(), M, k, hi.data_ptr<int8_t>(), lo.data_ptr<int8_t>(), dl.data_ptr<float>(),
-                    xs.data_ptr<float>());
+                    xs.data_ptr<float>(), ls.data_ptr<int32_t>());
     Q16Row rows[MAXM];
     for (int64_t m = 0; m < M; ++m)
       rows[m] = {hi.data_ptr<int8_t>() + m * k, lo.data_ptr<int8_t>() + m * k, dl.data_ptr<float>() + m * (k / 4),
-                 xs.data_ptr<float>() + m * (k / 16)};
+                 xs.data_ptr<float>() + m * (k / 16), ls.data_ptr<int32_t>() + m * (k / 4)};
     at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
       q16dot_rows(t, w.data_ptr<uint8_t>(), k, rows, M, y.data_ptr<float>(), n, n0, n1);
     });

@@ -13,7 +13,9 @@ Every bound is derived from the operations the kernel performs (u = 2**-24, floa
   adds s*q and mn separately, with |s*q| <= |w| + |mn|): |err| <= (G + 8) u sum_k |x'_k| (|w_k| + 2|mn_k|).
 * ``qmm(act="q16")``: x as 16-bit fixed point per 32 values, X = round(x * (32512 / max|x|)) moved one
   unit up where X + 128 is a multiple of 256, x' = X * (max|x| / 32512); the test repeats that step. The
-  kernel dots (w - mn) with x' in integers (exact), and mn with float sums of x per 16 values. Float32 part:
+  kernel dots (w - mn) with x' in integers (exact), and mn with float sums of x per 16 values, or, where mn is
+  an integer offset of the scale (Q4_0's -8 d on the AVX-512 path), with x' inside the integer dot: the
+  reference takes x, and the bound adds |x' - x| @ |mn| for that choice. Float32 part:
   per group a conversion of the integer dot (|q X| can pass 2^24), one scale product and one FMA into a
   chain (G along a path), lanes summed (4 steps for 16 lanes, plus 2 for the chains); the minima add
   15 roundings per 16-value sum and 2 per group along the scalar chain: |err| <= (2 G + 24) u
@@ -143,7 +145,8 @@ def test_qmm_q16_activations(t, m, blocks):
     got = kernels.qmm(x, torch.from_numpy(raw.reshape(-1).copy()), t, n, k, act="q16").double()
     x16, xd = quantize_x16(x), x.double()
     want = x16 @ (w - mn).t() + xd @ mn.t()
-    bound = (2 * (k // 32) + 24) * U * (x16.abs() @ (w - mn).abs().t() + xd.abs() @ mn.abs().t())
+    bound = (2 * (k // 32) + 24) * U * (x16.abs() @ (w - mn).abs().t() + xd.abs() @ mn.abs().t()) \
+        + (x16 - xd).abs() @ mn.abs().t()
     assert (got - want).abs().le(bound).all(), ((got - want).abs() / bound).max().item()
     # and what that costs against x itself: |x - x'| <= 1.5 max|x| / 32512 per value
     amax = x.view(m, -1, 32).abs().amax(-1, keepdim=True).expand(m, k // 32, 32).reshape(m, k).double()

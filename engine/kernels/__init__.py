@@ -163,6 +163,14 @@ def attend_small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     return torch.ops.kvbench.attend_small(q, k, v, mask, scale)
 
 
+def ssm_scan(dA: torch.Tensor, dBx: torch.Tensor, C: torch.Tensor, s0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-1's scan: s_t = dA_t * s_{t-1} + dBx_t over (S, T, di, ds), y_t = s_t . C_t -> (y (S, T, di), s_T).
+    Native only, as ``rope``: s is bit-identical to the sequential torch loop (engine/model/mamba.py)."""
+    _load()
+    y, s = torch.ops.kvbench.ssm_scan(dA, dBx, C, s0)
+    return y, s
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
     """Rotate x (T, H, D) by cos/sin (T, n_rot/2): NEOX halves or NORM adjacent pairs; returns a new tensor."""
     return torch.ops.kvbench.rope(x, cos, sin, neox)

@@ -1107,6 +1107,50 @@ at::Tensor attend_small(const at::Tensor& q_in, const at::Tensor& k_in, const at
   return y;
 }
 
+// Mamba-1's selective scan over time for S sequences: s_t = dA_t * s_{t-1} + dBx_t (elementwise over (di, ds)),
+// y_t = sum_n s_t[:, n] C_t[n]. dA, dBx (S, T, di, ds), C (S, T, ds), s0 (S, di, ds), float32. The state update
+// is the same two roundings as the torch expression (a product, then a sum: -ffp-contract=off keeps them apart),
+// so s equals the sequential torch loop bit for bit; y sums over n in order. Why a kernel: the recurrence is
+// sequential in time, and a Python loop of three small torch ops per token cost more than the arithmetic.
+// Parallel over (sequence, channel) rows.
+std::vector<at::Tensor> ssm_scan(const at::Tensor& dA_in, const at::Tensor& dBx_in, const at::Tensor& C_in,
+                                 const at::Tensor& s0_in) {
+  TORCH_CHECK(dA_in.dim() == 4 && dA_in.sizes() == dBx_in.sizes() && C_in.dim() == 3 && s0_in.dim() == 3,
+              "kvbench ssm_scan: dA, dBx (S, T, di, ds), C (S, T, ds), s0 (S, di, ds)");
+  for (const auto* t : {&dA_in, &dBx_in, &C_in, &s0_in})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "kvbench ssm_scan: float32 CPU tensors");
+  const at::Tensor dA = dA_in.contiguous(), dBx = dBx_in.contiguous(), C = C_in.contiguous();
+  const int64_t S = dA.size(0), T = dA.size(1), di = dA.size(2), ds = dA.size(3);
+  TORCH_CHECK(C.size(0) == S && C.size(1) == T && C.size(2) == ds && s0_in.size(0) == S && s0_in.size(1) == di &&
+              s0_in.size(2) == ds, "kvbench ssm_scan: shapes disagree");
+  at::Tensor s = s0_in.contiguous().clone();
+  at::Tensor y = at::empty({S, T, di}, dA.options());
+  const float* a = dA.data_ptr<float>();
+  const float* b = dBx.data_ptr<float>();
+  const float* c = C.data_ptr<float>();
+  float* sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, T * ds));
+  at::parallel_for(0, S * di, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t q = r / di, d = r % di;
+      float* st = sp + r * ds;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t o = ((q * T + t) * di + d) * ds;
+        const float* ct = c + (q * T + t) * ds;
+        float acc = 0.f;
+        for (int64_t n = 0; n < ds; ++n) {
+          const float prod = a[o + n] * st[n];
+          st[n] = prod + b[o + n];
+          acc += st[n] * ct[n];
+        }
+        yp[(q * T + t) * di + d] = acc;
+      }
+    }
+  });
+  return {y, s};
+}
+
 bool simd() { return KV_AVX2; }
 bool simd512() { return KV_AVX512; }
 
@@ -1118,6 +1162,7 @@ TORCH_LIBRARY(kvbench, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin, bool neox) -> Tensor");
   m.def("attend_small(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  m.def("ssm_scan(Tensor dA, Tensor dBx, Tensor C, Tensor s0) -> Tensor[]");
   m.def("simd", simd);  // was the AVX2 path compiled in
   m.def("simd512", simd512);  // and the AVX-512 one
 }
@@ -1128,4 +1173,5 @@ TORCH_LIBRARY_IMPL(kvbench, CPU, m) {
   m.impl("rms_norm", rms_norm);
   m.impl("rope", rope);
   m.impl("attend_small", attend_small);
+  m.impl("ssm_scan", ssm_scan);
 }

@@ -20,8 +20,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import kernels
 from engine.config import ModelConfig
 from engine.model.layers import Linear
+
+
+def scan_loop(dA: torch.Tensor, dBx: torch.Tensor, C: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence as written, sequential in time and batched over sequences: the reference for
+    scan_native, and the path off the CPU. (S, T, di, ds), (S, T, ds), (S, di, ds) -> y (S, T, di), s_T."""
+    ys = []
+    for t in range(dA.shape[1]):
+        s = dA[:, t] * s + dBx[:, t]
+        ys.append(torch.einsum("sdn,sn->sd", s, C[:, t]))
+    return torch.stack(ys, dim=1), s
+
+
+def scan_native(dA: torch.Tensor, dBx: torch.Tensor, C: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """engine.kernels.ssm_scan: the same recurrence in one op, parallel over (sequence, channel)."""
+    return kernels.ssm_scan(dA, dBx, C, s)
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -29,6 +45,10 @@ def _rms(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
 
 
 class MambaMixer(nn.Module):
+    # the native scan where the kernels are built (a bit-identical state, so both compute modes use it);
+    # tests/bench/test_scan_speed.py turns it off to time the loop beside it
+    native_scan = True
+
     def __init__(self, cfg: ModelConfig, il: int, bc_norms: bool) -> None:
         super().__init__()
         self.il = il
@@ -66,17 +86,17 @@ class MambaMixer(nn.Module):
             [self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.dt_norm is not None or self.weightless_norms:
             dt, B, C = _rms(dt, self.dt_norm, self.eps), _rms(B, self.b_norm, self.eps), _rms(C, self.c_norm, self.eps)
-        dt = F.softplus(self.dt_proj(dt)).view(S, T, di)
+        # contiguous: a GEMM may hand back a transposed view, and the (S, T, di, d_state) products below would
+        # inherit that layout (the scan then copies 2 x 16 MB per layer at 512 tokens)
+        dt = F.softplus(self.dt_proj(dt)).contiguous().view(S, T, di)
         B, C = B.view(S, T, self.d_state), C.view(S, T, self.d_state)
         s = ssm_state.float()
         A = self.A.float()
         dA = torch.exp(dt.float().unsqueeze(-1) * A)  # (S, T, di, d_state)
         dBx = (dt * xc).float().unsqueeze(-1) * B.float().unsqueeze(2)  # (S, T, di, d_state)
-        ys = []
-        for t in range(T):  # the recurrence: sequential in time, batched over sequences
-            s = dA[:, t] * s + dBx[:, t]
-            ys.append(torch.einsum("sdn,sn->sd", s, C[:, t].float()))
-        y = torch.stack(ys, dim=1).to(xc.dtype) + xc * self.D
+        native = self.native_scan and s.device.type == "cpu" and kernels.fused_available()
+        ys, s = (scan_native if native else scan_loop)(dA, dBx, C.float(), s)
+        y = ys.to(xc.dtype) + xc * self.D
         mctx.rs_set(self.il, new_conv, s)
         out = self.out_proj((y * F.silu(z)).reshape(S * T, di))
         return out

@@ -16,6 +16,9 @@ ALLOC_RESULTS: dict[tuple[str, int], tuple[float, float, float]] = {}
 # (model, allocator, parallel) -> decode tokens/s
 RECURRENT_RESULTS: dict[tuple[str, str, int], float] = {}
 
+# model -> {"loop": prefill tokens/s, "native": prefill tokens/s, "speedup": median of per-round ratios}
+SCAN_RESULTS: dict[str, dict] = {}
+
 # trackers on vs off: step ms and relative overhead
 OVERHEAD_RESULTS: dict[str, float] = {}
 
@@ -40,6 +43,10 @@ def pytest_terminal_summary(terminalreporter):
         tr.section("recurrent / hybrid decode tokens/s (last round)")
         for (m, a, p), tps in sorted(RECURRENT_RESULTS.items()):
             tr.write_line(f"{m:<12} {a:<7} parallel {p:<2} {tps:8.1f} t/s")
+    if SCAN_RESULTS:
+        tr.section("recurrent prefill, 512 tokens: the scan as a Python loop vs the native op (tokens/s, interleaved)")
+        for m, r in SCAN_RESULTS.items():
+            tr.write_line(f"{m:<12} loop {r['loop']:8.1f} t/s   native {r['native']:8.1f} t/s   speed-up {r['speedup']:.2f}x")
     if OVERHEAD_RESULTS:
         r = OVERHEAD_RESULTS
         tr.section("tracker overhead (medians; overhead = median of paired on/off ratios)")

@@ -118,9 +118,6 @@ def load_model(model: str | os.PathLike, device: str = "cpu", dtype: str = "f32"
     f = open_gguf(path)
     cfg = f.config()
     if memory_only or (allow_memory_only and not cfg.weights_present):
-        if cfg.ssm_layers:
-            raise UnsupportedError(f"{path}: memory-only runs support attention models; {cfg.arch} has recurrent "
-                                   "layers (give the file its weights to run it)")
         f.check_tensors(cfg)
         return LoadedModel(path, f, cfg, MemoryOnlyModel(cfg, DTYPES[dtype]), torch.device("meta"), DTYPES[dtype])
     if compute == "fast" and dtype != "f32":

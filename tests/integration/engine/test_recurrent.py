@@ -108,3 +108,26 @@ def test_memory_separates_kv_from_recurrent_state(load):
         eng.decode_step({0: 5})
     assert mem.rs.usage()[0] == live10 == cfg.recurrent_bytes_per_seq  # no growth with context
     assert mem.kv.usage()[0] == 60 * mem.kv.bytes_per_token  # 10 prompt tokens + 50 steps: the KV part grew
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("allocator", ["naive", "pooled"])
+def test_memory_only_counts_the_same_bytes_as_a_real_run(model, allocator):
+    """Memory-only (meta, no arithmetic) runs of recurrent and hybrid shapes: the same requests through the
+    scheduler reserve, peak and hold exactly the bytes of the real run, KV and recurrent state alike, and the
+    weights count the same bytes."""
+    from engine.loader import load_model
+
+    out = {}
+    for memory_only in (False, True):
+        lm = load_model(model, memory_only=memory_only)
+        mem = create_memory(lm, allocator=allocator, size=256, n_seq_max=3)
+        sched = Scheduler(create_engine(lm, mem), 3)
+        res = run_all(sched, [Request(i, [5 + i] * (20 + 7 * i), 12) for i in range(5)])
+        st = mem.stats()
+        kv, rs = mem.parts()
+        out[memory_only] = (lm.weight_bytes(), st.reserved_bytes, st.reserved_peak_bytes, sched.preemptions,
+                            [r.status for r in res], [len(r.tokens) for r in res],
+                            rs.stats().reserved_peak_bytes if rs is not None else 0)
+    assert lm.memory_only and out[True] == out[False]
+    assert out[True][-1] > 0  # the recurrent state was counted

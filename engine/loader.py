@@ -15,7 +15,7 @@ import torch
 
 from engine import alloc, kernels
 from engine.config import ModelConfig
-from engine.errors import ConfigError, DeviceError, UnsupportedError
+from engine.errors import ConfigError, DeviceError
 from engine.gguf import presets
 from engine.gguf.keymap import ARCHS
 from engine.gguf.reader import GGUFFile, open_gguf

@@ -209,3 +209,17 @@ def test_what_belongs_to_one_backend_is_a_clear_error_on_the_other(tmp_path, arg
         assert r.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     for w in words:
         assert w in err, err
+
+
+def test_state_write_is_llamacpps_saved_sequence(tiny):
+    """state_write writes what llama.cpp saves for a sequence (llama_state_seq_get_data), of the size it states."""
+    import io
+
+    eng = _engine(tiny)
+    try:
+        eng.prefill({0: list(range(1, 17))})
+        f = io.BytesIO()
+        eng.memory.state_write(f, 0)
+        assert len(f.getvalue()) == eng.memory.seq_state_bytes(0) > 16 * eng.memory.bytes_per_token
+    finally:
+        eng.close()

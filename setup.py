@@ -22,9 +22,12 @@ else:
     # libgomp.so.1 first; this library then binds to the same runtime, so one thread pool).
     # -ffp-contract=off: the float rounding the code spells out is the rounding it gets (dequant matches
     # gguf.quants bit for bit; the tests derive their bounds from the written operations).
+    # KVBENCH_PORTABLE=1 drops -march (the scalar twins); KVBENCH_MARCH=haswell (say) builds another CPU's
+    # paths here, e.g. AVX2 without AVX-512 or VNNI, so they can be tested on a machine that has more.
     flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
     if os.environ.get("KVBENCH_PORTABLE") != "1":
-        flags += ["-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
+        flags += [f"-march={os.environ.get('KVBENCH_MARCH', 'native')}", "-mno-amx-tile", "-mno-amx-int8",
+                  "-mno-amx-bf16"]
     ext_modules = [CppExtension("engine.kernels._qmm", ["engine/kernels/qmm.cpp"], extra_compile_args=flags,
                                  extra_link_args=["-fopenmp"])]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=False)}

@@ -20,7 +20,7 @@ from engine.errors import ConfigError
 _AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 INSTALL = (f"CMAKE_ARGS=\"-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF "
            f"-DCMAKE_C_FLAGS='{_AMX_OFF}' -DCMAKE_CXX_FLAGS='{_AMX_OFF}'\" "
-           "pip install -c constraints.txt -e '.[llamacpp]'")
+           "pip install -c constraints.txt llama-cpp-python (what bash scripts/install.sh test,llamacpp runs)")
 
 # K/V cache types llama.cpp's CPU backend stores (llama-context.cpp accepts any ggml type; these are the
 # ones llama.cpp's tools offer for -ctk/-ctv). Quantized V needs flash attention, which kvbench turns on.

@@ -95,8 +95,10 @@ def test_real_model_decode_path_matches_exact(smollm):
     of that), where llama.cpp's int8 moves it by max|x| / 254. KLD grows with the square of the
     perturbation: int8 activations measured KLD 3.7e-3 here (docs/engine.md), so q16 should land between
     3.7e-3 x (254 / (3 x 32512))^2 = 5.7e-8 and 3.7e-3 x (1.5 x 254 / 32512)^2 = 5.1e-7 (measured 3.5e-7).
-    Bound: 2e-6, and top-1 everywhere except near ties. The integer dots are exact on any CPU and the
-    float32 sums around them differ at 2^-24, so the figure carries to other machines."""
+    Bound: 2e-6. Top-1 may change only at near ties (margin < 2x how far the position's logits moved;
+    asserted): those are 11 of the 768 positions here (logits move by up to 0.027), and 0 (AVX-512 build)
+    or 1 (AVX2 build) of them flipped, so agreement is held at 99%. The integer dots are exact on any CPU;
+    the float32 sums around them, and where a format's minimum meets x or its q16 copy, differ by path."""
     exact, fast, chunks = smollm
     assert fast.weight_types().keys() == {"Q4_1", "Q8_0"}  # the file's own types, nothing dequantized
     kl, agree = [], []
@@ -106,7 +108,7 @@ def test_real_model_decode_path_matches_exact(smollm):
         assert _flips_are_ties(a, b, t)
         kl.append(k), agree.append(t)
     assert torch.cat(kl).mean() < 2e-6
-    assert torch.cat(agree).double().mean() >= 0.999
+    assert torch.cat(agree).double().mean() >= 0.99
 
 
 def test_real_model_prefill_path_quality(smollm):

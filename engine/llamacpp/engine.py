@@ -120,6 +120,7 @@ class LlamaCppEngine(Generator):
         return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab)).copy())
 
     def run_metrics(self) -> dict:
+        self.memory.usage()  # the last step's growth, if no tracker asked since
         return {"llamacpp.state_seq_peak_bytes": self.memory.peak_seq_state_bytes}
 
     def close(self) -> None:

@@ -123,14 +123,21 @@ class LlamaCppMemory:
         self.alloc_calls = n_buffers
         self.shadow = _Shadow(n_seq_max, unified)
         self.peak_seq_state_bytes = 0
+        self._grown: set[int] = set()
 
     # -- what the engine tells it --------------------------------------------------------------
     def committed(self, pos: list[int], seq: list[int]) -> None:
         """A batch llama_decode accepted: one new cell per token."""
         for p, s in zip(pos, seq):
             self.shadow.add(s, p)
-        for s in set(seq):  # the sequences that grew: their saved state is at its largest now
+        self._grown |= set(seq)  # their saved state is at its largest now: measured at the next usage()
+
+    def _measure_grown(self) -> None:
+        """llama_state_seq_get_size of the sequences that grew since the last call. Not inside decode: the
+        call walks every cell, and the scheduler times decode; the trackers call usage() after each step."""
+        for s in self._grown:
             self.peak_seq_state_bytes = max(self.peak_seq_state_bytes, self.seq_state_bytes(s))
+        self._grown.clear()
 
     # -- llama.cpp's seq_* verbs ---------------------------------------------------------------
     def check_seq_ids(self, seq_ids) -> None:
@@ -139,10 +146,14 @@ class LlamaCppMemory:
             raise ConfigError(f"sequence id {bad[0]} is outside [0, {self.n_seq_max}) (llama.cpp n_seq_max)")
 
     def clear(self, data: bool = True) -> None:
+        if self._grown:
+            self._measure_grown()
         self.lib.llama_memory_clear(self.mem, data)
         self.shadow.clear()
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        if self._grown:  # a finished sequence is removed before the trackers look: measure it first
+            self._measure_grown()
         ok = bool(self.lib.llama_memory_seq_rm(self.mem, seq_id, p0, p1))
         if ok:
             if seq_id < 0:
@@ -196,6 +207,8 @@ class LlamaCppMemory:
 
     # -- accounting ----------------------------------------------------------------------------
     def usage(self) -> tuple[int, int]:
+        if self._grown:
+            self._measure_grown()
         return self.shadow.used() * self.bytes_per_token, self.n_cells * self.bytes_per_token
 
     def stats(self) -> MemoryStats:
@@ -214,6 +227,7 @@ class LlamaCppMemory:
 
     def reset_peak(self) -> None:
         self.peak_seq_state_bytes = 0
+        self._grown.clear()
 
     def can_admit(self, n_tokens: int) -> bool:
         if self.unified:

@@ -174,7 +174,7 @@ def test_logits_agree_with_kvbench_exact_on_the_same_file(tiny, load):
         eng.close()
 
 
-def test_a_sweep_puts_both_backends_side_by_side(tmp_path):
+def test_a_sweep_puts_both_backends_side_by_side(tmp_path, tiny):
     """The issue's command on llama-tiny: four ok points, equal KV bytes per parallelism, one report."""
     d = tmp_path / "multirun"
     r = kvbench(tmp_path, "run", "-m", "backend=torch,llamacpp", "allocator=pooled", "parallel=1,2",
@@ -187,7 +187,15 @@ def test_a_sweep_puts_both_backends_side_by_side(tmp_path):
         t, c = by[("torch", p)], by[("llamacpp", p)]
         assert c["run.memory_kind"] == "llamacpp.unified" and c["requests.done"] == 4
         assert c["latency.tpot_ms.p50"] > 0 and c["memory.peak_rss_bytes"] > 0
-        assert c["llamacpp.state_seq_peak_bytes"] > 0 and c["llamacpp.n_ctx_requested"] == 64
+        assert c["llamacpp.n_ctx_requested"] == 64
+        # the longest sequence held 12 prompt + 5 decoded tokens (the 6th generated token is never decoded):
+        # its saved state then, measured on a fresh context with the same settings, is the recorded peak
+        ref = _engine(tiny, n_ctx=64, n_seq_max=p, type_k="f16", type_v="f16")
+        try:
+            ref.prefill({0: list(range(1, 18))})
+            assert c["llamacpp.state_seq_peak_bytes"] == ref.memory.seq_state_bytes(0)
+        finally:
+            ref.close()
         # cache.size 64 -> llama.cpp's 256 cells: its reserved bytes are kvbench's pooled at 256 cells
         assert c["run.cache_size"] == 256
         assert c["memory.kv_reserved_peak_bytes"] == t["memory.kv_reserved_peak_bytes"] * 256 // 64

@@ -14,8 +14,9 @@ from engine import kernels
 U = 2.0**-24
 
 
-def reference(q, k, v, mask, scale):
-    """float64 attention, and the bound above per output value."""
+def reference(q, k, v, mask, scale, dot_roundings=None):
+    """float64 attention, and the bound above per output value (``dot_roundings``: the roundings along a
+    score's dot, d/16 + 6 for the kernel's two 8-lane chains; d + 6 for a dot summed in any order)."""
     T, H, d = q.shape
     n, hkv, dv = v.shape
     g = H // hkv
@@ -27,7 +28,7 @@ def reference(q, k, v, mask, scale):
     s = s.masked_fill(~mask[:, None, :], float("-inf"))
     p = torch.softmax(s, -1)
     y = torch.einsum("thn,nhd->thd", p, vd)
-    delta = ((d / 16 + 6) * U * sa.masked_fill(~mask[:, None, :], 0)).amax(-1, keepdim=True)
+    delta = ((d / 16 + 6 if dot_roundings is None else dot_roundings) * U * sa.masked_fill(~mask[:, None, :], 0)).amax(-1, keepdim=True)
     bound = torch.einsum("thn,nhd->thd", p, vd.abs()) * (2 * delta + (2 * n + 8) * U)
     return y.reshape(T, -1), bound.reshape(T, -1)
 
@@ -60,3 +61,21 @@ def test_strided_cache_views_and_a_row_that_sees_nothing():
     want, bound = reference(q[:1], k, v, mask[:1], 0.2)
     assert (got[:1].double() - want).abs().le(bound).all()
     assert torch.equal(got[1], torch.zeros(4 * 32))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_torch_expression_off_the_native_build_agrees(monkeypatch, masked):
+    """engine/model/layers.attend_small without the native op (GPUs, KVBENCH_KERNELS=torch): bmm, softmax, bmm in
+    float32. BLAS may sum a score's d terms in any order: up to d - 1 roundings, so the bound takes d + 6."""
+    from engine.memory.base import AttnInput
+    from engine.model import layers
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(3, 8, 64, generator=gen), torch.randn(50, 2, 64, generator=gen), torch.randn(50, 2, 64, generator=gen)
+    mask = torch.rand(3, 50, generator=gen) < 0.7 if masked else None
+    if mask is not None:
+        mask[:, 0] = True
+    monkeypatch.setattr(kernels, "fused_available", lambda: False)
+    got = layers.attend_small(q, AttnInput(None, k, v, mask), 0.125).double()
+    want, bound = reference(q, k, v, mask, 0.125, dot_roundings=64 + 6)
+    assert (got - want).abs().le(bound).all(), ((got - want).abs() / bound).max().item()

@@ -14,7 +14,7 @@ from functools import cache
 
 from gguf import GGMLQuantizationType as T
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, UnsupportedError
 
 # ggml's AMX kernels fault on some VMs whose CPUs advertise AMX: the build turns them off (docs/llamacpp.md).
 _AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
@@ -91,7 +91,11 @@ _BUF_LINE = re.compile(r"llama_kv_cache: +(\S+) KV buffer size = +([\d.]+) MiB")
 
 def parse_kv_log(text: str) -> dict:
     """llama.cpp's KV cache report: cells per stream, streams, types, and buffer sizes in MiB (2 decimals)."""
-    m = _KV_LINE.search(text)
+    caches = list(_KV_LINE.finditer(text))
+    if len(caches) > 1:  # llama.cpp's iswa memory: a full cache and a sliding-window one, each its own cells
+        raise UnsupportedError(f"llama.cpp made {len(caches)} KV caches for this model (sliding-window layers); the "
+                               "llamacpp backend measures models with one KV cache")
+    m = caches[0] if caches else None
     if m is None:
         raise ConfigError("llama.cpp did not report a KV cache (no 'llama_kv_cache: size' line); the model may "
                           "have no attention layers, which the llamacpp backend does not measure yet")

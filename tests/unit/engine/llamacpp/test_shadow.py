@@ -52,3 +52,4 @@ def test_keep_shift_clear():
     assert (sh.used(), sorted(sh.seqs[1])) == (3, [0, 1, 2])
     sh.clear()
     assert (sh.used(), sh.seq_tokens(), sh.refs, sh.stream_of) == (0, 0, {}, {})
+

@@ -185,16 +185,17 @@ def _model_exists(name: str) -> None:
                           f"{', '.join(MODEL_NAMES)}")
 
 
+def choice(x):
+    """A config choice as its name: the schema's enums (Allocator, Backend, CacheType...) or a plain value."""
+    return x.value if isinstance(x, Enum) else x
+
+
 def cache_spec(allocator, cache, n_seq_max: int) -> CacheSpec:
     """The one converter from the harness's cache settings (a sweep point's ``allocator`` and ``cache.*``,
     or the CLI's flags in the same names) to the engine's CacheSpec."""
-
-    def v(x):
-        return x.value if isinstance(x, Enum) else x
-
-    return CacheSpec(allocator=v(allocator), size=int(cache["size"]), block_size=int(cache["block_size"]),
-                     type_k=v(cache["type_k"]), type_v=v(cache["type_v"]), offload=v(cache["offload"]),
-                     offload_layers=int(cache["offload_layers"]), n_seq_max=int(n_seq_max), growth=v(cache["growth"]),
+    return CacheSpec(allocator=choice(allocator), size=int(cache["size"]), block_size=int(cache["block_size"]),
+                     type_k=choice(cache["type_k"]), type_v=choice(cache["type_v"]), offload=choice(cache["offload"]),
+                     offload_layers=int(cache["offload_layers"]), n_seq_max=int(n_seq_max), growth=choice(cache["growth"]),
                      attn_rot=bool(cache.get("attn_rot", True)))
 
 
@@ -204,15 +205,11 @@ def effective_parallel(cfg: DictConfig) -> int:
     return int(p) if p is not None else int(cfg.parallel)
 
 
-def _value(x) -> str:
-    return x.value if isinstance(x, Enum) else str(x)
-
-
 def _check_backend(cfg: DictConfig, alloc: str) -> None:
     """What applies to which backend: kvbench's allocators, tiers and growth are torch's; a few K/V types
     only llama.cpp stores."""
-    backend = _value(cfg.backend)
-    types = {k: _value(cfg.cache[k]) for k in ("type_k", "type_v")}
+    backend = choice(cfg.backend)
+    types = {k: choice(cfg.cache[k]) for k in ("type_k", "type_v")}
     if backend == "torch":
         for k, t in types.items():
             if t not in CACHE_TYPES:
@@ -222,8 +219,8 @@ def _check_backend(cfg: DictConfig, alloc: str) -> None:
     if alloc != "pooled":
         raise ConfigError(f"allocator = {alloc}: allocators apply to backend=torch; llama.cpp's memory is set by "
                           "llamacpp.kv_unified (true: one cell pool, as pooled; false: one stream per sequence)")
-    if _value(cfg.cache.offload) != "device":
-        raise ConfigError(f"cache.offload = {_value(cfg.cache.offload)}: tiers apply to backend=torch; "
+    if choice(cfg.cache.offload) != "device":
+        raise ConfigError(f"cache.offload = {choice(cfg.cache.offload)}: tiers apply to backend=torch; "
                           "llama.cpp on the CPU keeps its KV in host memory")
     if cfg.model.compute != "fast" or cfg.model.dtype != "f32":
         raise ConfigError("model.compute and model.dtype apply to backend=torch; llama.cpp computes the file's "

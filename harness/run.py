@@ -15,7 +15,6 @@ import traceback
 from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ from engine.runtime.engine import Generator
 from engine.runtime.sampling import SamplingParams
 from engine.runtime.scheduler import Scheduler
 from harness import faults
-from harness.config import cache_spec, effective_parallel, validate
+from harness.config import cache_spec, choice, effective_parallel, validate
 from harness.env import collect_env, quiet_env
 from harness.noise import normalized
 from harness.records import RECORD_NAME, Record, config_hash, write_record
@@ -182,8 +181,7 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
     try:
         validate(cfg)
         torch.set_num_threads(cfg.threads)
-        backend = cfg.backend.value if isinstance(cfg.backend, Enum) else str(cfg.backend)
-        pt = BUILDERS[backend](cfg, point_cache_spec(cfg), instantiate(cfg.workload))
+        pt = BUILDERS[choice(cfg.backend)](cfg, point_cache_spec(cfg), instantiate(cfg.workload))
         eng, mem, timed, metrics = pt.engine, pt.memory, pt.timed, pt.metrics
         if cfg.warmup:
             eng.warmup()

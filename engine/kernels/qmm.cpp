@@ -2,11 +2,11 @@
 // layout (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F16, BF16), never expanded in memory.
 //
 // Design (the same split llama.cpp's CPU backend makes, written from the GGML block formats):
-//  * Small M (decode, M <= 16): the activations are quantized once per call to int8 in blocks of 32
-//    (scale d = max|x| / 127, plus the block sum for formats with a minimum), and every weight block is
-//    unpacked to 32 signed int8 in registers and dotted with each activation row in integer arithmetic
-//    (AVX2 maddubs/madd). Weight bytes are read once per call whatever M is: decode is bound by memory
-//    bandwidth, and the integer dot keeps the arithmetic under it.
+//  * Small M (decode, M <= 16): every weight block is unpacked to 32 integers per group in registers and
+//    met by each activation row as it is (float32: the quants widened), as int8 per 32 values (llama.cpp's
+//    arithmetic), or as 16-bit fixed point per 32 values in two int8 halves ("q16", the engine's default):
+//    the last two dot in integers (VNNI dpbusd, or AVX2 maddubs/madd). Weight bytes are read once per
+//    call whatever M is: decode is bound by memory bandwidth and by the instructions per weight.
 //  * Large M (prefill): callers dequantize W to bf16 (``dequant``) and hand it to torch's GEMM (oneDNN),
 //    whose blocking a hand kernel would not beat.
 //  * F16 / BF16 weights at small M: converted 8 at a time to f32 in registers and FMA'd with x in f32.
@@ -207,6 +207,13 @@ void quantize16_rows(const float* x, int64_t M, int64_t K, int8_t* hi, int8_t* l
   });
 }
 
+// A quantized activation row as the integer kernels read it: the integer of value i of group xb, and the scale
+// that turns a group's integer dot into x's units (both row kinds carry s, the per-16 sums the minima meet).
+inline int xint(const QRow& r, int64_t xb, int i) { return r.q[xb * 32 + i]; }
+inline int xint(const Q16Row& r, int64_t xb, int i) { return 256 * r.hi[xb * 32 + i] + r.lo[xb * 32 + i]; }
+inline float xscale(const QRow& r, int64_t xb) { return r.d[xb]; }
+inline float xscale(const Q16Row& r, int64_t xb) { return r.dl[xb * 8]; }
+
 #if KV_AVX2
 // sum over 32 int8 pairs, as 8 int32 lanes (lanes 0-3: elements 0-15, lanes 4-7: 16-31) in float.
 // u (unsigned, <= 128) . x (signed, |x| <= 127) in groups of 4 -> 8 int32 lanes, as float
@@ -363,34 +370,6 @@ template <> struct Fmt<Q6_K> { static constexpr int NG = 8, BYTES = 210; static 
       }
     } } };
 
-// y[m0 .. m0+R) for weight rows [n0, n1): R <= MB activation rows, accumulators in registers.
-template <int64_t TY, int R>
-void qdot_t(const uint8_t* w, int64_t nblk, const QRow* xr, float* y, int64_t N, int64_t n0, int64_t n1) {
-  using F = Fmt<TY>;
-  const int64_t rb = nblk * F::BYTES;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w + n * rb;
-    __m256 acc[R][2];
-    float accm[R];
-    for (int m = 0; m < R; ++m) { acc[m][0] = acc[m][1] = _mm256_setzero_ps(); accm[m] = 0.f; }
-    for (int64_t b = 0; b < nblk; ++b) {
-      __m256i q[F::NG]; __m256 s[F::NG]; float mn[F::NG][2];
-      F::unpack(row + b * F::BYTES, q, s, mn);
-      for (int g = 0; g < F::NG; ++g) {
-        const int64_t xb = b * F::NG + g;
-        constexpr int a = 0;  // one chain (see fdotq_lut_t)
-        for (int m = 0; m < R; ++m) {
-          const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m].q + xb * 32));
-          const __m256 dq = F::SIGNED ? dot32(q[g], xq) : dotu32(q[g], xq);
-          acc[m][a] = _mm256_fmadd_ps(dq, _mm256_mul_ps(s[g], _mm256_set1_ps(xr[m].d[xb])), acc[m][a]);
-          if (F::MIN) accm[m] += mn[g][0] * xr[m].s[2 * xb] + mn[g][1] * xr[m].s[2 * xb + 1];
-        }
-      }
-    }
-    for (int m = 0; m < R; ++m) y[m * N + n] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + accm[m];
-  }
-}
-
 // float32 activations: weights unpacked to int8 as above, then widened to float32 in registers and
 // multiplied with x as it is. No activation rounding (the result is float32 GEMV accuracy), about a
 // third more instructions per weight than the int8 dot. xs: sums of x per 16 values, for the minima.
@@ -452,30 +431,42 @@ inline __m256 dot16(__m256i q, const int8_t* hi, const int8_t* lo) {
   return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(dpb(z, q, h), 8), dpb(z, q, l)));
 }
 
-// q16 activations, one group (ymm) at a time: the AVX2 path, and the odd tail of the AVX-512 one.
-template <int64_t TY, int R>
-void q16dot_t(const uint8_t* w, int64_t nblk, const Q16Row* xr, float* y, int64_t N, int64_t n0, int64_t n1) {
+// One group of quants q against row r's group xb, as 8 float lanes of the integer dot, and the lanes' scales.
+template <bool SIGNED>
+inline __m256 gdot(__m256i q, const QRow& r, int64_t xb) {
+  const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.q + xb * 32));
+  return SIGNED ? dot32(q, xq) : dotu32(q, xq);
+}
+template <bool SIGNED>
+inline __m256 gdot(__m256i q, const Q16Row& r, int64_t xb) { return dot16<SIGNED>(q, r.hi + xb * 32, r.lo + xb * 32); }
+inline __m256 gscale(const QRow& r, int64_t xb) { return _mm256_set1_ps(r.d[xb]); }
+inline __m256 gscale(const Q16Row& r, int64_t xb) { return _mm256_loadu_ps(r.dl + xb * 8); }
+
+// Integer-dot kernel (int8 or q16 rows), one group (ymm) at a time: the AVX2 path, and the odd tail of the
+// AVX-512 one. y[m0 .. m0+R) for weight rows [n0, n1), R <= MB activation rows, one accumulator each.
+// (Two chains alternated by a runtime index looked free but kept the accumulators on the stack: a store and
+// a reload around every FMA, seen in the assembly, 1.2-1.6x slower. Every kernel here keeps one per row.)
+template <int64_t TY, int R, typename Row>
+void idot_t(const uint8_t* w, int64_t nblk, const Row* xr, float* y, int64_t N, int64_t n0, int64_t n1) {
   using F = Fmt<TY>;
   const int64_t rb = nblk * F::BYTES;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * rb;
-    __m256 acc[R][2];
+    __m256 acc[R];
     float accm[R];
-    for (int m = 0; m < R; ++m) { acc[m][0] = acc[m][1] = _mm256_setzero_ps(); accm[m] = 0.f; }
+    for (int m = 0; m < R; ++m) { acc[m] = _mm256_setzero_ps(); accm[m] = 0.f; }
     for (int64_t b = 0; b < nblk; ++b) {
       __m256i q[F::NG]; __m256 s[F::NG]; float mn[F::NG][2];
       F::unpack(row + b * F::BYTES, q, s, mn);
       for (int g = 0; g < F::NG; ++g) {
         const int64_t xb = b * F::NG + g;
-        constexpr int a = 0;
         for (int m = 0; m < R; ++m) {
-          const __m256 dq = dot16<F::SIGNED>(q[g], xr[m].hi + xb * 32, xr[m].lo + xb * 32);
-          acc[m][a] = _mm256_fmadd_ps(dq, _mm256_mul_ps(s[g], _mm256_loadu_ps(xr[m].dl + xb * 8)), acc[m][a]);
+          acc[m] = _mm256_fmadd_ps(gdot<F::SIGNED>(q[g], xr[m], xb), _mm256_mul_ps(s[g], gscale(xr[m], xb)), acc[m]);
           if (F::MIN) accm[m] += mn[g][0] * xr[m].s[2 * xb] + mn[g][1] * xr[m].s[2 * xb + 1];
         }
       }
     }
-    for (int m = 0; m < R; ++m) y[m * N + n] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + accm[m];
+    for (int m = 0; m < R; ++m) y[m * N + n] = hsum(acc[m]) + accm[m];
   }
 }
 
@@ -521,9 +512,9 @@ void q16dot512_t(const uint8_t* w, int64_t nblk, const Q16Row* xr, float* y, int
   const int64_t rb = nblk * F::BYTES, nsteps = nblk / BP;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * rb;
-    __m512 acc[R][2];
+    __m512 acc[R];
     float accm[R];
-    for (int m = 0; m < R; ++m) { acc[m][0] = acc[m][1] = _mm512_setzero_ps(); accm[m] = 0.f; }
+    for (int m = 0; m < R; ++m) { acc[m] = _mm512_setzero_ps(); accm[m] = 0.f; }
     if constexpr (TY == Q4_0 || TY == Q4_1) {  // the common 4-bit formats: both blocks unpacked at once
       constexpr int QS = TY == Q4_0 ? 2 : 4;
       const __m512i z = _mm512_setzero_si512();
@@ -537,8 +528,8 @@ void q16dot512_t(const uint8_t* w, int64_t nblk, const Q16Row* xr, float* y, int
           __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(z, qq, h), 8), _mm512_dpbusd_epi32(z, qq, l));
           if constexpr (TY == Q4_0)  // (q - 8) . X = q . X - 8 sum(X), per lane, exact: no float minimum term
             dot = _mm512_sub_epi32(dot, _mm512_slli_epi32(_mm512_loadu_si512(xr[m].ls + xb * 8), 3));
-          acc[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ss, _mm512_loadu_ps(xr[m].dl + xb * 8)),
-                                      acc[m][0]);
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ss, _mm512_loadu_ps(xr[m].dl + xb * 8)),
+                                   acc[m]);
           if constexpr (TY == Q4_1) {
             const float* xs = xr[m].s + 2 * xb;
             accm[m] += fp16(p + 2) * (xs[0] + xs[1]) + fp16(p + F::BYTES + 2) * (xs[2] + xs[3]);
@@ -554,10 +545,9 @@ void q16dot512_t(const uint8_t* w, int64_t nblk, const Q16Row* xr, float* y, int
         const int64_t xb = st * NG + g;
         const __m512i qq = cat256(q[g], q[g + 1]);
         const __m512 ss = cat256(s[g], s[g + 1]);
-        constexpr int a = 0;
         for (int m = 0; m < R; ++m) {
           const __m512 dq = dot16x2<F::SIGNED>(qq, xr[m].hi + xb * 32, xr[m].lo + xb * 32);
-          acc[m][a] = _mm512_fmadd_ps(dq, _mm512_mul_ps(ss, _mm512_loadu_ps(xr[m].dl + xb * 8)), acc[m][a]);
+          acc[m] = _mm512_fmadd_ps(dq, _mm512_mul_ps(ss, _mm512_loadu_ps(xr[m].dl + xb * 8)), acc[m]);
           if (F::MIN)
             accm[m] += mn[g][0] * xr[m].s[2 * xb] + mn[g][1] * xr[m].s[2 * xb + 1]
                      + mn[g + 1][0] * xr[m].s[2 * xb + 2] + mn[g + 1][1] * xr[m].s[2 * xb + 3];
@@ -570,13 +560,12 @@ void q16dot512_t(const uint8_t* w, int64_t nblk, const Q16Row* xr, float* y, int
       __m256i q[1]; __m256 s[1]; float mn[1][2];
       F::unpack(row + b * F::BYTES, q, s, mn);
       for (int m = 0; m < R; ++m) {
-        const __m256 dq = dot16<F::SIGNED>(q[0], xr[m].hi + b * 32, xr[m].lo + b * 32);
-        tail[m] = hsum(_mm256_mul_ps(dq, _mm256_mul_ps(s[0], _mm256_loadu_ps(xr[m].dl + b * 8))));
+        tail[m] = hsum(_mm256_mul_ps(gdot<F::SIGNED>(q[0], xr[m], b), _mm256_mul_ps(s[0], gscale(xr[m], b))));
         if (F::MIN) tail[m] += mn[0][0] * xr[m].s[2 * b] + mn[0][1] * xr[m].s[2 * b + 1];
       }
     }
     for (int m = 0; m < R; ++m)
-      y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + accm[m] + tail[m];
+      y[m * N + n] = _mm512_reduce_add_ps(acc[m]) + accm[m] + tail[m];
   }
 }
 #endif
@@ -596,8 +585,8 @@ void fdotq_lut_t(const uint8_t* w, int64_t nblk, const float* x, int64_t K, floa
   const __m512 iota16 = _mm512_add_ps(iota, _mm512_set1_ps(16.f));
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * rb;
-    __m512 acc[R][4];  // two chains per half-group, alternating between groups: FMA latency hidden
-    for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_ps();
+    __m512 acc[R][2];  // one chain per half-group (see idot_t)
+    for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nblk; ++b) {
       __m256i q[F::NG]; __m256 s[F::NG]; float mn[F::NG][2];
       F::unpack(row + b * F::BYTES, q, s, mn);
@@ -615,19 +604,15 @@ void fdotq_lut_t(const uint8_t* w, int64_t nblk, const float* x, int64_t K, floa
           w0 = _mm512_permutexvar_ps(i0, lut);
           w1 = _mm512_permutexvar_ps(i1, lut);
         }
-        const int64_t xb = b * F::NG + g, xo = xb * 32;
-        // One chain per half-group. Alternating chains by a runtime index (xb & 1) looked free but kept the
-        // accumulators on the stack: a store and a reload on every FMA (seen in the assembly), ~1.5x slower.
-        constexpr int a = 0;
+        const int64_t xo = (b * F::NG + g) * 32;
         for (int m = 0; m < R; ++m) {
-          acc[m][a] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + xo), acc[m][a]);
-          acc[m][a + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + xo + 16), acc[m][a + 1]);
+          acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + xo), acc[m][0]);
+          acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + xo + 16), acc[m][1]);
         }
       }
     }
     for (int m = 0; m < R; ++m)
-      y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
-                                                        _mm512_add_ps(acc[m][2], acc[m][3])));
+      y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
   }
 }
 
@@ -635,8 +620,10 @@ void fdotq_lut_t(const uint8_t* w, int64_t nblk, const float* x, int64_t K, floa
 
 #endif
 
-// Portable twin: unpack a group to int8 in memory, dot in int32.
-void qdot_rows_scalar(int64_t t, const uint8_t* w, int64_t K, const QRow* xr, int64_t M, float* y, int64_t N,
+// Portable twin of the integer kernels (int8 or q16 rows): unpack a group in memory (q signed, mn the format's
+// separate minimum), dot in int32, so every build computes the same integer products.
+template <typename Row>
+void idot_rows_scalar(int64_t t, const uint8_t* w, int64_t K, const Row* xr, int64_t M, float* y, int64_t N,
                       int64_t n0, int64_t n1) {
   const Layout L = layout(t);
   const int64_t nblk = K / L.block, ng = L.block / 32, rb = nblk * L.bytes;
@@ -649,52 +636,10 @@ void qdot_rows_scalar(int64_t t, const uint8_t* w, int64_t K, const QRow* xr, in
         unpack(t, row + b * L.bytes, g, gr);
         const int64_t xb = b * ng + g;
         for (int64_t m = 0; m < M; ++m) {
-          const int8_t* xq = xr[m].q + xb * 32;
           int s0 = 0, s1 = 0;
-          for (int i = 0; i < 16; ++i) s0 += int(gr.q[i]) * xq[i];
-          for (int i = 16; i < 32; ++i) s1 += int(gr.q[i]) * xq[i];
-          acc[m] += (gr.s[0] * s0 + gr.s[1] * s1) * xr[m].d[xb] + gr.mn * (xr[m].s[2 * xb] + xr[m].s[2 * xb + 1]);
-        }
-      }
-    for (int64_t m = 0; m < M; ++m) y[m * N + n] = acc[m];
-  }
-}
-
-void qdot_rows(int64_t t, const uint8_t* w, int64_t K, const QRow* xr, int64_t M, float* y, int64_t N,
-               int64_t n0, int64_t n1) {
-#if KV_AVX2
-  const int64_t nblk = K / layout(t).block;
-  const bool done = by_format(t, [&](auto TY) {
-    weight_tiles(M, n0, n1, [&](auto R, int64_t m0, int64_t t0, int64_t t1) {
-      qdot_t<decltype(TY)::value, decltype(R)::value>(w, nblk, xr + m0, y + m0 * N, N, t0, t1);
-    });
-  });
-  if (done) return;
-#endif
-  qdot_rows_scalar(t, w, K, xr, M, y, N, n0, n1);
-}
-
-// q16 activations, portable twin: the same integer dots against the scalar unpack (q signed, mn the format's
-// separate minimum), so every build computes the same products.
-void q16dot_rows_scalar(int64_t t, const uint8_t* w, int64_t K, const Q16Row* xr, int64_t M, float* y, int64_t N,
-                        int64_t n0, int64_t n1) {
-  const Layout L = layout(t);
-  const int64_t nblk = K / L.block, ng = L.block / 32, rb = nblk * L.bytes;
-  Group gr;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w + n * rb;
-    float acc[MAXM] = {0};
-    for (int64_t b = 0; b < nblk; ++b)
-      for (int g = 0; g < ng; ++g) {
-        unpack(t, row + b * L.bytes, g, gr);
-        const int64_t xb = b * ng + g;
-        for (int64_t m = 0; m < M; ++m) {
-          const int8_t* h = xr[m].hi + xb * 32;
-          const int8_t* l = xr[m].lo + xb * 32;
-          int s0 = 0, s1 = 0;
-          for (int i = 0; i < 16; ++i) s0 += int(gr.q[i]) * (256 * h[i] + l[i]);
-          for (int i = 16; i < 32; ++i) s1 += int(gr.q[i]) * (256 * h[i] + l[i]);
-          acc[m] += (gr.s[0] * float(s0) + gr.s[1] * float(s1)) * xr[m].dl[xb * 8]
+          for (int i = 0; i < 16; ++i) s0 += int(gr.q[i]) * xint(xr[m], xb, i);
+          for (int i = 16; i < 32; ++i) s1 += int(gr.q[i]) * xint(xr[m], xb, i);
+          acc[m] += (gr.s[0] * float(s0) + gr.s[1] * float(s1)) * xscale(xr[m], xb)
                     + gr.mn * (xr[m].s[2 * xb] + xr[m].s[2 * xb + 1]);
         }
       }
@@ -702,25 +647,31 @@ void q16dot_rows_scalar(int64_t t, const uint8_t* w, int64_t K, const Q16Row* xr
   }
 }
 
-void q16dot_rows(int64_t t, const uint8_t* w, int64_t K, const Q16Row* xr, int64_t M, float* y, int64_t N,
-                 int64_t n0, int64_t n1) {
+// The integer kernels over weight rows [n0, n1): q16 rows take AVX-512 VNNI pairs of groups where built.
+template <typename Row>
+void idot_rows(int64_t t, const uint8_t* w, int64_t K, const Row* xr, int64_t M, float* y, int64_t N,
+               int64_t n0, int64_t n1) {
 #if KV_AVX2
   const int64_t nblk = K / layout(t).block;
   const bool done = by_format(t, [&](auto TY) {
     weight_tiles(M, n0, n1, [&](auto R, int64_t m0, int64_t t0, int64_t t1) {
+      constexpr int64_t ty = decltype(TY)::value;
+      constexpr int r = decltype(R)::value;
 #if KV_AVX512 && defined(__AVX512VNNI__)
-      q16dot512_t<decltype(TY)::value, decltype(R)::value>(w, nblk, xr + m0, y + m0 * N, N, t0, t1);
-#else
-      q16dot_t<decltype(TY)::value, decltype(R)::value>(w, nblk, xr + m0, y + m0 * N, N, t0, t1);
+      if constexpr (std::is_same_v<Row, Q16Row>) {
+        q16dot512_t<ty, r>(w, nblk, xr + m0, y + m0 * N, N, t0, t1);
+        return;
+      }
 #endif
+      idot_t<ty, r>(w, nblk, xr + m0, y + m0 * N, N, t0, t1);
     });
   });
   if (done) return;
 #endif
-  q16dot_rows_scalar(t, w, K, xr, M, y, N, n0, n1);
+  idot_rows_scalar(t, w, K, xr, M, y, N, n0, n1);
 }
 
-// float32-activation path over quantized W (qdot's twin without the int8 step); false: no AVX2 build.
+// float32-activation path over quantized W (the integer kernels' twin without the integer step); false: no AVX2 build.
 bool fdotq_rows(int64_t t, const uint8_t* w, int64_t K, const float* x, const float* xs, int64_t M, float* y,
                 int64_t N, int64_t n0, int64_t n1) {
 #if KV_AVX2
@@ -838,7 +789,7 @@ at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& w, int64_t t, int64_t n
       rows[m] = {hi.data_ptr<int8_t>() + m * k, lo.data_ptr<int8_t>() + m * k, dl.data_ptr<float>() + m * (k / 4),
                  xs.data_ptr<float>() + m * (k / 16), ls.data_ptr<int32_t>() + m * (k / 4)};
     at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
-      q16dot_rows(t, w.data_ptr<uint8_t>(), k, rows, M, y.data_ptr<float>(), n, n0, n1);
+      idot_rows(t, w.data_ptr<uint8_t>(), k, rows, M, y.data_ptr<float>(), n, n0, n1);
     });
     return y;
   }
@@ -859,7 +810,7 @@ at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& w, int64_t t, int64_t n
   for (int64_t m = 0; m < M; ++m)
     rows[m] = {xq.data_ptr<int8_t>() + m * k, xd.data_ptr<float>() + m * (k / 32), xs.data_ptr<float>() + m * (k / 16)};
   at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
-    qdot_rows(t, w.data_ptr<uint8_t>(), k, rows, M, y.data_ptr<float>(), n, n0, n1);
+    idot_rows(t, w.data_ptr<uint8_t>(), k, rows, M, y.data_ptr<float>(), n, n0, n1);
   });
   return y;
 }

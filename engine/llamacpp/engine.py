@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES
 
+from engine import kernels
 from engine.batch import Batch
 from engine.config import ModelConfig
 from engine.errors import ConfigError, MemoryFullError, ModelFileError, UnsupportedError
@@ -24,11 +24,6 @@ from engine.llamacpp.memory import LlamaCppMemory
 from engine.runtime.engine import Generator
 
 _PAD = 256  # llama.cpp rounds n_ctx (and n_ctx / n_seq_max per stream) up to a multiple of 256
-
-
-def row_bytes(ggml_type, n: int) -> int:
-    block, size = GGML_QUANT_SIZES[ggml_type]
-    return n // block * size
 
 
 class LlamaCppEngine(Generator):
@@ -75,8 +70,9 @@ class LlamaCppEngine(Generator):
                               f"K {type_k}, V {type_v}): {' '.join(ln.strip() for ln in log.lines[-2:])}")
         self.log = log.text()
         kv = parse_kv_log(self.log)
-        rk = sum(row_bytes(CACHE_TYPES[type_k], config.n_embd_k_gqa) for _ in config.attn_layers)
-        rv = sum(row_bytes(CACHE_TYPES[type_v], config.n_embd_v_gqa) for _ in config.attn_layers)
+        n_attn = len(config.attn_layers)  # K and V row bytes of a token, summed over the attention layers
+        rk = n_attn * kernels.row_bytes(CACHE_TYPES[type_k], config.n_embd_k_gqa)
+        rv = n_attn * kernels.row_bytes(CACHE_TYPES[type_v], config.n_embd_v_gqa)
         n_cells = kv["cells_per_stream"] * kv["n_stream"]
         self.kv_buffer_bytes = round(kv["buffer_mib"] * 2**20)
         # the buffer llama.cpp logs (0.01 MiB resolution) holds every cell's K and V rows, nothing else

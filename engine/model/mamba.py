@@ -27,17 +27,12 @@ from engine.model.layers import Linear
 
 def scan_loop(dA: torch.Tensor, dBx: torch.Tensor, C: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The recurrence as written, sequential in time and batched over sequences: the reference for
-    scan_native, and the path off the CPU. (S, T, di, ds), (S, T, ds), (S, di, ds) -> y (S, T, di), s_T."""
+    engine.kernels.ssm_scan (one op, parallel over sequence x channel), and the path off the CPU. (S, T, di, ds), (S, T, ds), (S, di, ds) -> y (S, T, di), s_T."""
     ys = []
     for t in range(dA.shape[1]):
         s = dA[:, t] * s + dBx[:, t]
         ys.append(torch.einsum("sdn,sn->sd", s, C[:, t]))
     return torch.stack(ys, dim=1), s
-
-
-def scan_native(dA: torch.Tensor, dBx: torch.Tensor, C: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """engine.kernels.ssm_scan: the same recurrence in one op, parallel over (sequence, channel)."""
-    return kernels.ssm_scan(dA, dBx, C, s)
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -95,7 +90,7 @@ class MambaMixer(nn.Module):
         dA = torch.exp(dt.float().unsqueeze(-1) * A)  # (S, T, di, d_state)
         dBx = (dt * xc).float().unsqueeze(-1) * B.float().unsqueeze(2)  # (S, T, di, d_state)
         native = self.native_scan and s.device.type == "cpu" and kernels.fused_available()
-        ys, s = (scan_native if native else scan_loop)(dA, dBx, C.float(), s)
+        ys, s = (kernels.ssm_scan if native else scan_loop)(dA, dBx, C.float(), s)
         y = ys.to(xc.dtype) + xc * self.D
         mctx.rs_set(self.il, new_conv, s)
         out = self.out_proj((y * F.silu(z)).reshape(S * T, di))

@@ -15,6 +15,8 @@ ROPE_NEOX = "neox"  # rotate halves (x[i], x[i + n_rot/2]); GPT-NeoX / HF rotate
 ROPE_NONE = "none"  # no positional rotation (Jamba's attention layers)
 
 ATTN, SSM = "attn", "ssm"  # layer kinds
+# what an SSM layer is (llama.cpp: build_mamba_layer, build_mamba2_layer, build_rwkv7 time mix); its state shapes
+MAMBA1, MAMBA2, RWKV7 = "mamba1", "mamba2", "rwkv7"
 
 
 # ModelConfig field -> GGUF metadata key (after "{arch}."), so errors name what a user can see.
@@ -23,7 +25,8 @@ GGUF_KEYS = {
     "n_head": "attention.head_count", "n_head_kv": "attention.head_count_kv", "n_ff": "feed_forward_length",
     "n_embd_head_k": "attention.key_length", "n_rot": "rope.dimension_count",
     "ssm_d_conv": "ssm.conv_kernel", "ssm_d_inner": "ssm.inner_size", "ssm_d_state": "ssm.state_size",
-    "ssm_dt_rank": "ssm.time_step_rank", "n_expert": "expert_count", "n_expert_used": "expert_used_count",
+    "ssm_dt_rank": "ssm.time_step_rank", "ssm_n_group": "ssm.group_count", "n_expert": "expert_count",
+    "n_expert_used": "expert_used_count", "n_ff_shexp": "expert_shared_feed_forward_length",
 }
 
 
@@ -59,10 +62,19 @@ class ModelConfig:
     ssm_d_state: int = 0
     ssm_dt_rank: int = 0
     ssm_dt_b_c_rms: bool = False  # falcon-mamba: weightless RMS norms on dt, B, C
-    # mixture of experts (Jamba)
+    ssm_kind: str = MAMBA1  # what the SSM layers are: MAMBA1 | MAMBA2 | RWKV7
+    ssm_n_group: int = 0  # Mamba-2: B and C are shared by groups of heads (ssm_dt_rank is then the head count)
+    # mixture of experts (Jamba, Granite)
     n_expert: int = 0
     n_expert_used: int = 0
     moe_layers: tuple[bool, ...] = ()  # per layer: MoE feed-forward (derived: none when empty)
+    expert_weights_norm: bool = False  # renormalise the top-k router weights to sum 1 (Granite; not Jamba)
+    n_ff_shexp: int = 0  # a shared expert beside the routed ones (Granite); 0: none
+    # Granite's multipliers; 0 = not applied (llama.cpp's convention), attention_scale 0 = 1/sqrt(head size)
+    embedding_scale: float = 0.0
+    residual_scale: float = 0.0
+    attention_scale: float = 0.0
+    logit_scale: float = 0.0  # logits are divided by it
 
     # derived
     n_gqa: int = field(init=False)
@@ -84,14 +96,32 @@ class ModelConfig:
         return [il for il, k in enumerate(self.layer_kinds) if k == SSM]
 
     @property
+    def ssm_conv_dim(self) -> int:
+        """Channels through the depthwise conv: x alone (Mamba-1), x with B and C (Mamba-2)."""
+        if self.ssm_kind == MAMBA2:
+            return self.ssm_d_inner + 2 * self.ssm_n_group * self.ssm_d_state
+        return self.ssm_d_inner
+
+    @property
+    def r_shape(self) -> tuple[int, ...]:
+        """One sequence's rolling state in one recurrent layer: the conv's last d_conv - 1 inputs."""
+        return (self.ssm_d_conv - 1, self.ssm_conv_dim)
+
+    @property
+    def s_shape(self) -> tuple[int, ...]:
+        """One sequence's SSM state in one layer: (d_inner, d_state); Mamba-2 reads it as (heads, head size,
+        d_state), the same bytes and llama.cpp's layout."""
+        return (self.ssm_d_inner, self.ssm_d_state)
+
+    @property
     def n_embd_r(self) -> int:
-        """Conv state values per layer per sequence (llama.cpp n_embd_r)."""
-        return (self.ssm_d_conv - 1) * self.ssm_d_inner
+        """Rolling state values per layer per sequence (llama.cpp n_embd_r)."""
+        return self.r_shape[0] * self.r_shape[1]
 
     @property
     def n_embd_s(self) -> int:
         """SSM state values per layer per sequence (llama.cpp n_embd_s)."""
-        return self.ssm_d_state * self.ssm_d_inner
+        return self.s_shape[0] * self.s_shape[1]
 
     def __post_init__(self) -> None:
         if not self.layer_kinds:
@@ -104,6 +134,12 @@ class ModelConfig:
             for key in ("ssm_d_conv", "ssm_d_inner", "ssm_d_state", "ssm_dt_rank"):
                 if getattr(self, key) <= 0:
                     raise ModelFileError(f"model config: {self._k(key)} must be positive for recurrent layers")
+            if self.ssm_kind == MAMBA2:  # heads (time_step_rank) split d_inner; groups split the heads
+                ng, nh = self.ssm_n_group, self.ssm_dt_rank
+                if ng <= 0 or self.ssm_d_inner % nh or nh % ng:
+                    raise ModelFileError(
+                        f"model config: Mamba-2 needs {self._k('ssm_dt_rank')} heads dividing "
+                        f"{self._k('ssm_d_inner')} and a multiple of {self._k('ssm_n_group')} groups")
         if any(self.moe_layers) and not 0 < self.n_expert_used <= self.n_expert:
             raise ModelFileError(f"model config: {self._k('n_expert_used')} must be in [1, {self._k('n_expert')}]")
         if not self.attn_layers:  # a pure recurrent model: no attention shapes to derive
@@ -126,7 +162,9 @@ class ModelConfig:
             self.n_embd_head_k = self.n_embd // self.n_head
         if self.n_embd_head_v == 0:
             self.n_embd_head_v = self.n_embd_head_k
-        if self.n_rot == 0 and self.rope_type != ROPE_NONE:
+        if self.rope_type == ROPE_NONE:  # the file may still name a rope width (Granite 4 hybrids do)
+            self.n_rot = 0
+        elif self.n_rot == 0:
             self.n_rot = self.n_embd_head_k
         if self.n_head % self.n_head_kv:
             raise ModelFileError(f"model config: {self._k('n_head')} is not a multiple of {self._k('n_head_kv')}")

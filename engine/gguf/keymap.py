@@ -12,7 +12,16 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.config import ATTN, ROPE_NEOX, ROPE_NONE, ROPE_NORM, SSM, ModelConfig
+from engine.config import (
+    ATTN,
+    MAMBA1,
+    MAMBA2,
+    ROPE_NEOX,
+    ROPE_NONE,
+    ROPE_NORM,
+    SSM,
+    ModelConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,22 @@ _SSM_NORMS = [  # Jamba: RMS norms on dt, B and C after x_proj
     _g("blk.{il}.ssm_b_norm.weight", "layers.{il}.mixer.b_norm", lambda c: (c.ssm_d_state,), when=_is_ssm),
     _g("blk.{il}.ssm_c_norm.weight", "layers.{il}.mixer.c_norm", lambda c: (c.ssm_d_state,), when=_is_ssm),
 ]
+_SSM2 = [  # Mamba-2 mixer (llama.cpp build_mamba2_layer); in_proj rows z | xBC | dt, ssm_a = -exp(A_log) per head
+    _g("blk.{il}.ssm_in.weight", "layers.{il}.mixer.in_proj.weight",
+       lambda c: (c.n_embd, c.ssm_d_inner + c.ssm_conv_dim + c.ssm_dt_rank), when=_is_ssm),
+    _g("blk.{il}.ssm_conv1d.weight", "layers.{il}.mixer.conv1d_weight", lambda c: (c.ssm_d_conv, c.ssm_conv_dim),
+       when=_is_ssm),
+    _g("blk.{il}.ssm_conv1d.bias", "layers.{il}.mixer.conv1d_bias", lambda c: (c.ssm_conv_dim,), when=_is_ssm),
+    _g("blk.{il}.ssm_dt.bias", "layers.{il}.mixer.dt_bias", lambda c: (c.ssm_dt_rank,), when=_is_ssm),
+    _g("blk.{il}.ssm_a", "layers.{il}.mixer.A", lambda c: (1, c.ssm_dt_rank), when=_is_ssm),
+    _g("blk.{il}.ssm_d", "layers.{il}.mixer.D", lambda c: (1, c.ssm_dt_rank), when=_is_ssm),
+    _g("blk.{il}.ssm_norm.weight", "layers.{il}.mixer.norm",
+       lambda c: (c.ssm_d_inner // c.ssm_n_group, c.ssm_n_group), when=_is_ssm),
+    _g("blk.{il}.ssm_out.weight", "layers.{il}.mixer.out_proj.weight", lambda c: (c.ssm_d_inner, c.n_embd),
+       when=_is_ssm),
+]
+
+
 def _pick(*names: str, when=None) -> list[TensorSpec]:
     """The llama specs of these tensors (names without "blk.{il}." and ".weight"), restricted to `when` layers."""
     by = {s.gguf.removeprefix("blk.{il}.").removesuffix(".weight"): s for s in _LLAMA}
@@ -110,6 +135,18 @@ _FFN_MOE = [
     _g("blk.{il}.ffn_down_exps.weight", "layers.{il}.feed_forward.down_exps", lambda c: (c.n_ff, c.n_embd, c.n_expert),
        when=_is_moe),
 ]
+def _has_shexp(c: ModelConfig, il: int) -> bool:
+    return c.moe_layers[il] and c.n_ff_shexp > 0
+
+
+_FFN_SHEXP = [  # Granite: a shared expert added to the routed ones
+    _g("blk.{il}.ffn_gate_shexp.weight", "layers.{il}.feed_forward.shared.w1.weight",
+       lambda c: (c.n_embd, c.n_ff_shexp), when=_has_shexp),
+    _g("blk.{il}.ffn_up_shexp.weight", "layers.{il}.feed_forward.shared.w3.weight",
+       lambda c: (c.n_embd, c.n_ff_shexp), when=_has_shexp),
+    _g("blk.{il}.ffn_down_shexp.weight", "layers.{il}.feed_forward.shared.w2.weight",
+       lambda c: (c.n_ff_shexp, c.n_embd), when=_has_shexp),
+]
 _NORMS = [
     _g("blk.{il}.attn_norm.weight", "layers.{il}.attention_norm.weight", lambda c: (c.n_embd,)),
 ]
@@ -124,7 +161,9 @@ class ArchSpec:
     tensors: tuple[TensorSpec, ...]
     attn_bias: bool = False
     model: str = "transformer"  # engine.model class family: transformer | hybrid
-    recurrent: bool = False  # has Mamba layers (reads {arch}.ssm.* keys)
+    recurrent: bool = False  # has recurrent layers (reads {arch}.ssm.* keys)
+    ssm_kind: str = MAMBA1  # what those layers are
+    moe_norm_w: bool = False  # llama.cpp build_moe_ffn's norm_w: top-k router weights renormalised
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -137,6 +176,11 @@ ARCHS: dict[str, ArchSpec] = {
     # Jamba: per layer a Mamba-1 mixer (with dt/B/C norms) or rope-less attention, then a dense or MoE FFN
     "jamba": ArchSpec(ROPE_NONE, tuple(_COMMON + _NORMS + _SSM + _SSM_NORMS + _ATTN_NOBIAS + _FFN_NORM + _FFN_DENSE
                                        + _FFN_MOE), model="hybrid", recurrent=True),
+    # Granite 4 hybrids (and Bamba): Mamba-2 mixers or attention (no rope unless rope.scaling.finetuned), then
+    # a dense FFN or routed experts plus a shared expert; Granite's embedding/residual/attention/logit scales
+    "granitehybrid": ArchSpec(ROPE_NORM, tuple(_COMMON + _NORMS + _SSM2 + _ATTN_NOBIAS + _FFN_NORM + _FFN_DENSE
+                                                + _FFN_MOE + _FFN_SHEXP), model="hybrid", recurrent=True,
+                              ssm_kind=MAMBA2, moe_norm_w=True),
 }
 
 

@@ -66,6 +66,13 @@ PRESETS: dict[str, Preset] = {
                                          n_ff=256, n_ctx=2048, rms_eps=1e-6, attn_layers=(1, 3), moe_layers=(1, 3),
                                          n_expert=4, n_expert_used=2), "llama", seed=7,
                description="Jamba: Mamba, attention+MoE, Mamba, attention+MoE; KV cache and recurrent state"),
+        Preset("granite-hybrid-tiny", ModelShape("granitehybrid", n_vocab=1000, n_embd=128, n_layer=4, n_head=4,
+                                                 n_head_kv=2, n_ff=64, n_ctx=2048, rms_eps=1e-6, attn_layers=(1, 3),
+                                                 n_expert=4, n_expert_used=2, n_ff_shexp=96, ssm_n_group=2,
+                                                 ssm_n_head=8, granite_scales=(12.0, 0.22, 1 / 32, 8.0)),
+               "gpt2", seed=8,
+               description="Granite 4 hybrid: Mamba-2 (8 heads, 2 groups) and rope-less attention, "
+                           "4 routed experts + a shared one"),
         Preset("llama-7b", ModelShape("llama", n_vocab=32000, n_embd=4096, n_layer=32, n_head=32, n_head_kv=32,
                                       n_ff=11008, n_ctx=4096), "llama", seed=5, shape_only=True,
                description="LLaMA-7B shape, no weights: memory-only runs"),

@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from gguf import quants as gguf_quants
 
 from engine import kernels
-from engine.config import ATTN, SSM, ModelConfig
+from engine.config import ATTN, ROPE_NONE, SSM, ModelConfig
 from engine.errors import KvbenchError, ModelFileError, UnsupportedError
 from engine.gguf.header import GGUFHeader, TensorInfo, Undecodable, read_header
 from engine.gguf.keymap import ARCHS, expand
@@ -131,7 +131,16 @@ class GGUFFile:
                 ssm_dt_b_c_rms=bool(g("ssm.dt_b_c_rms", False)),
                 n_expert=int(g("expert_count", 0)), n_expert_used=int(g("expert_used_count", 0)),
                 moe_layers=tuple(f"blk.{il}.ffn_gate_inp.weight" in self.tensors for il in range(n_layer)),
+                ssm_kind=spec.ssm_kind, ssm_n_group=int(g("ssm.group_count", 0)),
+                expert_weights_norm=spec.moe_norm_w, n_ff_shexp=int(g("expert_shared_feed_forward_length", 0)),
+                embedding_scale=float(g("embedding_scale", 0.0)), residual_scale=float(g("residual_scale", 0.0)),
+                attention_scale=float(g("attention.scale", 0.0)), logit_scale=float(g("logit_scale", 0.0)),
             )
+            if arch == "granitehybrid":  # llama.cpp: every layer routes when the file has experts
+                extra["moe_layers"] = tuple(extra["n_expert"] > 0 for _ in range(n_layer))
+        rope_type = spec.rope_type
+        if arch == "granitehybrid" and not bool(g("rope.scaling.finetuned", True)):
+            rope_type = ROPE_NONE  # llama.cpp's rope_pattern: Granite 4 hybrids apply no rope on any layer
         if not 0 < int(n_vocab) <= MAX_VOCAB:
             raise ModelFileError(f"{self.path}: vocabulary size {int(n_vocab)} is not plausible (1 .. {MAX_VOCAB})")
         try:
@@ -148,7 +157,7 @@ class GGUFFile:
                 n_embd_head_k=int(g("attention.key_length", 0)),
                 n_embd_head_v=int(g("attention.value_length", 0)),
                 n_rot=int(g("rope.dimension_count", 0)),
-                rope_type=spec.rope_type,
+                rope_type=rope_type,
                 rope_freq_base=float(g("rope.freq_base", 10000.0)),
                 rope_freq_scale=freq_scale,
                 rms_eps=float(g("attention.layer_norm_rms_epsilon")),

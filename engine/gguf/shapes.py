@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class ModelShape:
     """Hyper-parameters of a model to write, in HF terms where HF has a name for them."""
 
-    arch: str  # "llama" | "qwen2"
+    arch: str  # a key of engine.gguf.writer.WRITERS
     n_vocab: int
     n_embd: int
     n_layer: int
@@ -33,6 +33,12 @@ class ModelShape:
     moe_layers: tuple[int, ...] = ()  # jamba: which layers have a mixture-of-experts FFN
     n_expert: int = 0
     n_expert_used: int = 0
+    # granitehybrid (Mamba-2 + attention, shared expert); see engine/gguf/writer_granite.py
+    ssm_n_group: int = 1
+    ssm_n_head: int = 0  # Mamba-2 heads (mamba_n_heads)
+    n_ff_shexp: int = 0  # the shared expert's width (shared_intermediate_size)
+    # Granite's (embedding, residual, attention, logits) multipliers
+    granite_scales: tuple[float, float, float, float] = (1.0, 1.0, 0.0, 1.0)
 
     @property
     def head_dim(self) -> int:

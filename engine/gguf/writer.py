@@ -33,6 +33,11 @@ from engine.gguf.writer_attention import (
     hf_to_gguf_attention,
     random_hf_weights_attention,
 )
+from engine.gguf.writer_granite import (
+    add_granite_metadata,
+    hf_to_gguf_granite,
+    random_hf_weights_granite,
+)
 from engine.gguf.writer_hybrid import (
     add_hybrid_metadata,
     hf_to_gguf_hybrid,
@@ -62,7 +67,9 @@ class ArchWriter:
 
 _ATTENTION = ArchWriter(random_hf_weights_attention, hf_to_gguf_attention, add_attention_metadata)
 _HYBRID = ArchWriter(random_hf_weights_hybrid, hf_to_gguf_hybrid, add_hybrid_metadata)
-WRITERS: dict[str, ArchWriter] = {"llama": _ATTENTION, "qwen2": _ATTENTION, "mamba": _HYBRID, "jamba": _HYBRID}
+_GRANITE = ArchWriter(random_hf_weights_granite, hf_to_gguf_granite, add_granite_metadata)
+WRITERS: dict[str, ArchWriter] = {"llama": _ATTENTION, "qwen2": _ATTENTION, "mamba": _HYBRID, "jamba": _HYBRID,
+                                  "granitehybrid": _GRANITE}
 
 
 def writer_for(shape: ModelShape) -> ArchWriter:

@@ -1,7 +1,8 @@
 """Recurrent state memory (Mamba-style layers), after llama.cpp's llama_memory_recurrent.
 
-A sequence's history lives in a fixed-size state per layer: the conv state ``r`` (the last
-d_conv - 1 inputs of the depthwise convolution) and the SSM state ``s`` (d_inner x d_state). It
+A sequence's history lives in a fixed-size state per layer: the rolling state ``r`` (Mamba: the
+last d_conv - 1 inputs of the depthwise convolution) and the SSM state ``s`` (Mamba: d_inner x
+d_state); ModelConfig.r_shape / s_shape say what they are for each model family. It
 does not grow with context length; the cost is that a state exists only for the latest position
 of its sequence, so it cannot be rewound: a partial ``seq_rm`` that would need an earlier state
 is refused (returns False), as in llama.cpp.
@@ -48,11 +49,10 @@ class RecurrentMemory(LayeredMemory):
     def __init__(self, cfg: ModelConfig, spec: CacheSpec, device: torch.device | str = "cpu",
                  layers: list[int] | None = None) -> None:
         super().__init__(cfg, spec, device, layers)
-        d_inner, d_state, d_conv = cfg.ssm_d_inner, cfg.ssm_d_state, cfg.ssm_d_conv
-        self.r_shape = (d_conv - 1, d_inner)
-        self.s_shape = (d_inner, d_state)
-        self.n_embd_r = (d_conv - 1) * d_inner
-        self.n_embd_s = d_inner * d_state
+        # the model family decides the shapes (Mamba-1/2: conv inputs and SSM state; RWKV-7: token shifts
+        # and the wkv matrix); this memory only stores them
+        self.r_shape, self.s_shape = cfg.r_shape, cfg.s_shape
+        self.n_embd_r, self.n_embd_s = cfg.n_embd_r, cfg.n_embd_s
         self.dtype = torch.float32  # states accumulate over the whole sequence: kept in f32, as llama.cpp does
 
     bytes_per_token = 0  # nothing grows with context: the state is per sequence (bytes_per_seq)
@@ -108,7 +108,7 @@ class RSContext(BatchContext):
     """A batch's view of a recurrent memory: the states of the ubatch's sequences, layer by layer."""
 
     def rs_get(self, il: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(conv state (n_seqs, d_conv - 1, d_inner), ssm state (n_seqs, d_inner, d_state)) of layer il."""
+        """(rolling state (n_seqs, *cfg.r_shape), ssm state (n_seqs, *cfg.s_shape)) of layer il."""
         return self.mem.rs_get(il, self.view)
 
     def rs_set(self, il: int, r: torch.Tensor, s: torch.Tensor) -> None:

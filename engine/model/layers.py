@@ -155,11 +155,12 @@ class FeedForward(nn.Module):
     """SwiGLU. Gate and up stay separate: fused into one (2*n_ff, n_embd) matrix they were
     slower at prefill here (9.8 ms vs 2 x 4.1 ms at M=128 on llama-small shapes)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, n_ff: int = 0) -> None:  # n_ff: another width (a shared expert's)
         super().__init__()
-        self.w1 = Linear(cfg.n_embd, cfg.n_ff)  # gate
-        self.w3 = Linear(cfg.n_embd, cfg.n_ff)  # up
-        self.w2 = Linear(cfg.n_ff, cfg.n_embd)  # down
+        n_ff = n_ff or cfg.n_ff
+        self.w1 = Linear(cfg.n_embd, n_ff)  # gate
+        self.w3 = Linear(cfg.n_embd, n_ff)  # up
+        self.w2 = Linear(n_ff, cfg.n_embd)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

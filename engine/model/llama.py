@@ -37,7 +37,7 @@ class Attention(nn.Module):
         # q, k and v fused: one matmul (one pass over the weights) per layer.
         self.wqkv = Linear(cfg.n_embd, sum(self.sizes), bias=cfg.attn_bias)
         self.wo = Linear(self.n_head * self.d_v, cfg.n_embd)
-        self.scale = self.d_k**-0.5
+        self.scale = cfg.attention_scale or self.d_k**-0.5  # Granite sets its own
 
     def forward(self, x: torch.Tensor, rope: Rope, cs, mctx) -> torch.Tensor:
         T = x.shape[0]
@@ -88,12 +88,15 @@ class Transformer(nn.Module):
         """token, pos: (T,) -> logits (n_out, n_vocab) float32 for ``out_rows`` (default all)."""
         # activations take the norms' float type: exact mode's dtype (even after .double()), float32 in fast mode
         x = self.tok_embeddings(token).to(self.norm.weight.dtype)  # (T, n_embd)
+        if self.config.embedding_scale:
+            x = x * self.config.embedding_scale
         cs = self.rope.angles(pos, x.dtype)
         for layer in self.layers:
             x = layer(x, self.rope, cs, mctx)
         if out_rows is not None:
             x = x[out_rows]
-        return self.output(self.norm(x)).float()
+        logits = self.output(self.norm(x)).float()
+        return logits / self.config.logit_scale if self.config.logit_scale else logits
 
     @classmethod
     def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor | Weight],

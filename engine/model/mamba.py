@@ -22,7 +22,7 @@ from torch import nn
 
 from engine import kernels
 from engine.config import ModelConfig
-from engine.model.layers import Linear
+from engine.model.layers import FeedForward, Linear
 
 
 def scan_loop(dA: torch.Tensor, dBx: torch.Tensor, C: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,13 +98,17 @@ class MambaMixer(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    """Jamba's sparse FFN: softmax over all experts, the top-k probabilities weight their experts'
-    SwiGLU outputs, without renormalising (llama.cpp norm_w=false; HF JambaTopKRouter)."""
+    """Sparse FFN (llama.cpp build_moe_ffn with softmax gating): softmax over all experts, the top-k
+    probabilities weight their experts' SwiGLU outputs. Jamba uses them as they are (norm_w=false;
+    HF JambaTopKRouter); Granite renormalises them to sum 1 (norm_w=true; HF's softmax over the top-k
+    logits is the same numbers) and adds a shared expert that every token goes through."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         E, ff, d = cfg.n_expert, cfg.n_ff, cfg.n_embd
         self.k = cfg.n_expert_used
+        self.norm_w = cfg.expert_weights_norm
+        self.shared = FeedForward(cfg, cfg.n_ff_shexp) if cfg.n_ff_shexp else None
         self.router = nn.Parameter(torch.empty(E, d), requires_grad=False)
         self.gate_exps = nn.Parameter(torch.empty(E, ff, d), requires_grad=False)
         self.up_exps = nn.Parameter(torch.empty(E, ff, d), requires_grad=False)
@@ -113,10 +117,12 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(F.linear(x, self.router).float(), dim=-1)  # (T, E)
         w, idx = torch.topk(probs, self.k, dim=-1)  # (T, k)
+        if self.norm_w:
+            w = w / w.sum(dim=-1, keepdim=True)
         out = torch.zeros_like(x)
         for e in idx.unique().tolist():
             rows, slot = torch.nonzero(idx == e, as_tuple=True)
             xe = x[rows]
             ye = F.linear(F.silu(F.linear(xe, self.gate_exps[e])) * F.linear(xe, self.up_exps[e]), self.down_exps[e])
             out.index_add_(0, rows, ye * w[rows, slot, None].to(ye.dtype))
-        return out
+        return out if self.shared is None else out + self.shared(x)

@@ -39,8 +39,7 @@ class MemoryOnlyModel(nn.Module):
         S = max(mctx.ubatch.n_seqs, 1) if c.ssm_layers else 1  # recurrent memories split ubatches per sequence
         for il in range(c.n_layer):
             if c.layer_kinds[il] == SSM:  # the state after this ubatch, one per sequence
-                mctx.rs_set(il, torch.empty(S, c.ssm_d_conv - 1, c.ssm_d_inner, device="meta"),
-                            torch.empty(S, c.ssm_d_inner, c.ssm_d_state, device="meta"))
+                mctx.rs_set(il, torch.empty(S, *c.r_shape, device="meta"), torch.empty(S, *c.s_shape, device="meta"))
             else:
                 mctx.store(il, k, v)
         n_out = T if out_rows is None else int(out_rows.shape[0])

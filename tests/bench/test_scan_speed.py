@@ -1,5 +1,5 @@
-"""Prefill tokens/s of the recurrent presets at 512 tokens: Mamba-1's scan as the Python loop (before) and as
-the native op (after), interleaved round by round.
+"""Prefill tokens/s of the recurrent presets at 512 tokens: the scan as the Python loop over tokens (before)
+and as what replaced it (after: Mamba-1's native op, Mamba-2's chunked scan), interleaved round by round.
 
 Run:  pytest tests/bench/test_scan_speed.py --benchmark-only -s
 One 512-token prompt, one ubatch, a fresh memory each time; the time is the whole prefill (every layer, not the
@@ -15,18 +15,24 @@ import pytest
 
 from engine.loader import create_engine, create_memory, load_model
 from engine.model.mamba import MambaMixer
+from engine.model.mamba2 import Mamba2Mixer
 from tests.bench.conftest import SCAN_RESULTS
 
 N_PROMPT, ROUNDS = 512, 5
 
 
-@pytest.mark.parametrize("model", ["mamba-tiny", "hybrid-tiny"])
+# the switch between the loop and its replacement, per mixer
+SWITCH = {"mamba-tiny": (MambaMixer, "native_scan"), "hybrid-tiny": (MambaMixer, "native_scan"),
+          "granite-hybrid-tiny": (Mamba2Mixer, "chunked")}
+
+
+@pytest.mark.parametrize("model", list(SWITCH))
 def test_prefill_scan_loop_vs_native(benchmark, model, monkeypatch):
     lm = load_model(model)
     prompt = [(7 * i) % (lm.config.n_vocab - 3) + 3 for i in range(N_PROMPT)]
 
     def prefill(native: bool) -> float:
-        monkeypatch.setattr(MambaMixer, "native_scan", native)
+        monkeypatch.setattr(*SWITCH[model], native)
         eng = create_engine(lm, create_memory(lm, size=N_PROMPT + 16), n_ubatch=N_PROMPT)
         t = time.perf_counter()
         eng.prefill({0: prompt})

@@ -47,6 +47,22 @@ def hf_config(shape: ModelShape):
                            rms_norm_eps=shape.rms_eps, tie_word_embeddings=False, max_position_embeddings=shape.n_ctx,
                            bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
+    if shape.arch == "granitehybrid":
+        from transformers import GraniteMoeHybridConfig
+
+        emb, res, att, logit = shape.granite_scales
+        return GraniteMoeHybridConfig(
+            vocab_size=shape.n_vocab, hidden_size=shape.n_embd, intermediate_size=shape.n_ff,
+            shared_intermediate_size=shape.n_ff_shexp, num_hidden_layers=shape.n_layer,
+            num_attention_heads=shape.n_head, num_key_value_heads=shape.n_head_kv,
+            num_local_experts=shape.n_expert, num_experts_per_tok=shape.n_expert_used,
+            layer_types=["attention" if il in shape.attn_layers else "mamba" for il in range(shape.n_layer)],
+            mamba_n_heads=shape.ssm_n_head, mamba_d_head=2 * shape.n_embd // shape.ssm_n_head,
+            mamba_n_groups=shape.ssm_n_group, mamba_d_state=shape.ssm_d_state, mamba_d_conv=shape.ssm_d_conv,
+            mamba_expand=2, position_embedding_type="nope", embedding_multiplier=emb, residual_multiplier=res,
+            attention_multiplier=att, logits_scaling=logit, rms_norm_eps=shape.rms_eps, tie_word_embeddings=False,
+            max_position_embeddings=shape.n_ctx, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
     common = dict(
         vocab_size=shape.n_vocab, hidden_size=shape.n_embd, intermediate_size=shape.n_ff,
         num_hidden_layers=shape.n_layer, num_attention_heads=shape.n_head, num_key_value_heads=shape.n_head_kv,

@@ -1,4 +1,4 @@
-"""Mamba-1 and Jamba against HF transformers, and recurrent memory end to end."""
+"""Mamba-1, Jamba and Granite 4 hybrids (Mamba-2) against HF transformers, and recurrent memory end to end."""
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ from engine.runtime.scheduler import Request, Scheduler
 from tests.helpers.hf import hf_greedy, hf_logits, hf_model
 from tests.helpers.runs import generate, run_all
 
-MODELS = ["mamba-tiny", "hybrid-tiny"]
+MODELS = ["mamba-tiny", "hybrid-tiny", "granite-hybrid-tiny"]
 
 
 def _prompt(n, seed):

@@ -6,6 +6,7 @@ of both code bases sees the same words.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from engine.errors import ModelFileError
@@ -27,6 +28,9 @@ GGUF_KEYS = {
     "ssm_d_conv": "ssm.conv_kernel", "ssm_d_inner": "ssm.inner_size", "ssm_d_state": "ssm.state_size",
     "ssm_dt_rank": "ssm.time_step_rank", "ssm_n_group": "ssm.group_count", "n_expert": "expert_count",
     "n_expert_used": "expert_used_count", "n_ff_shexp": "expert_shared_feed_forward_length",
+    "wkv_head_size": "wkv.head_size", "n_lora_decay": "attention.decay_lora_rank",
+    "n_lora_iclr": "attention.iclr_lora_rank", "n_lora_value_res_mix": "attention.value_residual_mix_lora_rank",
+    "n_lora_gate": "attention.gate_lora_rank",
 }
 
 
@@ -64,6 +68,14 @@ class ModelConfig:
     ssm_dt_b_c_rms: bool = False  # falcon-mamba: weightless RMS norms on dt, B, C
     ssm_kind: str = MAMBA1  # what the SSM layers are: MAMBA1 | MAMBA2 | RWKV7
     ssm_n_group: int = 0  # Mamba-2: B and C are shared by groups of heads (ssm_dt_rank is then the head count)
+    # RWKV-7 (llama.cpp hparams names): wkv head size, the low-rank widths of its four LoRA projections,
+    # and the LayerNorm eps (RWKV's norms are LayerNorms with biases)
+    wkv_head_size: int = 0
+    n_lora_decay: int = 0
+    n_lora_iclr: int = 0
+    n_lora_value_res_mix: int = 0
+    n_lora_gate: int = 0
+    norm_eps: float = 1e-5
     # mixture of experts (Jamba, Granite)
     n_expert: int = 0
     n_expert_used: int = 0
@@ -104,24 +116,30 @@ class ModelConfig:
 
     @property
     def r_shape(self) -> tuple[int, ...]:
-        """One sequence's rolling state in one recurrent layer: the conv's last d_conv - 1 inputs."""
+        """One sequence's rolling state in one recurrent layer: Mamba's conv keeps its last d_conv - 1
+        inputs; RWKV-7 the last normalised row entering the time mix and the channel mix (token shift)."""
+        if self.ssm_kind == RWKV7:
+            return (2, self.n_embd)
         return (self.ssm_d_conv - 1, self.ssm_conv_dim)
 
     @property
     def s_shape(self) -> tuple[int, ...]:
-        """One sequence's SSM state in one layer: (d_inner, d_state); Mamba-2 reads it as (heads, head size,
-        d_state), the same bytes and llama.cpp's layout."""
+        """One sequence's SSM state in one layer: (d_inner, d_state) for Mamba (Mamba-2 reads it as (heads,
+        head size, d_state), the same bytes and llama.cpp's layout); RWKV-7's wkv matrix per head, (heads,
+        value, key) as llama.cpp stores it."""
+        if self.ssm_kind == RWKV7:
+            return (self.n_embd // self.wkv_head_size, self.wkv_head_size, self.wkv_head_size)
         return (self.ssm_d_inner, self.ssm_d_state)
 
     @property
     def n_embd_r(self) -> int:
         """Rolling state values per layer per sequence (llama.cpp n_embd_r)."""
-        return self.r_shape[0] * self.r_shape[1]
+        return math.prod(self.r_shape)
 
     @property
     def n_embd_s(self) -> int:
         """SSM state values per layer per sequence (llama.cpp n_embd_s)."""
-        return self.s_shape[0] * self.s_shape[1]
+        return math.prod(self.s_shape)
 
     def __post_init__(self) -> None:
         if not self.layer_kinds:
@@ -130,7 +148,13 @@ class ModelConfig:
             raise ModelFileError(f"model config: layer kinds {self.layer_kinds} do not fit {self.n_layer} layers")
         if not self.moe_layers:
             self.moe_layers = tuple(False for _ in range(self.n_layer))
-        if self.ssm_layers:
+        if self.ssm_layers and self.ssm_kind == RWKV7:
+            for key in ("wkv_head_size", "n_lora_decay", "n_lora_iclr", "n_lora_value_res_mix", "n_lora_gate", "n_ff"):
+                if getattr(self, key) <= 0:
+                    raise ModelFileError(f"model config: {self._k(key)} must be positive for RWKV-7")
+            if self.n_embd % self.wkv_head_size:
+                raise ModelFileError(f"model config: {self._k('n_embd')} is not a multiple of {self._k('wkv_head_size')}")
+        elif self.ssm_layers:
             for key in ("ssm_d_conv", "ssm_d_inner", "ssm_d_state", "ssm_dt_rank"):
                 if getattr(self, key) <= 0:
                     raise ModelFileError(f"model config: {self._k(key)} must be positive for recurrent layers")
@@ -190,6 +214,6 @@ class ModelConfig:
 
     @property
     def recurrent_bytes_per_seq(self) -> int:
-        """Bytes of one sequence's recurrent state (f32 conv + SSM state) over the Mamba layers: the
+        """Bytes of one sequence's recurrent state (f32 rolling + SSM state) over the recurrent layers: the
         same at 1 token and at 100k."""
         return len(self.ssm_layers) * (self.n_embd_r + self.n_embd_s) * 4

@@ -17,11 +17,10 @@ from engine import alloc, kernels
 from engine.config import ModelConfig
 from engine.errors import ConfigError, DeviceError
 from engine.gguf import presets
-from engine.gguf.keymap import ARCHS
 from engine.gguf.reader import GGUFFile, open_gguf
 from engine.memory.base import Memory
 from engine.memory.kv_cache import CacheSpec
-from engine.model.hybrid import HybridLM
+from engine.model.families import model_class
 from engine.model.llama import Transformer
 from engine.model.memory_only import MemoryOnlyModel
 from engine.model.weights import CatWeight, Weight, check_compute
@@ -129,7 +128,7 @@ def load_model(model: str | os.PathLike, device: str = "cpu", dtype: str = "f32"
         weights = {k: (v if v.dim() == 2 else v.float()) for k, v in weights.items()}  # only matrices in bf16
     else:
         weights = f.load_weights(cfg, DTYPES[dtype], mmap=mmap, compute=compute)
-    model_cls = HybridLM if ARCHS[cfg.arch].model == "hybrid" else Transformer
+    model_cls = model_class(cfg)
     net = model_cls.from_weights(cfg, weights, dev, fuse_copy=not mmap, compute=compute)
     return LoadedModel(path, f, cfg, net, dev, DTYPES[dtype], compute)
 

@@ -19,6 +19,7 @@ from engine.config import (
     ROPE_NEOX,
     ROPE_NONE,
     ROPE_NORM,
+    RWKV7,
     SSM,
     ModelConfig,
 )
@@ -153,6 +154,54 @@ _NORMS = [
 _FFN_NORM = [_g("blk.{il}.ffn_norm.weight", "layers.{il}.ffn_norm.weight", lambda c: (c.n_embd,))]
 
 
+def _first(c: ModelConfig, il: int) -> bool:
+    return il == 0
+
+
+def _later(c: ModelConfig, il: int) -> bool:
+    return il > 0
+
+
+def _vec(gguf: str, param: str, when=None) -> TensorSpec:
+    return _g(gguf, param, lambda c: (c.n_embd,), when=when)
+
+
+def _mat(gguf: str, param: str, n_in, n_out, when=None) -> TensorSpec:
+    """A matrix applied as y = W x: ggml ne (n_in, n_out), torch (n_out, n_in)."""
+    return _g(gguf, param, lambda c: (n_in(c), n_out(c)), when=when)
+
+
+_C = lambda c: c.n_embd  # noqa: E731
+_RWKV7 = [  # llama.cpp llama_model_rwkv7::load_arch_tensors; LayerNorms with biases, all layers recurrent
+    _g("token_embd.weight", "tok_embeddings.weight", lambda c: (c.n_embd, c.n_vocab)),
+    _vec("token_embd_norm.weight", "emb_norm.weight"), _vec("token_embd_norm.bias", "emb_norm.bias"),
+    _vec("output_norm.weight", "norm.weight"), _vec("output_norm.bias", "norm.bias"),
+    _g("output.weight", "output.weight", lambda c: (c.n_embd, c.n_vocab)),
+    *[_vec(f"blk.{{il}}.{g}.{wb}", f"layers.{{il}}.{p}.{wb}") for g, p in
+      (("attn_norm", "attn_norm"), ("attn_norm_2", "ffn_norm"), ("time_mix_ln", "time_mix.ln")) for wb in ("weight", "bias")],
+    *[_vec(f"blk.{{il}}.time_mix_{n}.weight", f"layers.{{il}}.time_mix.{n}") for n in ("w0", "a0", "v0", "k_k", "k_a", "r_k")],
+    _mat("blk.{il}.time_mix_w1.weight", "layers.{il}.time_mix.w1.weight", _C, lambda c: c.n_lora_decay),
+    _mat("blk.{il}.time_mix_w2.weight", "layers.{il}.time_mix.w2.weight", lambda c: c.n_lora_decay, _C),
+    _mat("blk.{il}.time_mix_a1.weight", "layers.{il}.time_mix.a1.weight", _C, lambda c: c.n_lora_iclr),
+    _mat("blk.{il}.time_mix_a2.weight", "layers.{il}.time_mix.a2.weight", lambda c: c.n_lora_iclr, _C),
+    # layer 0 has no value mix; llama.cpp still asks for v1/v2 there, and the converter writes a1/a2's copies
+    _mat("blk.{il}.time_mix_v1.weight", "layers.{il}.time_mix.v1.weight", _C, lambda c: c.n_lora_iclr, when=_first),
+    _mat("blk.{il}.time_mix_v2.weight", "layers.{il}.time_mix.v2.weight", lambda c: c.n_lora_iclr, _C, when=_first),
+    _mat("blk.{il}.time_mix_v1.weight", "layers.{il}.time_mix.v1.weight", _C, lambda c: c.n_lora_value_res_mix,
+         when=_later),
+    _mat("blk.{il}.time_mix_v2.weight", "layers.{il}.time_mix.v2.weight", lambda c: c.n_lora_value_res_mix, _C,
+         when=_later),
+    _mat("blk.{il}.time_mix_g1.weight", "layers.{il}.time_mix.g1.weight", _C, lambda c: c.n_lora_gate),
+    _mat("blk.{il}.time_mix_g2.weight", "layers.{il}.time_mix.g2.weight", lambda c: c.n_lora_gate, _C),
+    _g("blk.{il}.time_mix_lerp_fused.weight", "layers.{il}.time_mix.lerp", lambda c: (c.n_embd, 1, 1, 6)),
+    *[_mat(f"blk.{{il}}.time_mix_{n}.weight", f"layers.{{il}}.time_mix.{n}.weight", _C, _C)
+      for n in ("receptance", "key", "value", "output")],
+    _vec("blk.{il}.channel_mix_lerp_k.weight", "layers.{il}.channel_mix.lerp_k"),
+    _mat("blk.{il}.channel_mix_key.weight", "layers.{il}.channel_mix.key.weight", _C, lambda c: c.n_ff),
+    _mat("blk.{il}.channel_mix_value.weight", "layers.{il}.channel_mix.value.weight", lambda c: c.n_ff, _C),
+]
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """What differs between the architectures kvbench runs."""
@@ -160,7 +209,7 @@ class ArchSpec:
     rope_type: str  # llama.cpp's llama_model_rope_type() for the arch
     tensors: tuple[TensorSpec, ...]
     attn_bias: bool = False
-    model: str = "transformer"  # engine.model class family: transformer | hybrid
+    model: str = "transformer"  # engine.model class family: transformer | hybrid | rwkv7
     recurrent: bool = False  # has recurrent layers (reads {arch}.ssm.* keys)
     ssm_kind: str = MAMBA1  # what those layers are
     moe_norm_w: bool = False  # llama.cpp build_moe_ffn's norm_w: top-k router weights renormalised
@@ -181,6 +230,8 @@ ARCHS: dict[str, ArchSpec] = {
     "granitehybrid": ArchSpec(ROPE_NORM, tuple(_COMMON + _NORMS + _SSM2 + _ATTN_NOBIAS + _FFN_NORM + _FFN_DENSE
                                                 + _FFN_MOE + _FFN_SHEXP), model="hybrid", recurrent=True,
                               ssm_kind=MAMBA2, moe_norm_w=True),
+    # RWKV-7: every layer a time mix (the wkv7 recurrence) and a channel mix, both fed by token shift
+    "rwkv7": ArchSpec(ROPE_NONE, tuple(_RWKV7), model="rwkv7", recurrent=True, ssm_kind=RWKV7),
 }
 
 

@@ -73,6 +73,9 @@ PRESETS: dict[str, Preset] = {
                "gpt2", seed=8,
                description="Granite 4 hybrid: Mamba-2 (8 heads, 2 groups) and rope-less attention, "
                            "4 routed experts + a shared one"),
+        Preset("rwkv7-tiny", ModelShape("rwkv7", n_vocab=1000, n_embd=128, n_layer=4, n_head=0, n_head_kv=0,
+                                        n_ff=448, n_ctx=2048, wkv_head_size=64, rwkv_lora=(32, 32, 16, 32)), "gpt2",
+               seed=9, description="RWKV-7: 4 layers, 2 wkv heads of 64; token shifts and wkv state only"),
         Preset("llama-7b", ModelShape("llama", n_vocab=32000, n_embd=4096, n_layer=32, n_head=32, n_head_kv=32,
                                       n_ff=11008, n_ctx=4096), "llama", seed=5, shape_only=True,
                description="LLaMA-7B shape, no weights: memory-only runs"),

@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from gguf import quants as gguf_quants
 
 from engine import kernels
-from engine.config import ATTN, ROPE_NONE, SSM, ModelConfig
+from engine.config import ATTN, ROPE_NONE, RWKV7, SSM, ModelConfig
 from engine.errors import KvbenchError, ModelFileError, UnsupportedError
 from engine.gguf.header import GGUFHeader, TensorInfo, Undecodable, read_header
 from engine.gguf.keymap import ARCHS, expand
@@ -124,20 +124,31 @@ class GGUFFile:
                 raise ModelFileError(f"{self.path}: {arch}.attention.head_count_kv has {len(kv)} entries for "
                                      f"{n_layer} layers ({arch}.block_count)")
             n_head_kv = max(int(v) for v in kv)
-            extra = dict(
-                layer_kinds=tuple(SSM if int(v) == 0 else ATTN for v in kv),
-                ssm_d_conv=int(g("ssm.conv_kernel")), ssm_d_inner=int(g("ssm.inner_size")),
-                ssm_d_state=int(g("ssm.state_size")), ssm_dt_rank=int(g("ssm.time_step_rank")),
-                ssm_dt_b_c_rms=bool(g("ssm.dt_b_c_rms", False)),
-                n_expert=int(g("expert_count", 0)), n_expert_used=int(g("expert_used_count", 0)),
-                moe_layers=tuple(f"blk.{il}.ffn_gate_inp.weight" in self.tensors for il in range(n_layer)),
-                ssm_kind=spec.ssm_kind, ssm_n_group=int(g("ssm.group_count", 0)),
-                expert_weights_norm=spec.moe_norm_w, n_ff_shexp=int(g("expert_shared_feed_forward_length", 0)),
-                embedding_scale=float(g("embedding_scale", 0.0)), residual_scale=float(g("residual_scale", 0.0)),
-                attention_scale=float(g("attention.scale", 0.0)), logit_scale=float(g("logit_scale", 0.0)),
-            )
-            if arch == "granitehybrid":  # llama.cpp: every layer routes when the file has experts
-                extra["moe_layers"] = tuple(extra["n_expert"] > 0 for _ in range(n_layer))
+            extra = dict(layer_kinds=tuple(SSM if int(v) == 0 else ATTN for v in kv), ssm_kind=spec.ssm_kind)
+            if spec.ssm_kind == RWKV7:
+                extra |= dict(
+                    wkv_head_size=int(g("wkv.head_size")), n_lora_decay=int(g("attention.decay_lora_rank")),
+                    n_lora_iclr=int(g("attention.iclr_lora_rank")),
+                    n_lora_value_res_mix=int(g("attention.value_residual_mix_lora_rank")),
+                    n_lora_gate=int(g("attention.gate_lora_rank")),
+                    norm_eps=float(g("attention.layer_norm_epsilon")),
+                )
+                if int(g("token_shift_count", 2)) != 2:  # llama.cpp asserts it too
+                    raise UnsupportedError(f"{self.path}: {arch}.token_shift_count must be 2 (RWKV-7)")
+            else:
+                extra |= dict(
+                    ssm_d_conv=int(g("ssm.conv_kernel")), ssm_d_inner=int(g("ssm.inner_size")),
+                    ssm_d_state=int(g("ssm.state_size")), ssm_dt_rank=int(g("ssm.time_step_rank")),
+                    ssm_dt_b_c_rms=bool(g("ssm.dt_b_c_rms", False)),
+                    n_expert=int(g("expert_count", 0)), n_expert_used=int(g("expert_used_count", 0)),
+                    moe_layers=tuple(f"blk.{il}.ffn_gate_inp.weight" in self.tensors for il in range(n_layer)),
+                    ssm_n_group=int(g("ssm.group_count", 0)),
+                    expert_weights_norm=spec.moe_norm_w, n_ff_shexp=int(g("expert_shared_feed_forward_length", 0)),
+                    embedding_scale=float(g("embedding_scale", 0.0)), residual_scale=float(g("residual_scale", 0.0)),
+                    attention_scale=float(g("attention.scale", 0.0)), logit_scale=float(g("logit_scale", 0.0)),
+                )
+                if arch == "granitehybrid":  # llama.cpp: every layer routes when the file has experts
+                    extra["moe_layers"] = tuple(extra["n_expert"] > 0 for _ in range(n_layer))
         rope_type = spec.rope_type
         if arch == "granitehybrid" and not bool(g("rope.scaling.finetuned", True)):
             rope_type = ROPE_NONE  # llama.cpp's rope_pattern: Granite 4 hybrids apply no rope on any layer
@@ -160,7 +171,8 @@ class GGUFFile:
                 rope_type=rope_type,
                 rope_freq_base=float(g("rope.freq_base", 10000.0)),
                 rope_freq_scale=freq_scale,
-                rms_eps=float(g("attention.layer_norm_rms_epsilon")),
+                # RWKV's norms are LayerNorms (norm_eps above): an RMS eps is not required of its files
+                rms_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5 if spec.ssm_kind == RWKV7 else _MISSING)),
                 n_swa=int(g("attention.sliding_window", 0)),
                 attn_bias=spec.attn_bias,
                 # A shape-only file (no tensors) cannot say; LLaMA-family models are untied.

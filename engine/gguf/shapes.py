@@ -39,6 +39,10 @@ class ModelShape:
     n_ff_shexp: int = 0  # the shared expert's width (shared_intermediate_size)
     # Granite's (embedding, residual, attention, logits) multipliers
     granite_scales: tuple[float, float, float, float] = (1.0, 1.0, 0.0, 1.0)
+    # rwkv7; see engine/gguf/writer_rwkv7.py
+    wkv_head_size: int = 64
+    rwkv_lora: tuple[int, int, int, int] = (32, 32, 16, 32)  # decay, iclr (a), value mix, gate widths
+    norm_eps: float = 1e-5  # LayerNorm eps (RWKV's norms are LayerNorms)
 
     @property
     def head_dim(self) -> int:

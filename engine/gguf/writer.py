@@ -43,6 +43,11 @@ from engine.gguf.writer_hybrid import (
     hf_to_gguf_hybrid,
     random_hf_weights_hybrid,
 )
+from engine.gguf.writer_rwkv7 import (
+    add_rwkv7_metadata,
+    hf_to_gguf_rwkv7,
+    random_hf_weights_rwkv7,
+)
 
 FILE_TYPES = {
     "f32": (LlamaFileType.ALL_F32, GGMLQuantizationType.F32),
@@ -68,8 +73,9 @@ class ArchWriter:
 _ATTENTION = ArchWriter(random_hf_weights_attention, hf_to_gguf_attention, add_attention_metadata)
 _HYBRID = ArchWriter(random_hf_weights_hybrid, hf_to_gguf_hybrid, add_hybrid_metadata)
 _GRANITE = ArchWriter(random_hf_weights_granite, hf_to_gguf_granite, add_granite_metadata)
+_RWKV7 = ArchWriter(random_hf_weights_rwkv7, hf_to_gguf_rwkv7, add_rwkv7_metadata)
 WRITERS: dict[str, ArchWriter] = {"llama": _ATTENTION, "qwen2": _ATTENTION, "mamba": _HYBRID, "jamba": _HYBRID,
-                                  "granitehybrid": _GRANITE}
+                                  "granitehybrid": _GRANITE, "rwkv7": _RWKV7}
 
 
 def writer_for(shape: ModelShape) -> ArchWriter:

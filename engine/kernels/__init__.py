@@ -171,6 +171,16 @@ def ssm_scan(dA: torch.Tensor, dBx: torch.Tensor, C: torch.Tensor, s0: torch.Ten
     return y, s
 
 
+def wkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+         s0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RWKV-7's recurrence over (S, T, H, N) inputs from the state s0 (S, H, N[value], N[key]) -> (y (S, T, H, N),
+    s_T), in parallel over sequence x head x state row. Native only, as ``rope``; engine/model/rwkv7.py's
+    wkv7_loop is the torch reference."""
+    _load()
+    y, s = torch.ops.kvbench.wkv7(r, w, k, v, a, b, s0)
+    return y, s
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
     """Rotate x (T, H, D) by cos/sin (T, n_rot/2): NEOX halves or NORM adjacent pairs; returns a new tensor."""
     return torch.ops.kvbench.rope(x, cos, sin, neox)

@@ -1102,6 +1102,51 @@ std::vector<at::Tensor> ssm_scan(const at::Tensor& dA_in, const at::Tensor& dBx_
   return {y, s};
 }
 
+// RWKV-7's wkv7 (ggml_rwkv_wkv7): per head an N x N state S[i = value][j = key];
+//   sa = S_i . a;  S_i = S_i * w + v_i k + sa b;  y_i = S_i . r
+// Row i of a head's state only ever reads row i, so the rows are independent: the loop runs in parallel over
+// sequence x head x row, and each thread walks its row through time with the row in cache.
+std::vector<at::Tensor> wkv7(const at::Tensor& r_in, const at::Tensor& w_in, const at::Tensor& k_in,
+                             const at::Tensor& v_in, const at::Tensor& a_in, const at::Tensor& b_in,
+                             const at::Tensor& s0_in) {
+  TORCH_CHECK(r_in.dim() == 4 && s0_in.dim() == 4, "kvbench wkv7: r, w, k, v, a, b (S, T, H, N), s0 (S, H, N, N)");
+  for (const auto* t : {&r_in, &w_in, &k_in, &v_in, &a_in, &b_in, &s0_in}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "kvbench wkv7: float32 CPU tensors");
+    if (t != &s0_in) TORCH_CHECK(t->sizes() == r_in.sizes(), "kvbench wkv7: r, w, k, v, a, b shapes disagree");
+  }
+  const int64_t S = r_in.size(0), T = r_in.size(1), H = r_in.size(2), N = r_in.size(3);
+  TORCH_CHECK(s0_in.size(0) == S && s0_in.size(1) == H && s0_in.size(2) == N && s0_in.size(3) == N,
+              "kvbench wkv7: s0 must be (S, H, N, N)");
+  const at::Tensor r = r_in.contiguous(), w = w_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(),
+                   a = a_in.contiguous(), b = b_in.contiguous();
+  at::Tensor s = s0_in.contiguous().clone();
+  at::Tensor y = at::empty({S, T, H, N}, r.options());
+  const float *rp = r.data_ptr<float>(), *wp = w.data_ptr<float>(), *kp = k.data_ptr<float>(),
+              *vp = v.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float* sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, T * N));
+  at::parallel_for(0, S * H * N, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t q = row / (H * N), h = (row / N) % H, i = row % N;
+      float* st = sp + row * N;  // (S, H, N, N) contiguous: row (q, h, i) starts at row * N
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t o = ((q * T + t) * H + h) * N;
+        float sa = 0.f;
+        for (int64_t j = 0; j < N; ++j) sa += st[j] * ap[o + j];
+        const float vi = vp[o + i];
+        float acc = 0.f;
+        for (int64_t j = 0; j < N; ++j) {
+          st[j] = st[j] * wp[o + j] + vi * kp[o + j] + sa * bp[o + j];
+          acc += st[j] * rp[o + j];
+        }
+        yp[o + i] = acc;
+      }
+    }
+  });
+  return {y, s};
+}
+
 bool simd() { return KV_AVX2; }
 bool simd512() { return KV_AVX512; }
 
@@ -1114,6 +1159,7 @@ TORCH_LIBRARY(kvbench, m) {
   m.def("rope(Tensor x, Tensor cos, Tensor sin, bool neox) -> Tensor");
   m.def("attend_small(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
   m.def("ssm_scan(Tensor dA, Tensor dBx, Tensor C, Tensor s0) -> Tensor[]");
+  m.def("wkv7(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0) -> Tensor[]");
   m.def("simd", simd);  // was the AVX2 path compiled in
   m.def("simd512", simd512);  // and the AVX-512 one
 }
@@ -1125,4 +1171,5 @@ TORCH_LIBRARY_IMPL(kvbench, CPU, m) {
   m.impl("rope", rope);
   m.impl("attend_small", attend_small);
   m.impl("ssm_scan", ssm_scan);
+  m.impl("wkv7", wkv7);
 }

@@ -14,10 +14,8 @@ import torch
 from torch import nn
 
 from engine.config import SSM, ModelConfig
-from engine.gguf.keymap import ARCHS
-from engine.model.hybrid import HybridLM
+from engine.model.families import model_class
 from engine.model.layers import Rope
-from engine.model.llama import Transformer
 
 
 class MemoryOnlyModel(nn.Module):
@@ -26,7 +24,7 @@ class MemoryOnlyModel(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float16) -> None:
         super().__init__()
         self.config = cfg
-        net_cls = HybridLM if ARCHS[cfg.arch].model == "hybrid" else Transformer
+        net_cls = model_class(cfg)
         with torch.device("meta"):
             self.net = net_cls(cfg).to(dtype)
         self.rope = Rope(cfg).to("meta")

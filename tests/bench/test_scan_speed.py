@@ -1,5 +1,6 @@
 """Prefill tokens/s of the recurrent presets at 512 tokens: the scan as the Python loop over tokens (before)
-and as what replaced it (after: Mamba-1's native op, Mamba-2's chunked scan), interleaved round by round.
+and as what replaced it (after: Mamba-1's and RWKV-7's native ops, Mamba-2's chunked scan), interleaved round
+by round.
 
 Run:  pytest tests/bench/test_scan_speed.py --benchmark-only -s
 One 512-token prompt, one ubatch, a fresh memory each time; the time is the whole prefill (every layer, not the
@@ -16,6 +17,7 @@ import pytest
 from engine.loader import create_engine, create_memory, load_model
 from engine.model.mamba import MambaMixer
 from engine.model.mamba2 import Mamba2Mixer
+from engine.model.rwkv7 import TimeMix
 from tests.bench.conftest import SCAN_RESULTS
 
 N_PROMPT, ROUNDS = 512, 5
@@ -23,7 +25,7 @@ N_PROMPT, ROUNDS = 512, 5
 
 # the switch between the loop and its replacement, per mixer
 SWITCH = {"mamba-tiny": (MambaMixer, "native_scan"), "hybrid-tiny": (MambaMixer, "native_scan"),
-          "granite-hybrid-tiny": (Mamba2Mixer, "chunked")}
+          "granite-hybrid-tiny": (Mamba2Mixer, "chunked"), "rwkv7-tiny": (TimeMix, "native")}
 
 
 @pytest.mark.parametrize("model", list(SWITCH))

@@ -47,6 +47,14 @@ def hf_config(shape: ModelShape):
                            rms_norm_eps=shape.rms_eps, tie_word_embeddings=False, max_position_embeddings=shape.n_ctx,
                            bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
+    if shape.arch == "rwkv7":  # not in transformers: the rwkv7-hf package's implementation (fla's layout)
+        from rwkv7_hf import RWKV7Config
+
+        rw, ra, rv, rg = shape.rwkv_lora
+        return RWKV7Config(vocab_size=shape.n_vocab, hidden_size=shape.n_embd, num_hidden_layers=shape.n_layer,
+                           head_dim=shape.wkv_head_size, intermediate_size=shape.n_ff, decay_low_rank_dim=rw,
+                           a_low_rank_dim=ra, v_low_rank_dim=rv, gate_low_rank_dim=rg, norm_eps=shape.norm_eps,
+                           tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if shape.arch == "granitehybrid":
         from transformers import GraniteMoeHybridConfig
 
@@ -86,7 +94,12 @@ def hf_config(shape: ModelShape):
 def hf_model(shape: ModelShape, seed: int, attn: str = "eager"):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(hf_config(shape), dtype=torch.float32, attn_implementation=attn)
+    if shape.arch == "rwkv7":
+        from rwkv7_hf import RWKV7ForCausalLM
+
+        model = RWKV7ForCausalLM(hf_config(shape)).float()
+    else:
+        model = AutoModelForCausalLM.from_config(hf_config(shape), dtype=torch.float32, attn_implementation=attn)
     sd = {k: torch.from_numpy(v) for k, v in random_hf_weights(shape, seed).items()}
     if shape.tied:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]

@@ -1,4 +1,5 @@
-"""Mamba-1, Jamba and Granite 4 hybrids (Mamba-2) against HF transformers, and recurrent memory end to end."""
+"""Mamba-1, Jamba, Granite 4 hybrids (Mamba-2) and RWKV-7 against HF transformers (RWKV-7: the rwkv7-hf package), and
+recurrent memory end to end."""
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from engine.runtime.scheduler import Request, Scheduler
 from tests.helpers.hf import hf_greedy, hf_logits, hf_model
 from tests.helpers.runs import generate, run_all
 
-MODELS = ["mamba-tiny", "hybrid-tiny", "granite-hybrid-tiny"]
+MODELS = ["mamba-tiny", "hybrid-tiny", "granite-hybrid-tiny", "rwkv7-tiny"]
 
 
 def _prompt(n, seed):

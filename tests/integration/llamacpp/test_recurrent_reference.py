@@ -20,7 +20,7 @@ from engine.loader import create_engine, create_memory, resolve_model_path
 GGML_TYPE_F32 = 0
 
 
-@pytest.mark.parametrize("model", ["mamba-tiny", "hybrid-tiny", "granite-hybrid-tiny"])
+@pytest.mark.parametrize("model", ["mamba-tiny", "hybrid-tiny", "granite-hybrid-tiny", "rwkv7-tiny"])
 @pytest.mark.parametrize("n_ubatch", [512, 48])  # 48: llama.cpp carries the state across ubatches too
 def test_logits_equal_llamacpp(load, model, n_ubatch):
     llama_cpp = lib.binding()  # without the extra: a ConfigError naming the install command

@@ -171,6 +171,16 @@ def drive(sched: Scheduler, timed, trackers, progress) -> None:
             progress.update(len(info.finished) + len(info.failed))
 
 
+def memory_kind(c: ModelConfig) -> dict:
+    """What the model's memory is made of, for reports: the recurrent layers' kind ("" when none), the sliding
+    window of its windowed attention layers (0 when none) and the share of KV bytes per token those layers hold
+    (equal element types on every layer: their count over the attention layers')."""
+    attn = c.attn_layers
+    swa = [il for il in attn if c.swa_layers[il]] if c.n_swa else []
+    return {"memory.state_kind": c.ssm_kind if c.ssm_layers else "", "memory.kv_window_tokens": c.n_swa if swa else 0,
+            "memory.kv_swa_share": len(swa) / len(attn) if attn else 0.0}
+
+
 def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None,
               choices: dict[str, str] | None = None) -> Record:
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -219,6 +229,7 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
             "tokens.generated": sum(len(r.tokens) for r in res),
             "memory.kv_bytes_per_token": mem.bytes_per_token,
             "memory.recurrent_bytes_per_seq": pt.config.recurrent_bytes_per_seq,
+        } | memory_kind(pt.config) | {
         } | pt.final_metrics()
         if pt.memory_only:
             metrics = {k: v for k, v in metrics.items() if not k.startswith(_NOT_MODELED)}

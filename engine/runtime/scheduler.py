@@ -73,6 +73,9 @@ class StepInfo:
     preempted: list[int]  # request ids preempted while building this step
     finished: list[int]
     failed: list[int]
+    # (KV, recurrent state) live bytes after the batch ran and before this step freed its finished sequences:
+    # the step's true peak, which the memory no longer shows when the step returns. None: nothing was freed.
+    live_before_free: tuple[int, int] | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -240,6 +243,7 @@ class Scheduler:
         self.queue.extendleft(reversed(parked))  # preempted requests go first once room frees up
         finished, i_out = [], 0
         n_prefill = n_decode = 0
+        before_free = None
         for r, n in rows:
             if r.pending:
                 r.pending = r.pending[n:]
@@ -257,7 +261,9 @@ class Scheduler:
             r.res.token_times.append(t1)
             if len(r.res.tokens) >= r.req.n_predict or tok == self.eos_id:
                 r.res.status = "done"
+                if before_free is None:
+                    before_free = tuple(p.usage()[0] if p is not None else 0 for p in self.mem.parts())
                 self.mem.seq_rm(r.slot, -1, -1)
                 del self.running[r.slot]
                 finished.append(r.req.id)
-        return StepInfo(len(batch), n_prefill, n_decode, t1 - t0, preempted, finished, failed)
+        return StepInfo(len(batch), n_prefill, n_decode, t1 - t0, preempted, finished, failed, before_free)

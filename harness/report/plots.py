@@ -22,7 +22,7 @@ from engine.alloc import ALLOCATORS  # noqa: E402
 from engine.llamacpp.lib import MEMORY_KINDS  # noqa: E402
 from harness.records import Record  # noqa: E402
 from harness.report.frames import CONFIG_COLUMNS, varying  # noqa: E402
-from harness.report.state import has_recurrent, models  # noqa: E402
+from harness.report.state import has_recurrent, kind, measured, models, projected  # noqa: E402
 
 MIB = 2**20
 _PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
@@ -217,16 +217,31 @@ def _parallel_scaling(ok, out, paths) -> None:
 
 
 def plot_memory_vs_context(df: pd.DataFrame, out: Path, paths: list[Path]) -> None:
-    m = models(df)
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    n = list(range(0, 32769, 512))
-    for r in m.itertuples(index=False):
-        kv, st = float(r[1] or 0), float(r[2] or 0)
-        ax.plot(n, [(kv * x + st) / MIB for x in n], label=f"{r[0]} (KV {kv / 1024:.3g} KiB/token, state "
-                                                             f"{st / 1024:.3g} KiB)")
+    """Per model, the projection from measured bytes (a line) and the measured peaks (markers, one shape per
+    allocator), on log axes: a KV cache is a slope of 1, a recurrent state flat, a window flat after the window."""
+    m, meas = models(df), measured(df)
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    n = [2**k for k in range(5, 16)]
+    markers = {"naive": "o", "pooled": "s", "paged": "^"}
+    for i, (_, r) in enumerate(m.iterrows()):
+        color = plt.cm.tab10(i % 10)
+        # a line style per model too: equal laws (two hybrids of the same shape) would otherwise hide each other
+        ax.plot(n, [projected(r, x) / MIB for x in n], color=color, ls=("-", "--", "-.", ":")[i % 4], lw=1.8,
+                label=f"{r['model.name']}: {kind(r)}")
+        pts = meas[meas["model"] == r["model.name"]]
+        for alloc, g in pts.groupby("allocator"):
+            ax.scatter(g["context"], g["MiB per sequence"], color=color, marker=markers.get(alloc, "x"),
+                       facecolors="none", s=45, zorder=3)
+    for alloc, mk in markers.items():
+        if (meas["allocator"] == alloc).any():
+            ax.scatter([], [], marker=mk, facecolors="none", color="gray", label=f"measured, {alloc}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("KV + recurrent state per sequence (MiB)")
-    ax.set_title("memory per sequence vs context length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_title("memory per sequence vs context: projected (lines) and measured (markers)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", framealpha=0.9)
+    fig.tight_layout()
     _save(fig, out, "memory_vs_context", paths)

@@ -70,6 +70,10 @@ class MemoryTracker(Tracker):
             self.peak_kv_live = max(self.peak_kv_live, kv.usage()[0])
         if rs is not None:
             self.peak_state_live = max(self.peak_state_live, rs.usage()[0])
+        if info is not None and info.live_before_free is not None:  # the step's peak, before it freed sequences
+            kv_b, rs_b = info.live_before_free
+            self.peak_kv_live, self.peak_state_live = max(self.peak_kv_live, kv_b), max(self.peak_state_live, rs_b)
+            self.peak_live = max(self.peak_live, kv_b + rs_b)
         live, reserved = self.mem.usage()
         if self.keep_peak_stats and live + reserved >= self._peak_total:
             self._peak_total, self.peak_stats = live + reserved, self.mem.stats()

@@ -157,17 +157,31 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
 
 
 def test_recurrent_models_in_a_sweep_separate_kv_from_state(tmp_path):
+    """Every kind of sequence memory in one sweep; the report's measured bytes per sequence equal the projection
+    from per-token and per-sequence bytes where the allocator holds exactly what the model reads."""
     d = tmp_path / "rec"
-    r = kvbench(tmp_path, "run", "-m", "model=mamba-tiny,hybrid-tiny", "allocator=pooled", f"hydra.sweep.dir={d}",
-                *SMALL)
+    models = "mamba-tiny,hybrid-tiny,granite-hybrid-tiny,rwkv7-tiny,mistral-swa-tiny"
+    r = kvbench(tmp_path, "run", "-m", f"model={models}", "allocator=pooled", f"hydra.sweep.dir={d}", *SMALL)
     assert r.returncode == 0, r.stderr
     recs = {json.loads(p.read_text())["config"]["model"]["name"]: json.loads(p.read_text())["metrics"]
             for p in d.glob("*/record.json")}
     assert recs["mamba-tiny"]["memory.kv_bytes_per_token"] == 0 and recs["mamba-tiny"]["memory.kv_live_peak_bytes"] == 0
     assert recs["mamba-tiny"]["memory.state_live_peak_bytes"] > 0
     assert "memory.breakdown.s.device" in recs["hybrid-tiny"] and "memory.breakdown.k.device" in recs["hybrid-tiny"]
+    assert [recs[m]["memory.state_kind"] for m in models.split(",")] == ["mamba1", "mamba1", "mamba2", "rwkv7", ""]
+    assert recs["mistral-swa-tiny"]["memory.kv_window_tokens"] == 64
+    assert recs["mistral-swa-tiny"]["memory.kv_swa_share"] == 1.0
     md = (d / "report.md").read_text()
     assert "## Recurrent state vs KV cache" in md and (d / "plots" / "memory_vs_context.png").exists()
+    for m, what in [("mamba-tiny", "Mamba-1 state"), ("hybrid-tiny", "Mamba-1 state + KV"),
+                    ("granite-hybrid-tiny", "Mamba-2 state + KV"), ("rwkv7-tiny", "RWKV-7 state"),
+                    ("mistral-swa-tiny", "SWA KV (window 64)")]:
+        assert f"| {m} " in md and f"| {what} " in md
+    # measured = projected for the recurrent and hybrid models: 2 sequences at 12 + 6 - 1 = 17 tokens each
+    for m in ("mamba-tiny", "granite-hybrid-tiny", "rwkv7-tiny"):
+        row = next(line for line in md.splitlines() if line.startswith(f"| {m} ") and "| pooled " in line)
+        measured, projected = row.split("|")[3].strip().rstrip(")").split(" (")
+        assert measured == projected, row
     html = (d / "report.html").read_text()  # one page from the same sections as report.md
     assert "<h2>Recurrent state vs KV cache</h2>" in html and "data:image/png;base64," in html
 

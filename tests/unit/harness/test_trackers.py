@@ -131,3 +131,25 @@ def test_normalised_times_divide_by_the_probe_unit():
     out = normalized(m)
     assert out["norm.decode_step.min"] == 2.0 and out["norm.tpot.p50"] != out["norm.tpot.p50"]  # NaN stays NaN
     assert normalized({"latency.decode_step_ms.min": 2.0}) == {}  # no probe, no normalised times
+
+
+@pytest.mark.parametrize("model", ["llama-tiny", "granite-hybrid-tiny"])
+def test_live_peaks_include_the_step_that_frees_its_sequences(load, model):
+    """The last step of a request stores its last fed token and then frees the sequence; the tracker sees the
+    step after it returns, so the scheduler hands over what was live before the frees. Two requests finishing
+    in the same step: the KV peak is both sequences at prompt + output - 1 tokens, the state peak two states."""
+    from engine.loader import create_engine, create_memory
+    from engine.runtime.scheduler import Request, Scheduler
+
+    lm = load(model)
+    mem = create_memory(lm, allocator="pooled", size=64, n_seq_max=2)
+    sched = Scheduler(create_engine(lm, mem), 2)
+    for i in range(2):
+        sched.submit(Request(i, [5 + i] * 10, 5))
+    with MemoryTracker(mem, 0, torch.device("cpu"), sample_interval_ms=1e9) as tr:
+        while (info := sched.step()) is not None:
+            tr.step(info, 0.0)
+    m = tr.metrics()
+    assert m["memory.kv_live_peak_bytes"] == 2 * (10 + 5 - 1) * mem.bytes_per_token
+    assert m["memory.state_live_peak_bytes"] == 2 * lm.config.recurrent_bytes_per_seq
+    assert mem.usage()[0] == 0  # and everything was freed

@@ -32,7 +32,7 @@ def _inputs(S, T, H, N, seed):
 def _bounds(r, w, k, v, a, b, s):
     S, T, H, N = r.shape
     err = torch.zeros(S, H, N, dtype=torch.float64)
-    ys, fs = [], torch.zeros_like(s)
+    ys = []
     for t in range(T):
         rt, wt, kt, vt, at, bt = (x[:, t] for x in (r, w, k, v, a, b))
         sa = s @ at[..., None]  # (S, H, N, 1)

@@ -25,6 +25,11 @@ from engine.config import (
 )
 
 
+# Written by kvbench into shape-only files whose output matrix is the embedding: a file with tensors says it by
+# having no output.weight, as llama.cpp reads it; one without tensors cannot.
+TIED_KEY = "kvbench.tied_output"
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     gguf: str  # llama.cpp name; "{il}" is the layer index

@@ -23,7 +23,7 @@ from engine import kernels
 from engine.config import ATTN, ROPE_NONE, RWKV7, SSM, ModelConfig
 from engine.errors import KvbenchError, ModelFileError, UnsupportedError
 from engine.gguf.header import GGUFHeader, TensorInfo, Undecodable, read_header
-from engine.gguf.keymap import ARCHS, expand
+from engine.gguf.keymap import ARCHS, TIED_KEY, expand
 from engine.model.weights import DenseWeight, PackedWeight, Weight
 
 _MISSING = object()
@@ -175,8 +175,9 @@ class GGUFFile:
                 rms_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5 if spec.ssm_kind == RWKV7 else _MISSING)),
                 n_swa=int(g("attention.sliding_window", 0)),
                 attn_bias=spec.attn_bias,
-                # A shape-only file (no tensors) cannot say; LLaMA-family models are untied.
-                tied_output=bool(self.tensors) and "output.weight" not in self.tensors,
+                # A shape-only file (no tensors) cannot say by omission: kvbench's shape-only presets write
+                # TIED_KEY; without it, untied (the LLaMA family's default).
+                tied_output=("output.weight" not in self.tensors) if self.tensors else bool(self.get(TIED_KEY, False)),
                 name=str(self.get("general.name", self.path.stem)),
                 bos_id=_opt_int(self.get("tokenizer.ggml.bos_token_id", None)),
                 eos_id=_opt_int(self.get("tokenizer.ggml.eos_token_id", None)),

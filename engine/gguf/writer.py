@@ -26,6 +26,7 @@ from gguf import quants as gguf_quants
 
 from engine.atomic import atomic_path
 from engine.errors import ConfigError
+from engine.gguf.keymap import TIED_KEY
 from engine.gguf.shapes import ModelShape
 from engine.gguf.vocab import Vocab
 from engine.gguf.writer_attention import (
@@ -123,6 +124,8 @@ def write_gguf(
             w.add_rope_scaling_type(RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(shape.rope_linear_factor)
         _add_vocab(w, vocab)
+        if tensors is None and shape.tied:
+            w.add_bool(TIED_KEY, True)
         for tname, x in (tensors or {}).items():
             if x.ndim == 2 and qtype != GGMLQuantizationType.F32:
                 # Rows that do not split into whole blocks fall back to F16, as the converter does.

@@ -44,3 +44,16 @@ def test_preset_metadata_is_llamacpp_style():
 def test_cache_path_depends_on_recipe():
     assert preset_path("llama-tiny") != preset_path("mistral-swa-tiny")
     assert PRESETS["llama-tiny"].recipe_hash() in preset_path("llama-tiny").name
+
+
+def test_granite_4_h_tiny_is_a_shape_only_hybrid_with_real_counts():
+    """Granite-4.0-H-Tiny's shape: IBM's "7B total" model. Shape-only files cannot drop output.weight to say the
+    embedding is tied, so the preset writes kvbench.tied_output; without it the head would be counted twice."""
+    f = open_gguf(ensure_preset("granite-4-h-tiny"))
+    cfg = f.config()
+    assert not cfg.weights_present and f.tensors == {} and cfg.tied_output
+    assert cfg.attn_layers == [5, 15, 25, 35] and len(cfg.ssm_layers) == 36 and all(cfg.moe_layers)
+    assert n_params(cfg) == 6_939_037_248
+    # per sequence: conv (d_conv - 1) x (d_inner + 2 ng ds) and SSM d_inner x ds floats on 36 layers
+    assert cfg.recurrent_bytes_per_seq == 36 * (3 * (3072 + 2 * 128) + 3072 * 128) * 4
+    assert cfg.kv_bytes_per_token(2, 2) == 4 * 2 * 4 * 128 * 2  # f16 K and V, 4 KV heads of 128, 4 layers

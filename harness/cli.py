@@ -175,6 +175,7 @@ def cmd_generate(args) -> dict:
         "steps": len(steps),
         "memory_breakdown": breakdown,
         "stats": peak.as_dict(),
+        "holds": " + ".join(n for n, part in zip(("KV", "state"), mem.parts()) if part is not None),
         "prefix_saved_bytes": (peak.seq_tokens - peak.used_cells) * mem.bytes_per_token,
         "threads": torch.get_num_threads(),
         "device": str(lm.device),
@@ -260,7 +261,7 @@ def _print_human(cmd: str, r: dict) -> None:
         print(
             f"prefill {r['n_prefill_tokens']} tok in {r['prefill_s'] * 1e3:.1f} ms ({r['prefill_tps']:.1f} t/s), "
             f"decode {r['n_decode_tokens']} tok in {r['decode_s'] * 1e3:.1f} ms ({r['decode_tps']:.1f} t/s), "
-            f"{r['threads']} threads, {r['device']}, {r['allocator']} KV "
+            f"{r['threads']} threads, {r['device']}, {r['allocator']} {r['holds']} "
             f"peak {r['stats']['live_bytes'] / 2**20:.2f} MiB live of {r['stats']['reserved_bytes'] / 2**20:.2f} MiB",
             file=sys.stderr,
         )

@@ -32,6 +32,8 @@ from harness.workload import (
     FixedWorkload,
     SharedPrefixWorkload,
     ShareGPTWorkload,
+    TraceWorkload,
+    read_trace_cached,
 )
 
 # The choices come from the engine's registries: a new allocator, cache type or tier needs no edit here.
@@ -150,7 +152,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
     for name, node in [("base_fixed", FixedWorkload), ("base_sharegpt", ShareGPTWorkload),
-                       ("base_shared_prefix", SharedPrefixWorkload), ("base_churn", ChurnWorkload)]:
+                       ("base_shared_prefix", SharedPrefixWorkload), ("base_churn", ChurnWorkload),
+                       ("base_trace", TraceWorkload)]:
         cs.store(group="workload", name=name, node=node)
 
 
@@ -169,7 +172,8 @@ def _unknown_keys(cfg, schema, prefix: str = "") -> list[str]:
     for k in cfg:
         if k not in schema.keys():  # not `in schema`: that is False for a key whose value is MISSING
             out.append(prefix + str(k))
-        elif k != "workload" and isinstance(schema[k], DictConfig) and isinstance(cfg[k], DictConfig):
+        elif (k != "workload" and not OmegaConf.is_missing(schema, k) and not OmegaConf.is_missing(cfg, k)
+              and isinstance(schema[k], DictConfig) and isinstance(cfg[k], DictConfig)):
             out += _unknown_keys(cfg[k], schema[k], f"{prefix}{k}.")
     return out
 
@@ -236,13 +240,19 @@ def validate(cfg: DictConfig) -> None:
     wl = next((w for w in WORKLOADS if w._target_ == target), None)
     if wl is None:
         raise ConfigError(f"workload._target_ = {target!r}: not a kvbench workload; use workload=sharegpt|fixed|"
-                          "shared_prefix|churn")
+                          "shared_prefix|churn|trace")
     unknown += _unknown_keys(cfg.workload, OmegaConf.structured(wl), "workload.")
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}; the keys are those of harness/config.py (RunConfig)")
-    for key in ("cache.size", "cache.block_size", "parallel", "ubatch", "n_batch", "threads",
-                "workload.n_requests", "repeats"):
+    for key in ("cache.size", "cache.block_size", "parallel", "ubatch", "n_batch", "threads", "repeats"):
         _positive(cfg, key)
+    _positive(cfg, "workload.n_requests", 0 if wl is TraceWorkload else 1)  # a trace's 0: all its requests
+    if wl is TraceWorkload:
+        if OmegaConf.is_missing(cfg.workload, "path"):
+            raise ConfigError("workload.path is not set: workload=trace replays a trace file; add workload.path=FILE")
+        _positive(cfg, "workload.time_scale", 1e-12)
+        _positive(cfg, "workload.block_tokens")
+        read_trace_cached(cfg.workload.path)  # every row read before anything runs: errors name the line
     _positive(cfg, "cache.offload_layers", 0)
     for key in ("repeat", "retry_noisy", "noise.max_other_cpu", "noise.max_steal", "timeout_s"):
         _positive(cfg, key, 0)

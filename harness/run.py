@@ -110,7 +110,7 @@ class Built:
 def build_torch(cfg: DictConfig, spec: CacheSpec, workload) -> Built:
     lm = load_model(cfg.model.name, cfg.device, cfg.model.dtype, allow_memory_only=True, compute=cfg.model.compute)
     faults.slow_down(lm.model, faults.slowdown())  # test-only (KVBENCH_FAULT_INJECT=slow:k); 1 = untouched
-    timed = workload.generate(lm.config.n_vocab, cfg.seed)
+    timed = workload.generate(lm.config.n_vocab, cfg.seed, n_ctx=lm.config.n_ctx_train)
     if workload.fit_cache:
         spec = dataclasses.replace(spec, size=fit_cache_size(timed, spec.n_seq_max, spec.block_size))
     if cfg.memory_check and not lm.memory_only:  # before the KV cache is allocated (weights are resident)
@@ -131,7 +131,7 @@ def build_llamacpp(cfg: DictConfig, spec: CacheSpec, workload) -> Built:
     rounds up (to 256 cells, per stream without kv_unified): ``run.cache_size`` is the cells it made."""
     path = resolve_model_path(cfg.model.name)
     config = open_gguf(path).config()
-    timed = workload.generate(config.n_vocab, cfg.seed)
+    timed = workload.generate(config.n_vocab, cfg.seed, n_ctx=config.n_ctx_train)
     if workload.fit_cache:
         spec = dataclasses.replace(spec, size=fit_cache_size(timed, spec.n_seq_max, spec.block_size))
     lc = cfg.llamacpp
@@ -225,6 +225,7 @@ def run_point(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None
             "requests.failed": sum(r.status == "failed" for r in res),
             "requests.preemptions": sched.preemptions,
             "requests.shared_prefix_tokens": sum(r.shared_prefix for r in res),
+            "requests.clipped": sum(t.clipped for t in pt.timed),  # trace requests shortened to the context
             "tokens.prompt": sum(len(r.prompt) for r in res),
             "tokens.generated": sum(len(r.tokens) for r in res),
             "memory.kv_bytes_per_token": mem.bytes_per_token,

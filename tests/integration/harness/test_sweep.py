@@ -191,3 +191,36 @@ def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "cache.size = 1000000000000: this run needs about" in r.stderr and "memory_check=false" in r.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_traces_in_each_format_replay_with_their_counts_and_tokens(tmp_path):
+    """workload=trace on the three formats: every request runs, with the trace's prompt and output tokens;
+    Mooncake's shared blocks reach the scheduler's prefix sharing; a request beyond the context is counted."""
+    from tests.unit.harness.test_trace import AZURE, BURSTGPT, MOONCAKE
+
+    (tmp_path / "azure.csv").write_text(AZURE)
+    (tmp_path / "burst.csv").write_text(BURSTGPT)
+    mooncake = MOONCAKE + [{"timestamp": 3100, "input_length": 3000, "output_length": 4, "hash_ids": [9]}]
+    (tmp_path / "mooncake.jsonl").write_text("\n".join(json.dumps(r) for r in mooncake))
+    want = {"azure.csv": (3, 374 + 396 + 879, 44 + 109 + 1, 0),
+            "burst.csv": (3, 472 + 1087 + 30, 18 + 1 + 212, 0),
+            # llama-tiny's context is 2048: the 3000-token prompt is clipped to 2044 (its 4 outputs kept)
+            "mooncake.jsonl": (4, 1100 + 1030 + 600 + 2044, 12 + 8 + 20 + 4, 1)}
+    for name, (n, prompt, generated, clipped) in want.items():
+        d = tmp_path / name.split(".")[0]
+        r = kvbench(tmp_path, "run", "workload=trace", f"workload.path={tmp_path / name}", "workload.time_scale=0.01",
+                    "cache.size=4096", "parallel=2", "probe_logit_error=false", f"hydra.run.dir={d}", "--quiet")
+        assert r.returncode == 0, r.stderr
+        m = json.loads((d / "record.json").read_text())["metrics"]
+        assert (m["requests.total"], m["requests.done"]) == (n, n), name
+        assert (m["tokens.prompt"], m["tokens.generated"], m["requests.clipped"]) == (prompt, generated, clipped), name
+        if name == "mooncake.jsonl":  # the second request shares BOS and two blocks with the first, while it runs
+            assert m["requests.shared_prefix_tokens"] >= 1 + 2 * 512
+
+
+def test_a_bad_trace_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "t.csv").write_text("a,b\n1,2\n")
+    r = kvbench(tmp_path, "run", "workload=trace", f"workload.path={tmp_path / 't.csv'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "is not a known trace" in r.stderr
+    r = kvbench(tmp_path, "run", "workload=trace")
+    assert r.returncode == 2 and "workload.path is not set" in r.stderr

@@ -1,4 +1,4 @@
-"""``kvbench`` command line: generate, logits, tokenize, info.
+"""``kvbench`` command line: generate, logits, tokenize, info, plan, perplexity, report, compare (and run).
 
 Every subcommand builds the engine through ``engine.loader`` (the same factory the sweeps
 use). Errors of the kvbench family print as one line and exit non-zero; a traceback means a
@@ -281,10 +281,31 @@ def _print_human(cmd: str, r: dict) -> None:
             print(f"KL divergence vs {r['reference']}: mean {k['mean']:.6f} +/- {k['stderr']:.6f}, median "
                   f"{k['p50']:.6f}, p99 {k['p99']:.6f}, max {k['max']:.6f}; same top-1 token "
                   f"{100 * r['top1_agreement']:.2f}%")
+    elif cmd == "plan":
+        _print_plan(r)
     else:
         w = max(len(k) for k in r)
         for k, v in r.items():
             print(f"{k:<{w}}  {v}")
+
+
+def _print_plan(r: dict) -> None:
+    mib, gib = 2**20, 2**30
+    print(f"{Path(r['model']).name} ({r['arch']}): {r['memory_bytes'] / gib:.3g} GiB for sequences of {r['context']} "
+          f"tokens, K {r['type_k']} / V {r['type_v']}")
+    print(f"  weights {r['weights_bytes'] / gib:.3g} GiB ({r['weights']}); runtime "
+          f"{r['runtime_floor_bytes'] / mib:.0f} MiB (a fresh kvbench process, measured now), plus one ubatch of "
+          f"{r['ubatch']} tokens' buffers (activations below)")
+    print(f"  per sequence: KV {r['kv_bytes_per_token'] / 1024:.3g} KiB per token, recurrent state "
+          f"{r['state_bytes_per_sequence'] / mib:.3g} MiB")
+    for a, f in r["allocators"].items():
+        line = (f"  {a:<7} {f['max_sequences']:>6} sequences  ({f['cells_per_sequence']} cells, "
+                f"{(f['kv_bytes_per_sequence'] + f['state_bytes_per_sequence']) / mib:.4g} MiB each; cache.size "
+                f"{f['cache_size']}; activations {f['activations'] / mib:.3g} MiB; total {f['total'] / gib:.4g} GiB)")
+        print(line + "".join(f"\n            {n}" for n in f["notes"]))
+    if "max_context" in r:
+        print(f"  longest context for {r['parallel']} sequences: "
+              + ", ".join(f"{a} {c}" for a, c in r["max_context"].items()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,6 +374,24 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--all", action="store_true", help="show unchanged metrics too")
     cp.add_argument("--json", action="store_true")
 
+    pl = sub.add_parser("plan", help="how many sequences of a context fit in a memory budget, per allocator")
+    pl.add_argument("--model", "-m", default=DEFAULT_MODEL, help="GGUF path or preset (metadata only: shape-only "
+                                                                    "files such as llama-7b work)")
+    pl.add_argument("--memory", required=True, help="the whole budget: weights, KV / state and runtime (24GiB, "
+                                                     "24GB, 512MiB or bytes)")
+    pl.add_argument("--context", type=int, required=True, help="tokens per sequence (prompt and output)")
+    pl.add_argument("--parallel", "-np", type=int, default=None,
+                    help="also: the longest context this many sequences can have")
+    pl.add_argument("--type-k", "-ctk", default="f16", choices=list(CACHE_TYPES), help="K cache type (default f16)")
+    pl.add_argument("--type-v", "-ctv", default="f16", choices=list(CACHE_TYPES), help="V cache type (default f16)")
+    pl.add_argument("--block-size", type=int, default=16, help="paged: tokens per block")
+    pl.add_argument("--growth", default="cat", choices=list(GROWTH), help="naive: how per-sequence tensors grow")
+    pl.add_argument("--ubatch", type=int, default=512, help="tokens per ubatch (its transient buffers)")
+    pl.add_argument("--compute", default="fast", choices=list(COMPUTE_MODES), help="how the weights are held")
+    pl.add_argument("--dtype", default=None, choices=list(DTYPES),
+                    help="compute=exact weights (default f32), or a shape-only file's parameters (default f16)")
+    pl.add_argument("--json", action="store_true")
+
     i = sub.add_parser("info", help="architecture, shapes, tensor types, KV bytes per token")
     i.add_argument("--model", "-m", default=DEFAULT_MODEL)
     i.add_argument("--json", action="store_true")
@@ -389,8 +428,82 @@ def cmd_compare(args) -> dict:
                       "change": r.change, "status": r.status} for r in rows]}
 
 
+_FLOOR = """
+import sys, psutil, torch, harness.point
+from engine.gguf.reader import open_gguf
+from engine.tokenizer import GGUFTokenizer
+f = open_gguf(sys.argv[1]); c = f.config(); GGUFTokenizer(f.tokenizer_metadata(), sys.argv[1])
+torch.randn(512, c.n_embd) @ torch.randn(c.n_embd, max(c.n_ff, c.n_embd))  # the GEMM library's buffers and threads
+print(psutil.Process().memory_info().rss)
+"""
+
+
+def runtime_floor(path: Path, cfg) -> int:
+    """What a kvbench run's process holds besides the weights and the sequences' memory, measured here and now:
+    a fresh Python that has imported what a sweep point imports, read the file's header and tokenizer and run
+    one GEMM of the model's width (the BLAS library's buffers and thread pools), its RSS."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", _FLOOR, str(path)], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 or not r.stdout.strip().isdigit():
+        raise ConfigError(f"{path}: could not measure the runtime's memory ({r.stderr.strip().splitlines()[-1:]})")
+    return int(r.stdout.strip())
+
+
+def cmd_plan(args) -> dict:
+    """How many sequences of --context fit in --memory, per allocator, and the longest context for --parallel
+    sequences: engine/memory/capacity.py from the file's metadata alone."""
+
+    from engine.memory.capacity import (
+        ALLOCATOR_ORDER,
+        Budget,
+        fit,
+        max_context,
+        parse_bytes,
+    )
+
+    try:
+        memory = parse_bytes(args.memory)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for key in ("context", "parallel", "ubatch", "block_size"):
+        v = getattr(args, key)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} {v}: must be at least 1")
+    path = resolve_model_path(args.model)
+    f = open_gguf(path)
+    cfg = f.config()
+    f.check_tensors(cfg)
+    dtype = DTYPES[args.dtype or ("f32" if cfg.weights_present else "f16")]
+    if cfg.weights_present:
+        weights = f.planned_weight_bytes(cfg, args.compute, dtype)
+        how = f"{args.compute} mode, as loaded"
+    else:  # a shape-only file: parameters in the dtype (what memory-only runs count)
+        weights = n_params(cfg) * torch.empty((), dtype=dtype).element_size()
+        how = f"shape only: {n_params(cfg):,} parameters in {args.dtype or 'f16'}"
+    floor = runtime_floor(path, cfg)
+    budget = Budget(memory, weights, floor)
+    spec = CacheSpec(type_k=args.type_k, type_v=args.type_v, block_size=args.block_size, growth=args.growth)
+    compute_bytes = 4
+    fits = {a: fit(cfg, a, args.context, budget, spec, args.ubatch, compute_bytes) for a in ALLOCATOR_ORDER}
+    out = {
+        "model": str(path), "arch": cfg.arch, "memory_bytes": memory, "context": args.context,
+        "type_k": args.type_k, "type_v": args.type_v, "ubatch": args.ubatch,
+        "weights_bytes": weights, "weights": how, "runtime_floor_bytes": floor,
+        "kv_bytes_per_token": fits["pooled"].kv_bytes_per_sequence // max(fits["pooled"].cells_per_sequence, 1),
+        "state_bytes_per_sequence": cfg.recurrent_bytes_per_seq,
+        "max_sequences": {a: fits[a].max_sequences for a in ALLOCATOR_ORDER},
+        "allocators": {a: vars(fits[a]) for a in ALLOCATOR_ORDER},
+    }
+    if args.parallel:
+        out["parallel"] = args.parallel
+        out["max_context"] = {a: max_context(cfg, a, args.parallel, budget, spec, args.ubatch, compute_bytes)
+                              for a in ALLOCATOR_ORDER}
+    return out
+
+
 COMMANDS = {"generate": cmd_generate, "logits": cmd_logits, "tokenize": cmd_tokenize, "info": cmd_info,
-            "perplexity": cmd_perplexity, "report": cmd_report, "compare": cmd_compare}
+            "perplexity": cmd_perplexity, "report": cmd_report, "compare": cmd_compare, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

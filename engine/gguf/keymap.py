@@ -24,7 +24,6 @@ from engine.config import (
     ModelConfig,
 )
 
-
 # Written by kvbench into shape-only files whose output matrix is the embedding: a file with tensors says it by
 # having no output.weight, as llama.cpp reads it; one without tensors cannot.
 TIED_KEY = "kvbench.tied_output"

@@ -105,3 +105,29 @@ def test_logits_with_each_allocator_agree(tmp_path, capsys):
         _json(capsys, ["logits", "--tokens", "1,2,3,4,5,6", "--allocator", a, "--out", str(out), "--json"])
         outs.append(np.load(out))
     assert np.abs(outs[0] - outs[1]).max() < 1e-5 and np.abs(outs[2] - outs[1]).max() < 1e-5
+
+
+def test_plan_from_metadata_alone(capsys):
+    """The issue's command on the llama-7b shape (no weights): f16 weights 12.6 GiB, f16 K/V 512 KiB per token,
+    so 2 GiB per 4096-token sequence; JSON carries max_sequences per allocator and the longest context."""
+    r = _json(capsys, ["plan", "--model", "llama-7b", "--memory", "24GiB", "--context", "4096", "--parallel", "2",
+                       "--json"])
+    assert r["weights_bytes"] == 6_738_415_616 * 2 and r["kv_bytes_per_token"] == 512 * 1024
+    assert set(r["max_sequences"]) == {"pooled", "paged", "naive"}
+    free = 24 * 2**30 - r["weights_bytes"] - r["runtime_floor_bytes"]
+    assert 0 < r["max_sequences"]["pooled"] <= free // (2 * 2**30)  # activations take their share too
+    assert r["max_context"]["pooled"] >= 4096  # 2 sequences fit where the plan fits more at 4096
+    g = _json(capsys, ["plan", "--model", "granite-4-h-tiny", "--memory", "24GiB", "--context", "4096", "--json"])
+    assert g["state_bytes_per_sequence"] > 0 and g["max_sequences"]["pooled"] > r["max_sequences"]["pooled"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["plan", "--memory", "lots", "--context", "10"], ["--memory", "24GiB"]),
+    (["plan", "--memory", "1GiB", "--context", "0"], ["--context 0"]),
+    (["plan", "--model", "nope", "--memory", "1GiB", "--context", "10"], ["nope"]),
+])
+def test_plan_errors_are_one_line(capsys, argv, words):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("kvbench plan: error:")
+    assert all(w in err for w in words), err

@@ -1,0 +1,46 @@
+"""kvbench plan against measurement: the number of sequences it says fit is where real runs stop fitting."""
+
+import json
+
+from tests.integration.harness.test_sweep import kvbench
+
+MIB = 2**20
+
+
+def _peak_rss(tmp_path, n: int, context: int) -> int:
+    """Peak RSS of a real run of n sequences of ``context`` tokens on llama-small, the pool sized to them."""
+    d = tmp_path / f"n{n}"
+    out = 8
+    r = kvbench(tmp_path, "run", "model=llama-small", f"parallel={n}", f"cache.size={n * context}",
+                "cache.kv=f32/f32", "workload=fixed", f"workload.n_requests={n}",
+                f"workload.prompt_len={context - out + 1}", f"workload.output_len={out}", "probe_logit_error=false",
+                f"hydra.run.dir={d}", "--quiet", timeout=600)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((d / "record.json").read_text())
+    assert rec["status"] == "ok" and rec["metrics"]["memory.peak_rss_source"] == "vmhwm"
+    return rec["metrics"]["memory.peak_rss_bytes"]
+
+
+def test_plan_agrees_with_the_measured_failure_point(tmp_path):
+    """A memory budget, the plan's answer for it, and real runs with parallel going up: a run fails under the
+    cap when its measured peak RSS (the kernel's high-water mark) exceeds the budget, which is what a
+    container's memory limit would kill. The last run that fits is within one sequence of the plan's answer.
+
+    Runs start one below the plan's answer: a failure there already puts the plan more than one sequence off.
+    llama-small, f32 K/V, 2048 tokens: 32 MiB of KV per sequence, ~37 MiB with its transient buffers; the
+    plan was 2-15 MiB below the measured peaks here (f16 and f32 K/V, 1 to 6 sequences)."""
+    context, budget = 2048, 900 * MIB
+    r = kvbench(tmp_path, "plan", "--model", "llama-small", "--memory", str(budget), "--context", str(context),
+                "--type-k", "f32", "--type-v", "f32", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    want = plan["max_sequences"]["pooled"]
+    assert set(plan["max_sequences"]) == {"pooled", "paged", "naive"} and want >= 2
+    n, peaks = max(1, want - 1), {}
+    while n <= want + 2:
+        peaks[n] = _peak_rss(tmp_path, n, context)
+        if peaks[n] > budget:
+            break
+        n += 1
+    fits = max((k for k, v in peaks.items() if v <= budget), default=0)
+    assert abs(fits - want) <= 1, (want, {k: round(v / MIB) for k, v in peaks.items()})

@@ -24,14 +24,14 @@ SUMMARY = [
     ("memory.peak_rss_bytes", "peak RSS (MiB)", 1 / 2**20),
     ("memory.kv_reserved_peak_bytes", "KV reserved (MiB)", 1 / 2**20),
     ("memory.model_peak_bytes", "modeled peak (GiB)", 1 / 2**30),
-    ("fragmentation.kv_waste.time_weighted", "kv_waste (tw)", 1),
-    ("fragmentation.external.time_weighted", "ext. frag (tw)", 1),
-    ("fragmentation.allocator.time_weighted", "malloc frag (tw)", 1),
-    ("stability.steps_within_25pct", "steps ±25%", 1),
-    ("stability.requests_clean", "req. clean", 1),
-    ("alloc.calls_per_decode_step", "allocs/step", 1),
+    ("fragmentation.kv_waste.time_weighted", "KV waste (time-weighted)", 1),
+    ("fragmentation.external.time_weighted", "external fragmentation (time-weighted)", 1),
+    ("fragmentation.allocator.time_weighted", "malloc fragmentation (time-weighted)", 1),
+    ("stability.steps_within_25pct", "steady decode steps", 1),
+    ("stability.requests_clean", "requests never preempted", 1),
+    ("alloc.calls_per_decode_step", "KV allocations per decode step", 1),
     ("requests.preemptions", "preemptions", 1),
-    ("quality.logit_max_abs_err", "logit err", 1),
+    ("quality.logit_max_abs_err", "max logit error vs f32 KV", 1),
     ("quality.kld.mean", "KLD vs f32 KV (nats)", 1),
     ("quality.top1_agreement", "top-1 = f32 KV", 1),
 ]
@@ -93,7 +93,10 @@ def _job_key(job: str):
 
 
 def varying(df: pd.DataFrame, cols: list[str]) -> list[str]:
-    """The config columns that take more than one value in this sweep (the ones worth showing)."""
+    """The config columns that take more than one value in this sweep (the ones worth showing, and the ones a
+    comparison must hold equal). With "workload" among them, its parameters too (workload.prompt_len ...)."""
+    if "workload" in cols:
+        cols = list(cols) + [c for c in df.columns if c.startswith("workload.") and c not in cols]
     out = [c for c in cols if c in df and df[c].astype(str).nunique() > 1]
     return out or [c for c in ("allocator",) if c in df]
 

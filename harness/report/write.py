@@ -29,6 +29,7 @@ from engine.atomic import atomic_open
 from engine.errors import ConfigError
 from harness.records import load_records
 from harness.report.claims import claims_markdown
+from harness.report.findings import findings_markdown, glossary_markdown, setup_markdown
 from harness.report.frames import (
     COMPARED,
     CONFIG_COLUMNS,
@@ -60,15 +61,28 @@ def _cell(row, col: str, scale: float) -> str:
     return c
 
 
+# measured only by timing a real run: a memory-only point shows "memory-only" there, not an empty cell
+_TIMED = ("latency.", "throughput.", "stability.steps", "memory.peak_rss", "fragmentation.allocator", "quality.")
+
+
 def summary_table(points: pd.DataFrame) -> pd.DataFrame:
     """The points as a readable table: varying config, runs, and 'median [95% interval]' cells."""
     cols = varying(points, CONFIG_COLUMNS)
     out = points[["job", "status"] + cols].copy()
     out.insert(2, "runs", [f"{r.runs_ok}/{r.runs}" + (f" ({r.noisy} noisy)" if r.noisy else "")
                            for r in points.itertuples()])
+    mem_only = points["run.memory_only"].fillna(False).astype(bool) if "run.memory_only" in points else \
+        pd.Series(False, index=points.index)
+    same = []
     for col, header, scale in SUMMARY:
         if col in points and points[col].map(_is_number).any():
-            out[header] = [_cell(r, col, scale) for _, r in points.iterrows()]
+            cells = ["memory-only" if m and col.startswith(_TIMED) else _cell(r, col, scale)
+                     for m, (_, r) in zip(mem_only, points.iterrows())]
+            if len(points) > 1 and len(set(cells)) == 1:  # the same everywhere: said once, not a column
+                same.append(f"{header} {cells[0]}")
+                continue
+            out[header] = cells
+    out.attrs["same"] = same
     return out
 
 
@@ -98,7 +112,14 @@ def comparisons_markdown(comp: pd.DataFrame) -> str:
 
 
 def _md(df: pd.DataFrame) -> str:
-    return df.to_markdown(index=False, floatfmt=".3g") if not df.empty else "(no rows)"
+    """A table with numbers as a reader writes them (5410, 0.0123; never 5.41e+03)."""
+    if df.empty:
+        return "(no rows)"
+    df = df.copy()
+    for c in df.columns:
+        if df[c].map(lambda v: _is_number(v) or v is None or (isinstance(v, float) and v != v)).all():
+            df[c] = df[c].map(lambda v: _fmt(v) if _is_number(v) else "")
+    return df.to_markdown(index=False, disable_numparse=True)
 
 
 def write_report(sweep_dir: Path, plots: bool = True) -> Path:
@@ -124,7 +145,7 @@ def write_report(sweep_dir: Path, plots: bool = True) -> Path:
     with atomic_open(sweep_dir / "comparisons.csv", "w") as f:
         comp.to_csv(f, index=False)
     figs = make_plots(points, records, sweep_dir / "plots") if plots else []
-    md = _markdown(sweep_dir, runs, points, comp, skipped, figs)
+    md = _markdown(sweep_dir, records, runs, points, comp, skipped, figs)
     with atomic_open(sweep_dir / "report.md", "w") as f:
         f.write(md)
     with atomic_open(sweep_dir / "report.html", "w") as f:
@@ -132,7 +153,7 @@ def write_report(sweep_dir: Path, plots: bool = True) -> Path:
     return sweep_dir / "report.md"
 
 
-def _markdown(sweep_dir: Path, runs, points, comp, skipped, figs) -> str:
+def _markdown(sweep_dir: Path, records, runs, points, comp, skipped, figs) -> str:
     n_ok, n_deg, n_fail = ((runs["status"] == s).sum() for s in ("ok", "degraded", "failed"))
     noisy = runs[runs["noisy"]]
     reused = runs[runs["resumed_from"] != ""]
@@ -142,18 +163,21 @@ def _markdown(sweep_dir: Path, runs, points, comp, skipped, figs) -> str:
           f"{n_deg} degraded, {n_fail} failed); {len(noisy)} measured under contention (noisy); "
           f"{len(reused)} reused from earlier sweeps"
           + (f"; {len(skipped)} unreadable records skipped" if skipped else "") + ".",
-          "Definitions of every metric: docs/metrics.md. Per point: report.csv; per run: runs.csv; "
-          "comparisons: comparisons.csv.", ""]
-    if rounds < 3:
-        md += [f"Only {rounds} round{'s' if rounds > 1 else ''}: intervals need repeats >= 2 and are wide below 3; "
-               "run with repeats=3 or more before drawing conclusions.", ""]
+          "Per point: report.csv; per run: runs.csv; comparisons: comparisons.csv. The columns are explained "
+          "in the Glossary at the end.", ""]
+    md += [setup_markdown(records, rounds), findings_markdown(runs, points, comp)]
+    if rounds == 2:
+        md += ["Only 2 rounds: intervals are wide below 3; run with repeats=3 or more before drawing conclusions.",
+               ""]
     if len(noisy):
         md += ["## Noise", "", "These runs were measured while something else used the machine (docs/metrics.md, "
                "\"Noise\"). Their numbers are less trustworthy, and verdicts that use them are inconclusive. "
                "Rerun on a quiet machine, or with --retry-noisy K.", ""]
         md += [f"- `{r['job']}`: {r.get('noise.reason', '')}" for _, r in noisy.iterrows()] + [""]
-    md += ["## Summary", "", "Each cell: the median over the point's ok runs [95% interval] (harness/stats.py).", "",
-           _md(summary_table(points)), ""]
+    table = summary_table(points)
+    md += ["## Summary", "", "Each cell: the median over the point's ok runs [95% interval] (harness/stats.py)."
+           + (f" The same for every point: {'; '.join(table.attrs['same'])}." if table.attrs.get("same") else ""),
+           "", _md(table), ""]
     cm = comparisons_markdown(comp)
     if cm:
         md += [cm]
@@ -176,63 +200,32 @@ def _markdown(sweep_dir: Path, runs, points, comp, skipped, figs) -> str:
         md += [claims_markdown(runs)]
     if figs:
         md += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in figs] + [""]
+    md += [glossary_markdown(list(table.columns) + [x.rsplit(" ", 1)[0] for x in table.attrs.get("same", [])])]
     return "\n".join(md)
 
 
-def _inline(text: str) -> str:
-    """`code` spans and escaping for one line of Markdown."""
-    parts = re.split(r"(`[^`]*`)", text)
-    return "".join(f"<code>{html.escape(p[1:-1])}</code>" if p.startswith("`") and p.endswith("`") and len(p) > 1
-                   else html.escape(p) for p in parts)
-
-
 def _md_to_html(md: str, base: Path) -> str:
-    """The Markdown this module writes (headings, paragraphs, lists, tables, images) as HTML; images inlined."""
-    out, table, items = [], [], []
+    """report.md as HTML (markdown-it-py: CommonMark with tables; raw HTML in the text is escaped, never
+    passed through), with every plot inlined as a data URI so the page is one self-contained file."""
+    from markdown_it import MarkdownIt
 
-    def flush():
-        if table:
-            rows = [[c.strip() for c in r.strip().strip("|").split("|")] for r in table
-                    if not set(r.strip()) <= set("|-: ")]
-            head, body = rows[0], rows[1:]
-            out.append("<table><tr>" + "".join(f"<th>{_inline(h)}</th>" for h in head) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
-                       + "</table>")
-            table.clear()
-        if items:
-            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in items) + "</ul>")
-            items.clear()
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(md)
 
-    for line in md.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        if line.startswith("- "):
-            items.append(line[2:])
-            continue
-        flush()
-        m = re.match(r"^(#{1,3}) (.*)$", line)
-        img = re.match(r"^!\[([^\]]*)\]\(([^)]+)\)$", line)
-        if m:
-            n = len(m.group(1))
-            out.append(f"<h{n}>{_inline(m.group(2))}</h{n}>")
-        elif img:
-            p = base / img.group(2)
-            if p.exists():
-                data = base64.b64encode(p.read_bytes()).decode()
-                out.append(f"<h3>{html.escape(img.group(1).replace('_', ' '))}</h3>"
-                           f"<img alt='{html.escape(img.group(1))}' src='data:image/png;base64,{data}'>")
-        elif line.strip():
-            out.append(f"<p>{_inline(line)}</p>")
-    flush()
-    return "\n".join(out)
+    def inline(m: re.Match) -> str:
+        p = base / html.unescape(m.group(1))
+        if not p.is_file():
+            return m.group(0)
+        data = base64.b64encode(p.read_bytes()).decode()
+        return f'<img src="data:image/png;base64,{data}"'
+
+    return re.sub(r'<img src="([^"]+)"', inline, body)
 
 
 def _html(sweep_dir: Path, md: str) -> str:
-    """One self-contained page from the Markdown report: tables, lists and the PNG plots inlined."""
+    """One self-contained page from the Markdown report: tables, lists, links and the PNG plots inlined."""
     return "\n".join([
         f"<!doctype html><html><head><meta charset='utf-8'><title>kvbench {html.escape(sweep_dir.name)}</title>",
-        "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
-        "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#f3f3f3}"
-        "img{max-width:100%;border:1px solid #eee;margin:8px 0}</style></head><body>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1400px;line-height:1.4}table{border-collapse:"
+        "collapse;font-size:13px;display:block;overflow-x:auto}td,th{border:1px solid #ccc;padding:3px 6px}"
+        "th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:8px 0}</style></head><body>",
         _md_to_html(md, sweep_dir), "</body></html>"])

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install kvbench with the exact versions of constraints.txt.
 #   bash scripts/install.sh                  # kvbench (the README's main job)
-#   bash scripts/install.sh test,llamacpp    # plus the test tools and the llama.cpp backend (the README's tests, CI)
+#   bash scripts/install.sh test,llamacpp    # plus the test tools (and Debian's Chromium, as root) and the llama.cpp
+#                                            # backend (the README's tests, CI)
 # Order matters: torch first, because kvbench's C++ kernels (engine/kernels/qmm.cpp) compile against it without
 # build isolation; llama-cpp-python (an sdist that compiles llama.cpp, ~12 min on 2 cores the first time, then
 # pip's wheel cache) with build isolation and ggml's AMX kernels off: they fault on VMs whose CPUs advertise AMX
@@ -18,3 +19,12 @@ if [[ ",$extras," == *,llamacpp,* ]]; then
     pip install -q -c constraints.txt llama-cpp-python
 fi
 pip install -q --no-build-isolation -c constraints.txt -e ".${extras:+[$extras]}"
+# The report's browser test (tests/integration/harness/test_report_browser.py) opens report.html in Debian's
+# Chromium, headless; it fails, naming this, where Chromium is missing.
+if [[ ",$extras," == *,test,* ]] && ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >/dev/null
+  else
+    echo "install.sh: the report's browser test needs Chromium: sudo apt-get install chromium" >&2
+  fi
+fi

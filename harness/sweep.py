@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -57,7 +58,23 @@ class ReportCallback(Callback):
 
 
 # What main() needs to know after Hydra returns (or is interrupted): where the records are.
-_STATE: dict = {"dir": None, "points": 0}
+_STATE: dict = {"dir": None, "points": 0, "t0": 0.0, "finished": 0, "measured": 0}
+
+
+def progress_line(finished: int, total: int, elapsed_s: float, measured: int | None = None) -> str:
+    """'[5/36, 1m40s elapsed, about 9m50s left]': the sweep as a whole. The estimate assumes the points left
+    take as long as the ``measured`` ones did (points reused from earlier sweeps take no time; a sweep over
+    sizes may get slower)."""
+    measured = finished if measured is None else measured
+    def fmt(s: float) -> str:
+        m, sec = divmod(int(round(s)), 60)
+        return f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+    if total <= 0:
+        return f"[{finished} done, {fmt(elapsed_s)} elapsed]"
+    left = max(total - finished, 0)
+    eta = f", about {fmt(elapsed_s / measured * left)} left" if measured and left else ""
+    return f"[{finished}/{total}, {fmt(elapsed_s)} elapsed{eta}]"
 
 
 def _fmt(m: dict, key: str, spec: str, scale: float = 1.0) -> str:
@@ -108,6 +125,7 @@ def hydra_main(cfg: DictConfig) -> None:
         except (OSError, ValueError, TypeError):
             prev = None
         if prev is not None and prev.config_hash == h and reusable(prev):
+            _STATE["finished"] += 1
             print(f"kvbench: {out}: finished before in this sweep directory, kept (--force reruns it)",
                   file=sys.stderr)
             return
@@ -117,6 +135,7 @@ def hydra_main(cfg: DictConfig) -> None:
     if done is not None:
         rec = dataclasses.replace(read_record(done), resumed_from=str(done), overrides=overrides, choices=choices)
         write_record(own, rec)
+        _STATE["finished"] += 1
         print(f"kvbench: {out}: reused {done} (same config, finished cleanly; --force reruns it)", file=sys.stderr)
         return
     run = run_isolated if cfg.isolate else run_point
@@ -130,7 +149,11 @@ def hydra_main(cfg: DictConfig) -> None:
     if noisy:
         rec = dataclasses.replace(rec, noisy_attempts=noisy)
         write_record(out / RECORD_NAME, rec)
-    print(f"kvbench: {out}: {summary_line(rec)}", file=sys.stderr)
+    _STATE["finished"] += 1
+    _STATE["measured"] += 1
+    where = progress_line(_STATE["finished"], _STATE["points"], time.monotonic() - _STATE["t0"],
+                          _STATE["measured"]) if hc.mode == RunMode.MULTIRUN else ""
+    print(f"kvbench: {out}: {summary_line(rec)} {where}".rstrip(), file=sys.stderr)
 
 
 # -- validation of a whole sweep before it starts ---------------------------------------------------
@@ -294,7 +317,7 @@ def main(argv: list[str]) -> int:
     here); 130 interrupted (Ctrl-C), after one line saying how far it got."""
     argv = _take_flags(argv)
     info_only = any(a in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c") for a in argv)
-    _STATE.update(dir=None, points=0)
+    _STATE.update(dir=None, points=0, t0=time.monotonic(), finished=0, measured=0)
     try:
         if not info_only:
             _STATE["points"] = prevalidate(argv)

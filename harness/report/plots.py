@@ -25,6 +25,7 @@ from harness.report.frames import CONFIG_COLUMNS, varying  # noqa: E402
 from harness.report.state import has_recurrent, kind, measured, models, projected  # noqa: E402
 
 MIB = 2**20
+_CI = (".ci95_low", ".ci95_high")  # the points frame's interval columns: never a quantity of their own
 _PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 # one colour per allocator, in the registry's order: a new allocator gets its own without an edit here
 COLORS = {name: _PALETTE[i % len(_PALETTE)] for i, name in enumerate(tuple(ALLOCATORS) + MEMORY_KINDS)}
@@ -45,8 +46,8 @@ def _labels(df: pd.DataFrame) -> pd.Series:
 def _save(fig, out: Path, name: str, paths: list[Path]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out / f"{name}.png", dpi=110)
-    fig.savefig(out / f"{name}.svg")
+    fig.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")  # legends outside the axes stay in
+    fig.savefig(out / f"{name}.svg", bbox_inches="tight")
     plt.close(fig)
     paths.append(out / f"{name}.png")
 
@@ -78,6 +79,7 @@ def make_plots(df: pd.DataFrame, records: list[tuple[Path, Record]], out: Path) 
         _latency_vs_cache_size(ok, out, paths)
     _peak_memory(ok, out, paths)
     _fragmentation_over_time(ok, records, out, paths)
+    _kv_over_steps(ok, records, out, paths)
     _breakdown(ok, out, paths)
     if sweeps & {"cache.type_k", "cache.type_v"}:
         _kv_type_tradeoff(ok, out, paths)
@@ -101,70 +103,163 @@ def _latency_vs_cache_size(ok, out, paths) -> None:
     _save(fig, out, "latency_vs_cache_size", paths)
 
 
+def _timed(ok: pd.DataFrame) -> pd.DataFrame:
+    """The points whose process memory means something: not memory-only (no arithmetic, meta tensors)."""
+    if "run.memory_only" not in ok:
+        return ok
+    return ok[~ok["run.memory_only"].fillna(False).astype(bool)]
+
+
 def _peak_memory(ok, out, paths) -> None:
-    """Process RSS and KV bytes on their own axes: weights and the runtime dwarf a small KV cache."""
-    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(ok) + 4), 4))
+    """What each point's run added to its process (peak RSS minus the RSS once the model was loaded: KV, state,
+    transients, allocator slack), beside the KV bytes reserved and live at their peaks. Weights and the runtime
+    are the same for every point of a model and would make every bar look alike."""
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.1 * len(ok) + 5), 4.5))
+    timed = _timed(ok)
     x = list(range(len(ok)))
     colors = [COLORS.get(str(a), "#777777") for a in ok.get("allocator", [""] * len(ok))]
-    axes[0].bar(x, _num(ok, "memory.peak_rss_bytes") / MIB, color=colors)
-    axes[0].set_ylabel("process peak RSS (MiB)")
-    axes[0].set_title("process peak RSS (VmHWM over the run)")
+    added = (_num(ok, "memory.peak_rss_bytes") - _num(ok, "memory.rss_start_bytes")) / MIB
+    added[~ok.index.isin(timed.index)] = float("nan")
+    axes[0].bar(x, added.fillna(0), color=colors)
+    for j, v in zip(x, added):
+        if v != v:  # memory-only: no process memory to show
+            axes[0].annotate("memory-only", (j, 0), rotation=90, ha="center", va="bottom", fontsize=7, color="#555")
+    axes[0].set_ylabel("MiB")
+    axes[0].set_title("what the run added to the process\n(peak RSS - RSS after loading the model)")
     w = 0.4
-    axes[1].bar([j - w / 2 for j in x], _num(ok, "memory.kv_reserved_peak_bytes") / MIB, w, label="KV reserved (peak)")
-    axes[1].bar([j + w / 2 for j in x], _num(ok, "memory.kv_live_peak_bytes") / MIB, w, label="KV live (peak)")
-    axes[1].set_ylabel("KV cache (MiB)")
-    axes[1].set_title("KV cache: reserved vs live at peak")
-    axes[1].legend(fontsize=8)
+    axes[1].bar([j - w / 2 for j in x], _num(ok, "memory.kv_reserved_peak_bytes") / MIB, w, label="reserved (peak)",
+                color="#bbbbbb", edgecolor=colors)
+    axes[1].bar([j + w / 2 for j in x], (_num(ok, "memory.kv_live_peak_bytes").fillna(0)
+                                         + _num(ok, "memory.state_live_peak_bytes").fillna(0)) / MIB, w,
+                label="live: tokens and states held (peak)", color=colors)
+    axes[1].set_ylabel("MiB")
+    axes[1].set_title("KV and recurrent state: reserved vs live")
+    axes[1].legend(fontsize=8, loc="upper left")
     for ax in axes:
-        ax.set_xticks(x, ok["label"], rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(x, ok["label"], rotation=35, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     _save(fig, out, "peak_memory", paths)
 
 
-def _fragmentation_over_time(ok, records, out, paths) -> None:
+def _series(ok, records, out, tracker: str):
+    """(row, timeline) of each point's first run that recorded ``tracker``'s timeline."""
     by_job = {str(p.parent.relative_to(out.parent)): r for p, r in records}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    drawn, seen = False, {}
     for row in ok.itertuples():
-        tl = by_job.get(row.job, Record("ok", {})).timeline.get("fragmentation")
-        if not tl:
-            continue
+        tl = by_job.get(row.job, Record("ok", {})).timeline.get(tracker)
+        if tl and tl.get("t_s"):
+            yield row, tl
+
+
+def _legend_outside(fig, axes) -> None:
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+
+
+def _fragmentation_over_time(ok, records, out, paths) -> None:
+    """KV waste and the process allocator's fragmentation against scheduler steps (runs of the same workload
+    line up step by step whatever their speed; records without steps fall back to seconds)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    seen, drawn, by_steps = {}, False, True
+    for row, tl in _series(ok, records, out, "fragmentation"):
         alloc = str(getattr(row, "allocator", ""))
         style = STYLES[seen.get(alloc, 0) % len(STYLES)]  # runs of one allocator: same colour, own style
         seen[alloc] = seen.get(alloc, 0) + 1
+        x = tl.get("step") or tl["t_s"]
+        by_steps &= "step" in tl
         for ax, key in zip(axes, ("kv_waste", "allocator_frag")):
-            ax.plot(tl["t_s"], tl[key], style, label=row.label, color=COLORS.get(alloc), alpha=0.8, lw=1.2)
+            ax.plot(x, tl[key], style, label=row.label, color=COLORS.get(alloc), alpha=0.85, lw=1.3)
         drawn = True
-    if drawn:
-        axes[0].set_title("KV waste over time: 1 - live / reserved")
-        axes[1].set_title("process allocator: free bytes held / bytes held")
-        for ax in axes:
-            ax.set_xlabel("time since start of run (s)")
-            ax.set_ylabel("fraction (0..1)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        _save(fig, out, "fragmentation_over_time", paths)
-    else:
+    if not drawn:
         plt.close(fig)
+        return
+    axes[0].set_title("KV waste: 1 - live / reserved")
+    axes[1].set_title("process allocator: free bytes held / bytes held")
+    for ax in axes:
+        ax.set_xlabel("scheduler steps (prefill and decode)" if by_steps else "time since start of run (s)")
+        ax.set_ylabel("fraction (0..1)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    _legend_outside(fig, axes)
+    _save(fig, out, "fragmentation_over_time", paths)
+
+
+def _kv_over_steps(ok, records, out, paths) -> None:
+    """KV (and recurrent state) bytes reserved and live through the run, one panel per allocator: how far the
+    reservation runs ahead of the tokens actually held."""
+    rows = list(_series(ok, records, out, "memory"))
+    allocs = list(dict.fromkeys(str(getattr(r, "allocator", "")) for r, _ in rows))
+    if not rows or not any("step" in tl for _, tl in rows):
+        return
+    fig, axes = plt.subplots(1, len(allocs), figsize=(4.2 * len(allocs) + 2, 3.8), sharey=True, squeeze=False)
+    axes = axes[0]
+    styles: dict[str, int] = {}
+    for row, tl in rows:
+        if "step" not in tl:
+            continue
+        alloc = str(getattr(row, "allocator", ""))
+        ax = axes[allocs.index(alloc)]
+        st = STYLES[styles.get(alloc, 0) % len(STYLES)]
+        styles[alloc] = styles.get(alloc, 0) + 1
+        live = [a + b for a, b in zip(tl["live_bytes"], tl.get("state_live_bytes", [0] * len(tl["live_bytes"])))]
+        ax.plot(tl["step"], [v / MIB for v in tl["reserved_bytes"]], st, color=COLORS.get(alloc), lw=1.6,
+                label=f"{row.label}: reserved")
+        ax.plot(tl["step"], [v / MIB for v in live], st, color=COLORS.get(alloc), lw=1.0, alpha=0.55,
+                label=f"{row.label}: live")
+    for ax, alloc in zip(axes, allocs):
+        ax.set_title(f"{alloc}: reserved (thick) vs live (thin)")
+        ax.set_xlabel("scheduler steps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="upper left")
+    axes[0].set_ylabel("KV + recurrent state (MiB)")
+    _save(fig, out, "kv_over_steps", paths)
 
 
 def _breakdown(ok, out, paths) -> None:
-    x = range(len(ok))
-    parts = sorted(c for c in ok.columns if c.startswith("memory.breakdown."))
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(ok) + 3), 4))
-    bottom = pd.Series(0.0, index=ok.index)
-    wts = _num(ok, "memory.weights_bytes") / MIB
-    ax.bar(list(x), wts, label="weights", color="#999999")
-    bottom += wts.fillna(0)
-    for col in parts:
-        v = _num(ok, col).fillna(0) / MIB
-        ax.bar(list(x), v, bottom=bottom, label=col.removeprefix("memory.breakdown."))
-        bottom += v
-    ax.set_xticks(list(x), ok["label"], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("bytes at the KV peak (MiB)")
-    ax.set_title("memory breakdown: weights, K and V per tier")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
+    """Memory per component: the weights of each model on their own axis (a 400 MB and a 13 GB model do not
+    share one), then one panel per model with its points' KV cache and recurrent state, per tier."""
+    names = {"k": "K", "v": "V", "r": "rolling state (conv / token shift)", "s": "SSM / wkv state"}
+    parts = sorted(c for c in ok.columns if c.startswith("memory.breakdown.") and not c.endswith(_CI))
+    colors = {c: _PALETTE[i % len(_PALETTE)] for i, c in enumerate(parts)}
+    model_names = list(dict.fromkeys(ok["model.name"])) if "model.name" in ok else [""]
+    n = 1 + len(model_names)
+    ncols = min(3, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.9 * nrows), squeeze=False)
+    axes = axes.ravel()
+    models = ok.drop_duplicates("model.name") if "model.name" in ok else ok.head(1)
+    wts = _num(models, "memory.weights_bytes") / MIB
+    axes[0].bar(range(len(models)), wts, color="#999999")
+    axes[0].set_xticks(range(len(models)), model_names, rotation=30, ha="right", fontsize=8)
+    axes[0].set_ylabel("MiB")
+    axes[0].set_title("weights, as loaded")
+    if len(wts) > 1 and wts.max() > 20 * max(wts.min(), 1e-9):
+        axes[0].set_yscale("log")
+    drawn: set[str] = set()
+    for ax, name in zip(axes[1:], model_names):
+        pts = ok[ok["model.name"] == name] if "model.name" in ok else ok
+        labels = [lab.replace(f"name={name}", "").strip() or lab for lab in pts["label"]]
+        bottom = pd.Series(0.0, index=pts.index)
+        for col in parts:
+            v = _num(pts, col).fillna(0) / MIB
+            if not v.any():
+                continue
+            kind, _, tier = col.removeprefix("memory.breakdown.").partition(".")
+            ax.bar(range(len(pts)), v, bottom=bottom, color=colors[col],
+                   label=None if col in drawn else f"{names.get(kind, kind)} ({tier})")
+            drawn.add(col)
+            bottom += v
+        ax.set_xticks(range(len(pts)), labels, rotation=35, ha="right", fontsize=7)
+        ax.set_title(f"{name}: KV and state at the peak", fontsize=10)
+        ax.set_ylabel("MiB")
+    for ax in axes:
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[n:]:
+        ax.axis("off")
+    handles = [h for ax in axes[1:n] for h in ax.get_legend_handles_labels()[0]]
+    labels = [lab for ax in axes[1:n] for lab in ax.get_legend_handles_labels()[1]]
+    if handles:
+        fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(4, len(labels)),
+                   bbox_to_anchor=(0.5, 1.0), frameon=False)
     _save(fig, out, "memory_breakdown", paths)
 
 

@@ -44,25 +44,31 @@ class Tracker:
         self.interval = sample_interval_ms / 1e3
         self._next_sample = 0.0
         self.t0 = 0.0
+        self.n_steps = 0  # scheduler steps seen so far
+        self.sample_steps: list[int] = []  # n_steps at each sample: timelines line up by step, whatever the speed
 
     def __enter__(self):
         self.t0 = self.clock()
         self._next_sample = 0.0
         self.start()
+        self.sample_steps.append(0)
         self.sample(0.0)
         return self
 
     def __exit__(self, *exc) -> None:
         self.t_end = self.clock() - self.t0
+        self.sample_steps.append(self.n_steps)
         self.sample(self.t_end)
         self.stop()
 
     def on_step(self, info) -> None:
         """Called after every scheduler step; samples when the interval has passed."""
         now = self.clock() - self.t0
+        self.n_steps += 1
         self.step(info, now)
         if now >= self._next_sample:
             self._next_sample = now + self.interval
+            self.sample_steps.append(self.n_steps)
             self.sample(now)
 
     # hooks

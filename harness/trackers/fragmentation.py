@@ -105,5 +105,5 @@ class FragmentationTracker(Tracker):
         }
 
     def timeline(self) -> dict[str, list]:
-        return {"t_s": self.t, "kv_waste": self.waste, "external_frag": self.external,
+        return {"t_s": self.t, "step": self.sample_steps, "kv_waste": self.waste, "external_frag": self.external,
                 "allocator_frag": self.alloc_frag}

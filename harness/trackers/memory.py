@@ -121,7 +121,7 @@ class MemoryTracker(Tracker):
         return out
 
     def timeline(self) -> dict[str, list]:
-        tl = {"t_s": self.t, "rss_bytes": self.rss, "live_bytes": self.live, "reserved_bytes": self.reserved,
+        tl = {"t_s": self.t, "step": self.sample_steps, "rss_bytes": self.rss, "live_bytes": self.live, "reserved_bytes": self.reserved,
               "state_live_bytes": self.state_live}
         if self.cuda_alloc:
             tl["cuda_allocated_bytes"] = self.cuda_alloc

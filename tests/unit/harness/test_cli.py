@@ -131,3 +131,12 @@ def test_plan_errors_are_one_line(capsys, argv, words):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("kvbench plan: error:")
     assert all(w in err for w in words), err
+
+
+def test_sweep_progress_says_how_far_and_how_long():
+    from harness.sweep import progress_line
+
+    assert progress_line(0, 36, 0.0) == "[0/36, 0s elapsed]"
+    assert progress_line(5, 36, 100.0) == "[5/36, 1m40s elapsed, about 10m20s left]"
+    assert progress_line(10, 36, 100.0, measured=5) == "[10/36, 1m40s elapsed, about 8m40s left]"  # 5 were reused
+    assert progress_line(36, 36, 700.0) == "[36/36, 11m40s elapsed]"

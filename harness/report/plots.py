@@ -272,9 +272,23 @@ def _kv_type_tradeoff(ok, out, paths) -> None:
         return
     pts = ok.drop_duplicates(["cache.type_k", "cache.type_v"]).sort_values("memory.kv_bytes_per_token")
     x, y = _num(pts, "memory.kv_bytes_per_token") / 1024, _num(pts, ycol)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    sc = ax.scatter(x, y.clip(lower=1e-7) if kld else y, c=_num(pts, "latency.tpot_ms.p50"), cmap="viridis", s=70,
-                    zorder=3)
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    # every point, one marker shape per allocator, side by side: the allocators share a type's bytes and error,
+    # not its speed (drawn on top of each other, 6 points looked like 3)
+    allocs = list(dict.fromkeys(ok["allocator"])) if "allocator" in ok else [""]
+    span = float((x.max() - x.min()) or x.max() or 1.0)
+    tpot = _num(ok, "latency.tpot_ms.p50")
+    norm = matplotlib.colors.Normalize(vmin=tpot.min(), vmax=tpot.max()) if tpot.notna().any() else None
+    sc = None
+    for a_i, alloc in enumerate(allocs):
+        g = ok[ok["allocator"] == alloc] if "allocator" in ok else ok
+        gx = _num(g, "memory.kv_bytes_per_token") / 1024 + (a_i - (len(allocs) - 1) / 2) * 0.025 * span
+        gy = _num(g, ycol)
+        sc = ax.scatter(gx, gy.clip(lower=1e-7) if kld else gy, c=_num(g, "latency.tpot_ms.p50"), cmap="viridis",
+                        norm=norm, s=70, zorder=3, marker="osD^v<>"[a_i % 7], edgecolors="black", linewidths=0.5,
+                        label=str(alloc))
+    if len(allocs) > 1:
+        ax.legend(title="allocator (marker)", fontsize=8, loc="upper right")
     placed: list[tuple[float, float]] = []  # (x, log y) of each label already drawn, left to right
     for (_, row), xx, yy in zip(pts.iterrows(), x, y):  # one point per K/V pair
         yv = max(yy, 1e-7) if kld else yy
@@ -282,7 +296,7 @@ def _kv_type_tradeoff(ok, out, paths) -> None:
         # above its point, unless a label drawn to its left would run into it: then below
         clash = any(xx - px < 9 and abs(ly - py) < (0.5 if kld else 0.05 * (abs(py) + 1e-9)) for px, py in placed)
         ax.annotate(f"K {row['cache.type_k']} / V {row['cache.type_v']}", (xx, yv), fontsize=8,
-                    xytext=(6, -12 if clash else 5), textcoords="offset points")
+                    xytext=(10, -14 if clash else 7), textcoords="offset points", annotation_clip=False)
         placed.append((xx, ly - (0.6 if clash and kld else 0)))
     fig.colorbar(sc, ax=ax, label="TPOT p50 (ms)")
     ax.set_xlabel("KV cache bytes per token, all layers (KiB)")
@@ -294,7 +308,7 @@ def _kv_type_tradeoff(ok, out, paths) -> None:
         ax.set_ylabel("max |logit - f32-cache logit| (logit units)")
         ax.set_title("K/V cache types: memory per token vs logit error vs speed")
     ax.grid(alpha=0.3, which="both")
-    ax.margins(x=0.15, y=0.2)
+    ax.margins(x=0.22, y=0.2)  # room for the labels right of the rightmost point
     _save(fig, out, "kv_type_tradeoff", paths)
 
 

@@ -57,8 +57,9 @@ def _config(records: list[tuple[Path, Record]]) -> dict[str, set]:
         add("workload", f"{name} ({wl.get('n_requests')} requests)" if wl.get("n_requests") else name)
         add("parallel sequences", c.get("parallel"))
         cache = c.get("cache") or {}
-        add("KV cache", f"{m.get('run.cache_size') or cache.get('size')} cells, K {cache.get('type_k')} / "
-                        f"V {cache.get('type_v')}, {cache.get('offload')}")
+        add("KV cache cells (cache.size)", m.get("run.cache_size") or cache.get("size"))
+        add("K / V cache types", f"{cache.get('type_k')} / {cache.get('type_v')}")
+        add("KV tier", cache.get("offload"))
         add("machine", f"{e.get('cpu')}, {e.get('cpu_count')} CPUs, {e.get('torch_threads')} torch threads"
             if e.get("cpu") else None)
         add("kvbench commit", (e.get("git_commit") or "")[:12])
@@ -92,6 +93,9 @@ def _sentence(r) -> str:
             f"{cond} ({better}; {r.rounds} rounds).")
 
 
+SMALL = 0.02  # changes below 2% are listed as a count, not as findings: real, but rarely worth acting on
+
+
 def findings_markdown(runs: pd.DataFrame, points: pd.DataFrame, comp: pd.DataFrame, limit: int = 10) -> str:
     lines = ["## Findings", ""]
     n_fail = int((runs["status"] == "failed").sum()) if "status" in runs else 0
@@ -103,10 +107,14 @@ def findings_markdown(runs: pd.DataFrame, points: pd.DataFrame, comp: pd.DataFra
         decided = comp[comp["verdict"].str.startswith(("higher", "lower"))].copy()
         decided["size"] = decided["estimate"].abs()
         decided = decided.sort_values("size", ascending=False)
+        small = decided[(decided["size"] < SMALL) & (decided["kind"] == "ratio")]
+        decided = decided.drop(small.index)
         for r in decided.head(limit).itertuples():
             lines.append(f"- {_sentence(r)}")
         if len(decided) > limit:
             lines.append(f"- ... and {len(decided) - limit} more differences in the comparisons table.")
+        if len(small):
+            lines.append(f"- {len(small)} more differences are real but below {SMALL:.0%} (in the comparisons table).")
         same = comp[comp["verdict"] == "no detectable difference"]
         if len(same):
             names = sorted({next(h for m, h, *_ in COMPARED if m == x) for x in same["metric"]})

@@ -45,3 +45,10 @@ def test_every_summary_column_has_a_glossary_line():
     headers = [h for _, h, _ in SUMMARY]
     md = glossary_markdown(headers)
     assert all(f"**{h}**: {GLOSSARY[h]}" in md for h in headers)
+
+
+def test_tiny_differences_are_counted_not_written_up():
+    comp = _comp([["allocator", "naive", "pooled", "(all)", "memory.peak_rss_bytes", "ratio", True, 3, 0,
+                   0.002, 0.001, 0.003, "higher (worse)"]])
+    md = findings_markdown(_runs(), pd.DataFrame(index=range(2)), comp)
+    assert "raised" not in md and "1 more differences are real but below 2%" in md

@@ -62,7 +62,11 @@ def _lines(ax, df: pd.DataFrame, x: str, y: str, scale: float = 1.0) -> None:
         key = key if isinstance(key, tuple) else (key,)
         g = g.sort_values(x)
         label = " ".join([str(key[0])] + [f"{c.split('.')[-1]}={v}" for c, v in zip(others, key[1:])])
-        ax.plot(_num(g, x), _num(g, y) * scale, "o-", label=label, color=COLORS.get(str(key[0])))
+        xs, ys = _num(g, x), _num(g, y) * scale
+        ax.plot(xs, ys, "o-", label=label, color=COLORS.get(str(key[0])))
+        lo, hi = _num(g, f"{y}.ci95_low") * scale, _num(g, f"{y}.ci95_high") * scale
+        if lo.notna().any():  # the 95% interval over rounds: medians alone would hide how much they overlap
+            ax.fill_between(xs, lo, hi, color=COLORS.get(str(key[0])), alpha=0.15, lw=0)
 
 
 def make_plots(df: pd.DataFrame, records: list[tuple[Path, Record]], out: Path) -> list[Path]:
@@ -97,7 +101,7 @@ def _latency_vs_cache_size(ok, out, paths) -> None:
         _lines(ax, ok, "cache.size", col)
         ax.set_xlabel("cache.size (KV cells = tokens)")
         ax.set_ylabel(f"{title} (ms)")
-        ax.set_title(f"{title} vs cache size")
+        ax.set_title(f"{title} vs cache size (bands: 95% intervals over rounds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _save(fig, out, "latency_vs_cache_size", paths)

@@ -47,7 +47,7 @@ def browser_check(page: Path, tmp: Path) -> dict:
 def sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
     d = tmp / "sweep"
-    r = kvbench(tmp, "run", "-m", "allocator=naive,pooled", "repeats=2", f"hydra.sweep.dir={d}", *SMALL)
+    r = kvbench(tmp, "run", "-m", "allocator=naive,pooled", f"hydra.sweep.dir={d}", *SMALL)
     assert r.returncode == 0, r.stderr
     return d
 

@@ -87,7 +87,7 @@ def _sentence(r) -> str:
     verb = "cut" if r.estimate < 0 else "raised"
     lo, hi = sorted((abs(r.ci95_low), abs(r.ci95_high)))
     better = "better" if (r.estimate < 0) == bool(r.lower_is_better) else "worse"
-    cond = "" if r.condition == "(all)" else f" at {r.condition.replace('=', ' ')}"
+    cond = "" if r.condition == "(all)" else " at " + ", ".join(p.replace("=", " ") for p in r.condition.split(" "))
     unit = "" if r.kind == "ratio" else " (absolute)"
     return (f"**{r.variant}** {verb} {name} by {_pct(r.estimate)} [{_pct(lo)}, {_pct(hi)}]{unit} vs {r.baseline}"
             f"{cond} ({better}; {r.rounds} rounds).")

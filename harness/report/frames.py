@@ -95,8 +95,12 @@ def _job_key(job: str):
 def varying(df: pd.DataFrame, cols: list[str]) -> list[str]:
     """The config columns that take more than one value in this sweep (the ones worth showing, and the ones a
     comparison must hold equal). With "workload" among them, its parameters too (workload.prompt_len ...)."""
-    if "workload" in cols:
-        cols = list(cols) + [c for c in df.columns if c.startswith("workload.") and c not in cols]
+    if "workload" in cols and "workload" in df:
+        # a parameter counts where it varies under one workload name: the named workloads (claims_single ...)
+        # fix their own, and those follow from the name
+        by_name = df.astype({"workload": str}).groupby("workload")
+        cols = list(cols) + [c for c in df.columns if c.startswith("workload.") and c not in cols
+                             and (by_name[c].nunique(dropna=False) > 1).any()]
     out = [c for c in cols if c in df and df[c].astype(str).nunique() > 1]
     return out or [c for c in ("allocator",) if c in df]
 

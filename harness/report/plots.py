@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from engine.alloc import ALLOCATORS  # noqa: E402
 from engine.llamacpp.lib import MEMORY_KINDS  # noqa: E402
@@ -95,15 +96,24 @@ def make_plots(df: pd.DataFrame, records: list[tuple[Path, Record]], out: Path) 
 
 
 def _latency_vs_cache_size(ok, out, paths) -> None:
+    """Latency against cache.size, a line per allocator and other setting, timed points only (memory-only
+    points have no latency). Drawn only when some line has two sizes: where the size moved only with another
+    setting (workload.fit_cache), every line would be a dot."""
+    timed = _timed(ok)
+    others = [c for c in varying(timed, CONFIG_COLUMNS) if c not in ("allocator", "backend", "cache.size")]
+    groups = timed.groupby(["allocator"] + others, dropna=False)["cache.size"].nunique() if len(timed) else []
+    if not len(groups) or groups.max() < 2:
+        return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (col, title) in zip(axes, [("latency.tpot_ms.p50", "TPOT p50"), ("latency.decode_step_ms.p99",
                                                                              "decode step p99")]):
-        _lines(ax, ok, "cache.size", col)
+        _lines(ax, timed, "cache.size", col)
         ax.set_xlabel("cache.size (KV cells = tokens)")
         ax.set_ylabel(f"{title} (ms)")
-        ax.set_title(f"{title} vs cache size (bands: 95% intervals over rounds)")
+        ax.set_title(f"{title} vs cache size", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    _legend_outside(fig, axes)
+    fig.suptitle("latency vs cache size (bands: 95% intervals over rounds)", fontsize=11)
     _save(fig, out, "latency_vs_cache_size", paths)
 
 
@@ -115,33 +125,44 @@ def _timed(ok: pd.DataFrame) -> pd.DataFrame:
 
 
 def _peak_memory(ok, out, paths) -> None:
-    """What each point's run added to its process (peak RSS minus the RSS once the model was loaded: KV, state,
-    transients, allocator slack), beside the KV bytes reserved and live at their peaks. Weights and the runtime
-    are the same for every point of a model and would make every bar look alike."""
-    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.1 * len(ok) + 5), 4.5))
+    """Per model (one row of panels each: a 7B's KV dwarfs a small model's): what each point's run added to its
+    process (peak RSS minus the RSS once the model was loaded: KV, state, transients, allocator slack), beside
+    the KV bytes reserved and live at their peaks. Weights and the runtime are the same for every point of a
+    model and would make every bar look alike; memory-only points have no process memory to show."""
+    models = list(dict.fromkeys(ok["model.name"])) if "model.name" in ok else [""]
     timed = _timed(ok)
-    x = list(range(len(ok)))
-    colors = [COLORS.get(str(a), "#777777") for a in ok.get("allocator", [""] * len(ok))]
-    added = (_num(ok, "memory.peak_rss_bytes") - _num(ok, "memory.rss_start_bytes")) / MIB
-    added[~ok.index.isin(timed.index)] = float("nan")
-    axes[0].bar(x, added.fillna(0), color=colors)
-    for j, v in zip(x, added):
-        if v != v:  # memory-only: no process memory to show
-            axes[0].annotate("memory-only", (j, 0), rotation=90, ha="center", va="bottom", fontsize=7, color="#555")
-    axes[0].set_ylabel("MiB")
-    axes[0].set_title("what the run added to the process\n(peak RSS - RSS after loading the model)")
-    w = 0.4
-    axes[1].bar([j - w / 2 for j in x], _num(ok, "memory.kv_reserved_peak_bytes") / MIB, w, label="reserved (peak)",
-                color="#bbbbbb", edgecolor=colors)
-    axes[1].bar([j + w / 2 for j in x], (_num(ok, "memory.kv_live_peak_bytes").fillna(0)
-                                         + _num(ok, "memory.state_live_peak_bytes").fillna(0)) / MIB, w,
-                label="live: tokens and states held (peak)", color=colors)
-    axes[1].set_ylabel("MiB")
-    axes[1].set_title("KV and recurrent state: reserved vs live")
-    axes[1].legend(fontsize=8, loc="upper left")
-    for ax in axes:
-        ax.set_xticks(x, ok["label"], rotation=35, ha="right", fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
+    widest = max(len(ok[ok["model.name"] == m]) if "model.name" in ok else len(ok) for m in models)
+    fig, axes = plt.subplots(len(models), 2, figsize=(max(10, 0.75 * widest + 5), 4.2 * len(models)),
+                             squeeze=False)
+    for (ax_rss, ax_kv), name in zip(axes, models):
+        pts = ok[ok["model.name"] == name] if "model.name" in ok else ok
+        labels = [lab.replace(f"name={name}", "").strip() or lab for lab in pts["label"]]
+        x = list(range(len(pts)))
+        colors = [COLORS.get(str(a), "#777777") for a in pts.get("allocator", [""] * len(pts))]
+        added = (_num(pts, "memory.peak_rss_bytes") - _num(pts, "memory.rss_start_bytes")) / MIB
+        if pts.index.isin(timed.index).any():
+            ax_rss.bar(x, added.where(pts.index.isin(timed.index)).fillna(0), color=colors)
+            ax_rss.set_title(f"{name}: what the run added to the process\n(peak RSS - RSS after loading the model)",
+                             fontsize=10)
+        else:
+            ax_rss.text(0.5, 0.5, "memory-only runs: shapes without weights,\nno process memory to show",
+                        ha="center", va="center", transform=ax_rss.transAxes, fontsize=9, color="#555")
+            ax_rss.set_title(f"{name}: process memory", fontsize=10)
+            ax_rss.set_yticks([])
+        w = 0.4
+        ax_kv.bar([j - w / 2 for j in x], _num(pts, "memory.kv_reserved_peak_bytes") / MIB, w,
+                  label="reserved (peak)", color="#bbbbbb", edgecolor=colors)
+        ax_kv.bar([j + w / 2 for j in x], (_num(pts, "memory.kv_live_peak_bytes").fillna(0)
+                                           + _num(pts, "memory.state_live_peak_bytes").fillna(0)) / MIB, w,
+                  label="live: tokens and states held (peak)", color=colors)
+        ax_kv.set_title(f"{name}: KV and recurrent state, reserved vs live", fontsize=10)
+        ax_kv.legend(fontsize=8, loc="upper left")
+        for ax in (ax_rss, ax_kv) if pts.index.isin(timed.index).any() else (ax_kv,):
+            ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=7)
+            ax.set_ylabel("MiB")
+            ax.grid(axis="y", alpha=0.3)
+        if not pts.index.isin(timed.index).any():
+            ax_rss.set_xticks([])
     _save(fig, out, "peak_memory", paths)
 
 
@@ -159,62 +180,89 @@ def _legend_outside(fig, axes) -> None:
     fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
 
 
+def _conditions(ok: pd.DataFrame) -> list[str]:
+    """The swept settings other than the allocator: a panel each, so that a panel compares allocators only."""
+    return [c for c in varying(ok, CONFIG_COLUMNS) if c not in ("allocator", "backend")]
+
+
 def _fragmentation_over_time(ok, records, out, paths) -> None:
-    """KV waste and the process allocator's fragmentation against scheduler steps (runs of the same workload
-    line up step by step whatever their speed; records without steps fall back to seconds)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    seen, drawn, by_steps = {}, False, True
-    for row, tl in _series(ok, records, out, "fragmentation"):
+    """KV waste (solid) and the process allocator's fragmentation (dotted) against scheduler steps, one panel
+    per setting the sweep varied besides the allocator: runs of one workload line up step by step whatever
+    their speed (records without steps fall back to seconds)."""
+    series = list(_series(ok, records, out, "fragmentation"))
+    if not series:
+        return
+    conds = _conditions(ok)
+    keys = list(dict.fromkeys(tuple(str(ok.loc[r.Index, c]) for c in conds) for r, _ in series))
+    ncols = min(3, len(keys))
+    nrows = -(-len(keys) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols + 1.5, 3.4 * nrows), squeeze=False, sharey=True)
+    axes = axes.ravel()
+    by_steps, seen = True, {}
+    for row, tl in series:
+        key = tuple(str(ok.loc[row.Index, c]) for c in conds)
+        ax = axes[keys.index(key)]
         alloc = str(getattr(row, "allocator", ""))
-        style = STYLES[seen.get(alloc, 0) % len(STYLES)]  # runs of one allocator: same colour, own style
-        seen[alloc] = seen.get(alloc, 0) + 1
         x = tl.get("step") or tl["t_s"]
         by_steps &= "step" in tl
-        for ax, key in zip(axes, ("kv_waste", "allocator_frag")):
-            ax.plot(x, tl[key], style, label=row.label, color=COLORS.get(alloc), alpha=0.85, lw=1.3)
-        drawn = True
-    if not drawn:
-        plt.close(fig)
-        return
-    axes[0].set_title("KV waste: 1 - live / reserved")
-    axes[1].set_title("process allocator: free bytes held / bytes held")
-    for ax in axes:
-        ax.set_xlabel("scheduler steps (prefill and decode)" if by_steps else "time since start of run (s)")
-        ax.set_ylabel("fraction (0..1)")
+        first = (key, alloc) not in seen
+        seen[(key, alloc)] = True
+        ax.plot(x, tl["kv_waste"], "-", color=COLORS.get(alloc), lw=1.3, alpha=0.85,
+                label=alloc if first else None)
+        ax.plot(x, tl["allocator_frag"], ":", color=COLORS.get(alloc), lw=1.2, alpha=0.85)
+    for ax, key in zip(axes, keys):
+        ax.set_title(", ".join(f"{c.split('.')[-1]}={v}" for c, v in zip(conds, key)) or "all runs", fontsize=9)
+        ax.set_xlabel("scheduler steps" if by_steps else "time since start of run (s)", fontsize=8)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    _legend_outside(fig, axes)
+    for ax in axes[len(keys):]:
+        ax.axis("off")
+    axes[0].set_ylabel("fraction (0..1)")
+    handles = {lab: h for ax in axes for h, lab in zip(*ax.get_legend_handles_labels())}
+    handles |= {"KV waste: 1 - live / reserved": Line2D([], [], color="black", ls="-"),
+                "process allocator: free / held": Line2D([], [], color="black", ls=":")}
+    fig.legend(handles.values(), handles.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5),
+               frameon=False)
+    fig.suptitle("fragmentation over the run, per setting", fontsize=11)
     _save(fig, out, "fragmentation_over_time", paths)
 
 
 def _kv_over_steps(ok, records, out, paths) -> None:
-    """KV (and recurrent state) bytes reserved and live through the run, one panel per allocator: how far the
-    reservation runs ahead of the tokens actually held."""
-    rows = list(_series(ok, records, out, "memory"))
-    allocs = list(dict.fromkeys(str(getattr(r, "allocator", "")) for r, _ in rows))
-    if not rows or not any("step" in tl for _, tl in rows):
+    """KV (and recurrent state) bytes reserved (thick) and live (thin) through the run, one panel per setting the
+    sweep varied besides the allocator, an allocator per colour: how far each reservation runs ahead of the
+    tokens actually held. Panels keep their own scale (a 7B's KV beside a small model's)."""
+    series = [(r, tl) for r, tl in _series(ok, records, out, "memory") if "step" in tl]
+    if not series:
         return
-    fig, axes = plt.subplots(1, len(allocs), figsize=(4.2 * len(allocs) + 2, 3.8), sharey=True, squeeze=False)
-    axes = axes[0]
-    styles: dict[str, int] = {}
-    for row, tl in rows:
-        if "step" not in tl:
-            continue
+    conds = _conditions(ok)
+    keys = list(dict.fromkeys(tuple(str(ok.loc[r.Index, c]) for c in conds) for r, _ in series))
+    ncols = min(3, len(keys))
+    nrows = -(-len(keys) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols + 1.5, 3.4 * nrows), squeeze=False)
+    axes = axes.ravel()
+    seen = set()
+    for row, tl in series:
+        key = tuple(str(ok.loc[row.Index, c]) for c in conds)
+        ax = axes[keys.index(key)]
         alloc = str(getattr(row, "allocator", ""))
-        ax = axes[allocs.index(alloc)]
-        st = STYLES[styles.get(alloc, 0) % len(STYLES)]
-        styles[alloc] = styles.get(alloc, 0) + 1
         live = [a + b for a, b in zip(tl["live_bytes"], tl.get("state_live_bytes", [0] * len(tl["live_bytes"])))]
-        ax.plot(tl["step"], [v / MIB for v in tl["reserved_bytes"]], st, color=COLORS.get(alloc), lw=1.6,
-                label=f"{row.label}: reserved")
-        ax.plot(tl["step"], [v / MIB for v in live], st, color=COLORS.get(alloc), lw=1.0, alpha=0.55,
-                label=f"{row.label}: live")
-    for ax, alloc in zip(axes, allocs):
-        ax.set_title(f"{alloc}: reserved (thick) vs live (thin)")
-        ax.set_xlabel("scheduler steps")
+        ax.plot(tl["step"], [v / MIB for v in tl["reserved_bytes"]], "-", color=COLORS.get(alloc), lw=2.0,
+                alpha=0.8, label=alloc if alloc not in seen else None)
+        ax.plot(tl["step"], [v / MIB for v in live], "-", color=COLORS.get(alloc), lw=0.9, alpha=0.9)
+        seen.add(alloc)
+    for ax, key in zip(axes, keys):
+        ax.set_title(", ".join(f"{c.split('.')[-1]}={v}" for c, v in zip(conds, key)) or "all runs", fontsize=9)
+        ax.set_xlabel("scheduler steps", fontsize=8)
+        ax.set_ylabel("MiB", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="upper left")
-    axes[0].set_ylabel("KV + recurrent state (MiB)")
+    for ax in axes[len(keys):]:
+        ax.axis("off")
+    handles = {lab: h for ax in axes for h, lab in zip(*ax.get_legend_handles_labels())}
+    handles |= {"reserved": Line2D([], [], color="black", lw=2.0), "live (tokens and states held)":
+                Line2D([], [], color="black", lw=0.9)}
+    fig.legend(handles.values(), handles.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5),
+               frameon=False)
+    fig.suptitle("KV cache and recurrent state over the run: reserved vs live", fontsize=11)
     _save(fig, out, "kv_over_steps", paths)
 
 
@@ -317,15 +365,19 @@ def _kv_type_tradeoff(ok, out, paths) -> None:
 
 
 def _parallel_scaling(ok, out, paths) -> None:
+    """Throughput and TPOT against parallel sequences, timed points only, the legend outside the data."""
+    timed = _timed(ok)
+    if timed.empty or timed["parallel"].nunique() < 2:
+        return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (col, ylabel) in zip(axes, [("throughput.tokens_per_s", "throughput (generated tokens/s)"),
                                         ("latency.tpot_ms.p50", "TPOT p50 (ms)")]):
-        _lines(ax, ok, "parallel", col)
+        _lines(ax, timed, "parallel", col)
         ax.set_xlabel("parallel sequences")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_title("scaling with parallel sequences")
+    _legend_outside(fig, axes)
+    fig.suptitle("scaling with parallel sequences (bands: 95% intervals over rounds)", fontsize=11)
     _save(fig, out, "parallel_scaling", paths)
 
 

@@ -300,8 +300,8 @@ def _print_plan(r: dict) -> None:
           f"{r['state_bytes_per_sequence'] / mib:.3g} MiB")
     for a, f in r["allocators"].items():
         line = (f"  {a:<7} {f['max_sequences']:>6} sequences  ({f['cells_per_sequence']} cells, "
-                f"{(f['kv_bytes_per_sequence'] + f['state_bytes_per_sequence']) / mib:.4g} MiB each; cache.size "
-                f"{f['cache_size']}; activations {f['activations'] / mib:.3g} MiB; total {f['total'] / gib:.4g} GiB)")
+                f"{(f['kv_bytes_per_sequence'] + f['state_bytes_per_sequence']) / mib:.1f} MiB each; cache.size "
+                f"{f['cache_size']}; activations {f['activations'] / mib:.0f} MiB; total {f['total'] / gib:.4g} GiB)")
         print(line + "".join(f"\n            {n}" for n in f["notes"]))
     if "max_context" in r:
         print(f"  longest context for {r['parallel']} sequences: "

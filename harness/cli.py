@@ -304,8 +304,11 @@ def _print_plan(r: dict) -> None:
                 f"{f['cache_size']}; activations {f['activations'] / mib:.0f} MiB; total {f['total'] / gib:.4g} GiB)")
         print(line + "".join(f"\n            {n}" for n in f["notes"]))
     if "max_context" in r:
+        from engine.memory.capacity import CONTEXT_LIMIT
+
         print(f"  longest context for {r['parallel']} sequences: "
-              + ", ".join(f"{a} {c}" for a, c in r["max_context"].items()))
+              + ", ".join(f"{a} {'any (nothing grows with context)' if c >= CONTEXT_LIMIT else c}"
+                          for a, c in r["max_context"].items()))
 
 
 def build_parser() -> argparse.ArgumentParser:

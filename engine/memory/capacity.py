@@ -29,6 +29,7 @@ from engine.memory.kv_cache import CacheSpec
 from engine.memory.plan import plan
 
 ALLOCATOR_ORDER = ("pooled", "paged", "naive")
+CONTEXT_LIMIT = 1 << 24  # max_context's answer when any context fits (nothing grows with it)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def fit(cfg: ModelConfig, allocator: str, context: int, budget: Budget, spec: Ca
 
 
 def max_context(cfg: ModelConfig, allocator: str, n_seqs: int, budget: Budget, spec: CacheSpec,
-                n_ubatch: int = 512, compute_bytes: int = 4, limit: int = 1 << 24) -> int:
+                n_ubatch: int = 512, compute_bytes: int = 4, limit: int = CONTEXT_LIMIT) -> int:
     """The longest context (tokens) for which ``n_seqs`` sequences fit; 0 when not even one token does.
     A model without growing memory (recurrent only, or a sliding window) fits any context once it fits one:
     the answer is then ``limit``."""

@@ -217,6 +217,8 @@ class ArchSpec:
     recurrent: bool = False  # has recurrent layers (reads {arch}.ssm.* keys)
     ssm_kind: str = MAMBA1  # what those layers are
     moe_norm_w: bool = False  # llama.cpp build_moe_ffn's norm_w: top-k router weights renormalised
+    moe_every_layer: bool = False  # every layer routes when the file has experts (else: where ffn_gate_inp is)
+    rope_if_finetuned: bool = False  # rope only where {arch}.rope.scaling.finetuned is true (llama.cpp rope_pattern)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -233,7 +235,7 @@ ARCHS: dict[str, ArchSpec] = {
     # a dense FFN or routed experts plus a shared expert; Granite's embedding/residual/attention/logit scales
     "granitehybrid": ArchSpec(ROPE_NORM, tuple(_COMMON + _NORMS + _SSM2 + _ATTN_NOBIAS + _FFN_NORM + _FFN_DENSE
                                                 + _FFN_MOE + _FFN_SHEXP), model="hybrid", recurrent=True,
-                              ssm_kind=MAMBA2, moe_norm_w=True),
+                              ssm_kind=MAMBA2, moe_norm_w=True, moe_every_layer=True, rope_if_finetuned=True),
     # RWKV-7: every layer a time mix (the wkv7 recurrence) and a channel mix, both fed by token shift
     "rwkv7": ArchSpec(ROPE_NONE, tuple(_RWKV7), model="rwkv7", recurrent=True, ssm_kind=RWKV7),
 }

@@ -147,10 +147,10 @@ class GGUFFile:
                     embedding_scale=float(g("embedding_scale", 0.0)), residual_scale=float(g("residual_scale", 0.0)),
                     attention_scale=float(g("attention.scale", 0.0)), logit_scale=float(g("logit_scale", 0.0)),
                 )
-                if arch == "granitehybrid":  # llama.cpp: every layer routes when the file has experts
+                if spec.moe_every_layer:  # llama.cpp: every layer routes when the file has experts
                     extra["moe_layers"] = tuple(extra["n_expert"] > 0 for _ in range(n_layer))
         rope_type = spec.rope_type
-        if arch == "granitehybrid" and not bool(g("rope.scaling.finetuned", True)):
+        if spec.rope_if_finetuned and not bool(g("rope.scaling.finetuned", True)):
             rope_type = ROPE_NONE  # llama.cpp's rope_pattern: Granite 4 hybrids apply no rope on any layer
         if not 0 < int(n_vocab) <= MAX_VOCAB:
             raise ModelFileError(f"{self.path}: vocabulary size {int(n_vocab)} is not plausible (1 .. {MAX_VOCAB})")

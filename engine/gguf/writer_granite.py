@@ -21,6 +21,7 @@ from gguf import GGUFWriter
 
 from engine.gguf.shapes import ModelShape
 from engine.gguf.writer_attention import permute_qk
+from engine.gguf.writer_hybrid import hybrid_attention
 
 
 def random_hf_weights_granite(shape: ModelShape, seed: int) -> dict[str, np.ndarray]:
@@ -29,7 +30,7 @@ def random_hf_weights_granite(shape: ModelShape, seed: int) -> dict[str, np.ndar
     d, V, L = shape.n_embd, shape.n_vocab, shape.n_layer
     di, ds, dc, ng, nh = 2 * d, shape.ssm_d_state, shape.ssm_d_conv, shape.ssm_n_group, shape.ssm_n_head
     conv_dim = di + 2 * ng * ds
-    H, Hkv, hd, ff, E, sh = shape.n_head, shape.n_head_kv, shape.head_dim, shape.n_ff, shape.n_expert, shape.n_ff_shexp
+    ff, E, sh = shape.n_ff, shape.n_expert, shape.n_ff_shexp
 
     def mat(out: int, inp: int, scale: float = 1.0) -> np.ndarray:
         return rng.standard_normal((out, inp), dtype=np.float32) * np.float32(scale / np.sqrt(inp))
@@ -43,8 +44,7 @@ def random_hf_weights_granite(shape: ModelShape, seed: int) -> dict[str, np.ndar
         w[p + "input_layernorm.weight"] = norm(d)
         w[p + "post_attention_layernorm.weight"] = norm(d)
         if il in shape.attn_layers:
-            w |= {p + "self_attn.q_proj.weight": mat(H * hd, d), p + "self_attn.k_proj.weight": mat(Hkv * hd, d),
-                  p + "self_attn.v_proj.weight": mat(Hkv * hd, d), p + "self_attn.o_proj.weight": mat(d, H * hd, 0.5)}
+            w |= hybrid_attention(p, shape, mat)
         else:
             m = p + "mamba."
             dt = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), nh)).astype(np.float32)

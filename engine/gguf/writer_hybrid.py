@@ -18,6 +18,14 @@ from gguf import GGUFWriter
 from engine.gguf.shapes import ModelShape
 
 
+def hybrid_attention(p: str, shape: ModelShape, mat) -> dict[str, np.ndarray]:
+    """A hybrid's attention layer in HF names (Jamba, Granite): q, k, v, o drawn by ``mat(out, in, scale)``
+    in that order, the output at half scale."""
+    d, H, Hkv, hd = shape.n_embd, shape.n_head, shape.n_head_kv, shape.head_dim
+    return {p + "self_attn.q_proj.weight": mat(H * hd, d), p + "self_attn.k_proj.weight": mat(Hkv * hd, d),
+            p + "self_attn.v_proj.weight": mat(Hkv * hd, d), p + "self_attn.o_proj.weight": mat(d, H * hd, 0.5)}
+
+
 def random_hf_weights_hybrid(shape: ModelShape, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     d, V, L = shape.n_embd, shape.n_vocab, shape.n_layer
@@ -58,15 +66,14 @@ def random_hf_weights_hybrid(shape: ModelShape, seed: int) -> dict[str, np.ndarr
         w["backbone.norm_f.weight"] = norm(d)
         w["lm_head.weight"] = emb  # tied, as MambaForCausalLM does
         return w
-    H, Hkv, hd, ff, E = shape.n_head, shape.n_head_kv, shape.head_dim, shape.n_ff, shape.n_expert
+    ff, E = shape.n_ff, shape.n_expert
     w = {"model.embed_tokens.weight": emb}
     for il in range(L):
         p = f"model.layers.{il}."
         w[p + "input_layernorm.weight"] = norm(d)
         w[p + "pre_ff_layernorm.weight"] = norm(d)
         if il in shape.attn_layers:
-            w |= {p + "self_attn.q_proj.weight": mat(H * hd, d), p + "self_attn.k_proj.weight": mat(Hkv * hd, d),
-                  p + "self_attn.v_proj.weight": mat(Hkv * hd, d), p + "self_attn.o_proj.weight": mat(d, H * hd, 0.5)}
+            w |= hybrid_attention(p, shape, mat)
         else:
             w |= mixer(p + "mamba.", jamba=True)
         if il in shape.moe_layers:

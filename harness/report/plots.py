@@ -185,6 +185,35 @@ def _conditions(ok: pd.DataFrame) -> list[str]:
     return [c for c in varying(ok, CONFIG_COLUMNS) if c not in ("allocator", "backend")]
 
 
+def _facets(ok, series, sharey: bool = False):
+    """One panel per setting the sweep varied besides the allocator (so a panel compares allocators only):
+    (fig, axes, key of a series' row, the keys in panel order)."""
+    conds = _conditions(ok)
+
+    def key_of(row) -> tuple:
+        return tuple(str(ok.loc[row.Index, c]) for c in conds)
+
+    keys = list(dict.fromkeys(key_of(r) for r, _ in series))
+    ncols = min(3, len(keys))
+    nrows = -(-len(keys) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols + 1.5, 3.4 * nrows), squeeze=False, sharey=sharey)
+    axes = axes.ravel()
+    for ax, key in zip(axes, keys):
+        ax.set_title(", ".join(f"{c.split('.')[-1]}={v}" for c, v in zip(conds, key)) or "all runs", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(keys):]:
+        ax.axis("off")
+    return fig, axes, key_of, keys
+
+
+def _facet_legend(fig, axes, extra: dict, title: str) -> None:
+    """The allocators' colours and the line styles' meanings, once, right of the panels."""
+    handles = {lab: h for ax in axes for h, lab in zip(*ax.get_legend_handles_labels())} | extra
+    fig.legend(handles.values(), handles.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5),
+               frameon=False)
+    fig.suptitle(title, fontsize=11)
+
+
 def _fragmentation_over_time(ok, records, out, paths) -> None:
     """KV waste (solid) and the process allocator's fragmentation (dotted) against scheduler steps, one panel
     per setting the sweep varied besides the allocator: runs of one workload line up step by step whatever
@@ -192,38 +221,24 @@ def _fragmentation_over_time(ok, records, out, paths) -> None:
     series = list(_series(ok, records, out, "fragmentation"))
     if not series:
         return
-    conds = _conditions(ok)
-    keys = list(dict.fromkeys(tuple(str(ok.loc[r.Index, c]) for c in conds) for r, _ in series))
-    ncols = min(3, len(keys))
-    nrows = -(-len(keys) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols + 1.5, 3.4 * nrows), squeeze=False, sharey=True)
-    axes = axes.ravel()
-    by_steps, seen = True, {}
+    fig, axes, key_of, keys = _facets(ok, series, sharey=True)
+    by_steps, seen = True, set()
     for row, tl in series:
-        key = tuple(str(ok.loc[row.Index, c]) for c in conds)
+        key, alloc = key_of(row), str(getattr(row, "allocator", ""))
         ax = axes[keys.index(key)]
-        alloc = str(getattr(row, "allocator", ""))
         x = tl.get("step") or tl["t_s"]
         by_steps &= "step" in tl
-        first = (key, alloc) not in seen
-        seen[(key, alloc)] = True
         ax.plot(x, tl["kv_waste"], "-", color=COLORS.get(alloc), lw=1.3, alpha=0.85,
-                label=alloc if first else None)
+                label=alloc if (key, alloc) not in seen else None)
         ax.plot(x, tl["allocator_frag"], ":", color=COLORS.get(alloc), lw=1.2, alpha=0.85)
-    for ax, key in zip(axes, keys):
-        ax.set_title(", ".join(f"{c.split('.')[-1]}={v}" for c, v in zip(conds, key)) or "all runs", fontsize=9)
+        seen.add((key, alloc))
+    for ax in axes[:len(keys)]:
         ax.set_xlabel("scheduler steps" if by_steps else "time since start of run (s)", fontsize=8)
         ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    for ax in axes[len(keys):]:
-        ax.axis("off")
     axes[0].set_ylabel("fraction (0..1)")
-    handles = {lab: h for ax in axes for h, lab in zip(*ax.get_legend_handles_labels())}
-    handles |= {"KV waste: 1 - live / reserved": Line2D([], [], color="black", ls="-"),
-                "process allocator: free / held": Line2D([], [], color="black", ls=":")}
-    fig.legend(handles.values(), handles.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5),
-               frameon=False)
-    fig.suptitle("fragmentation over the run, per setting", fontsize=11)
+    _facet_legend(fig, axes, {"KV waste: 1 - live / reserved": Line2D([], [], color="black", ls="-"),
+                              "process allocator: free / held": Line2D([], [], color="black", ls=":")},
+                  "fragmentation over the run, per setting")
     _save(fig, out, "fragmentation_over_time", paths)
 
 
@@ -234,35 +249,22 @@ def _kv_over_steps(ok, records, out, paths) -> None:
     series = [(r, tl) for r, tl in _series(ok, records, out, "memory") if "step" in tl]
     if not series:
         return
-    conds = _conditions(ok)
-    keys = list(dict.fromkeys(tuple(str(ok.loc[r.Index, c]) for c in conds) for r, _ in series))
-    ncols = min(3, len(keys))
-    nrows = -(-len(keys) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols + 1.5, 3.4 * nrows), squeeze=False)
-    axes = axes.ravel()
+    fig, axes, key_of, keys = _facets(ok, series)
     seen = set()
     for row, tl in series:
-        key = tuple(str(ok.loc[row.Index, c]) for c in conds)
-        ax = axes[keys.index(key)]
         alloc = str(getattr(row, "allocator", ""))
+        ax = axes[keys.index(key_of(row))]
         live = [a + b for a, b in zip(tl["live_bytes"], tl.get("state_live_bytes", [0] * len(tl["live_bytes"])))]
         ax.plot(tl["step"], [v / MIB for v in tl["reserved_bytes"]], "-", color=COLORS.get(alloc), lw=2.0,
                 alpha=0.8, label=alloc if alloc not in seen else None)
         ax.plot(tl["step"], [v / MIB for v in live], "-", color=COLORS.get(alloc), lw=0.9, alpha=0.9)
         seen.add(alloc)
-    for ax, key in zip(axes, keys):
-        ax.set_title(", ".join(f"{c.split('.')[-1]}={v}" for c, v in zip(conds, key)) or "all runs", fontsize=9)
+    for ax in axes[:len(keys)]:
         ax.set_xlabel("scheduler steps", fontsize=8)
         ax.set_ylabel("MiB", fontsize=8)
-        ax.grid(alpha=0.3)
-    for ax in axes[len(keys):]:
-        ax.axis("off")
-    handles = {lab: h for ax in axes for h, lab in zip(*ax.get_legend_handles_labels())}
-    handles |= {"reserved": Line2D([], [], color="black", lw=2.0), "live (tokens and states held)":
-                Line2D([], [], color="black", lw=0.9)}
-    fig.legend(handles.values(), handles.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5),
-               frameon=False)
-    fig.suptitle("KV cache and recurrent state over the run: reserved vs live", fontsize=11)
+    _facet_legend(fig, axes, {"reserved": Line2D([], [], color="black", lw=2.0),
+                              "live (tokens and states held)": Line2D([], [], color="black", lw=0.9)},
+                  "KV cache and recurrent state over the run: reserved vs live")
     _save(fig, out, "kv_over_steps", paths)
 
 

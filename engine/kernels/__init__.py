@@ -116,9 +116,9 @@ def backend() -> str:
 ACTIVATIONS = {"f32": 0, "q8": 1, "q16": 2}
 
 
-def qmm(x: torch.Tensor, data: torch.Tensor, ggml_type: T, n: int, k: int, act: str = "f32") -> torch.Tensor:
+def qmm(x: torch.Tensor, data: torch.Tensor, ggml_type: T | int, n: int, k: int, act: str = "f32") -> torch.Tensor:
     """x (M, K) float -> (M, N) float32 = x @ W^T, W given as its GGUF bytes (uint8), M <= MAX_QMM_ROWS.
-    ``ggml_type`` is a KERNEL_TYPE, or F32 (plain float32 rows, read as they are). ``act``: one of
+    ``ggml_type`` is a KERNEL_TYPE, F32 (plain float32 rows, read as they are), or an X16 id (native only). ``act``: one of
     ACTIVATIONS (docs/engine.md has what each costs in speed and accuracy). The fallback always
     multiplies in float32 against the dequantized W."""
     if _load():
@@ -128,7 +128,7 @@ def qmm(x: torch.Tensor, data: torch.Tensor, ggml_type: T, n: int, k: int, act: 
     return x.float() @ dequant(data, ggml_type, n, k).t()
 
 
-def dequant(data: torch.Tensor, ggml_type: T, n: int, k: int, rows: torch.Tensor | None = None,
+def dequant(data: torch.Tensor, ggml_type: T | int, n: int, k: int, rows: torch.Tensor | None = None,
             bf16: bool = False) -> torch.Tensor:
     """Rows ``rows`` (default all) of W (N, K) as float32, or bfloat16 with ``bf16``."""
     if _load():
@@ -144,6 +144,23 @@ def dequant(data: torch.Tensor, ggml_type: T, n: int, k: int, rows: torch.Tensor
     return x.to(torch.bfloat16 if bf16 else torch.float32)
 
 
+# Interleaved layouts ("x16", qmm.cpp): the same blocks, 16 rows at a time, read by the AVX-512 VNNI decode kernel.
+# kvbench's own type ids, accepted wherever a kernel type is: GGUF type -> its x16 id.
+X16: dict[T, int] = {T.Q4_0: 1002, T.Q4_1: 1003}
+
+
+def x16_available() -> bool:
+    """Whether this build has the interleaved 4-bit decode kernel (AVX-512 VNNI)."""
+    return _load() and bool(torch.ops.kvbench.x16())
+
+
+def repack_x16(data: torch.Tensor, ggml_type: T, n: int, k: int) -> torch.Tensor:
+    """The file's ``ggml_type`` blocks (a key of X16) of a (n, k) matrix, n % 16 == 0, interleaved 16 rows at a
+    time: a new uint8 tensor of the same size. Native only."""
+    _load()
+    return torch.ops.kvbench.repack_x16(data, X16[ggml_type], n, k)
+
+
 def fused_available() -> bool:
     """Whether rms_norm and rope below run as single native ops (else they are torch expressions)."""
     return _load()
@@ -157,7 +174,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 def attend_small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                  scale: float) -> torch.Tensor:
-    """Attention for a few query rows: q (T, H, d), k (n, Hkv, d), v (n, Hkv, dv), mask (T, n) bool or None
+    """Attention for a few query rows: q (T, H, d) float32, k (n, Hkv, d), v (n, Hkv, dv) float32, float16 or
+    bfloat16 (widened in registers), mask (T, n) bool or None
     (causal, rows at the end of k/v) -> (T, H * dv) float32. Native only, as ``rope``."""
     _load()
     return torch.ops.kvbench.attend_small(q, k, v, mask, scale)
@@ -184,3 +202,26 @@ def wkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
     """Rotate x (T, H, D) by cos/sin (T, n_rot/2): NEOX halves or NORM adjacent pairs; returns a new tensor."""
     return torch.ops.kvbench.rope(x, cos, sin, neox)
+
+
+def attn_qkv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, ggml_type: T,
+             bias: torch.Tensor | None, cs: tuple[torch.Tensor, torch.Tensor] | None, neox: bool,
+             n_head: int, n_head_kv: int, d_k: int, d_v: int, act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode block's first half in one op: RMS norm, the fused q/k/v matmul (+ bias), rope on q and k (none
+    where ``cs`` is None). x (M <= MAX_QMM_ROWS, n_embd) float32 -> q (M, H, d_k), k (M, Hkv, d_k), v (M, Hkv, d_v),
+    equal bit for bit to the unfused ops. Native only, as ``rope``."""
+    _load()
+    cos, sin = cs if cs is not None else (None, None)
+    q, k, v = torch.ops.kvbench.attn_qkv(x, norm_w, eps, w, int(ggml_type), bias, cos, sin, neox, n_head, n_head_kv,
+                                         d_k, d_v, ACTIVATIONS[act])
+    return q, k, v
+
+
+def ffn_block(x: torch.Tensor, a: torch.Tensor, wo: tuple[torch.Tensor, T], norm_w: torch.Tensor, eps: float,
+              w1: tuple[torch.Tensor, T], w3: tuple[torch.Tensor, T], w2: tuple[torch.Tensor, T], n_ff: int,
+              act: str) -> torch.Tensor:
+    """A decode block's second half in one op: h = x + a Wo^T, then h + W2 (silu(W1 n(h)) * W3 n(h)) with n the
+    RMS norm. Matrices as (GGUF bytes, type); equal bit for bit to the unfused ops. Native only, as ``rope``."""
+    _load()
+    return torch.ops.kvbench.ffn_block(x, a, wo[0], int(wo[1]), norm_w, eps, w1[0], int(w1[1]), w3[0], int(w3[1]),
+                                       w2[0], int(w2[1]), n_ff, ACTIVATIONS[act])

@@ -39,6 +39,10 @@ namespace {
 // GGML type ids (ggml.h enum ggml_type)
 enum : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12,
                  Q5_K = 13, Q6_K = 14, BF16 = 30 };
+// kvbench's own ids: the same blocks with 16 rows interleaved (see "x16" below); not GGML types
+enum : int64_t { Q4_0_X16 = 1002, Q4_1_X16 = 1003 };
+inline bool is_x16(int64_t t) { return t == Q4_0_X16 || t == Q4_1_X16; }
+inline int64_t x16_base(int64_t t) { return t == Q4_0_X16 ? Q4_0 : Q4_1; }
 
 struct Layout { int64_t block, bytes; };
 
@@ -47,8 +51,8 @@ Layout layout(int64_t t) {
     case F32: return {1, 4};
     case F16: return {1, 2};
     case BF16: return {1, 2};
-    case Q4_0: return {32, 18};
-    case Q4_1: return {32, 20};
+    case Q4_0: case Q4_0_X16: return {32, 18};
+    case Q4_1: case Q4_1_X16: return {32, 20};
     case Q5_0: return {32, 22};
     case Q5_1: return {32, 24};
     case Q8_0: return {32, 34};
@@ -748,6 +752,115 @@ void fdot_rows(int64_t t, const uint16_t* w, int64_t K, const float* x, int64_t 
 #endif
 }
 
+// "x16": Q4_0 / Q4_1 blocks with 16 rows interleaved, llama.cpp's repacking idea (its Q4_0 8x8 layout) in a
+// layout of our own. Why: at decode a row-major Q4_0 kernel spends ~28 instructions per 64 weights (unpacking,
+// a scale per block broadcast and blended, the dot, a conversion), so it ran at ~17 GB/s where Q8_0 reached the
+// memory's ~27. Interleaved, one instruction serves 16 rows: per tile of 16 rows and block b, the 16 rows'
+// scales (fp16) as one vector, for Q4_1 their minima, then the quants as 4 chunks of 64 bytes, chunk c holding
+// bytes 4c..4c+3 of each row's 16 nibble pairs, row after row. Split into nibbles, int32 lane j of chunk c holds
+// row j's values 4c..4c+3 (low nibbles) or 16+4c..19+4c (high), so one dpbusd against 4 activation bytes
+// broadcast does 64 multiply-adds for 16 rows, and lane j ends the block as row j's integer dot, scaled by a
+// vector of the 16 rows' scales. Same bytes per block as the file (18 or 20); rows n % 16 == 0 only.
+inline int64_t x16_hdr(int64_t t) { return t == Q4_0_X16 ? 32 : 64; }  // scales (and minima) of a tile-block
+
+// Row n of an x16 matrix as the file's blocks (nblk blocks of the base type) into out.
+void x16_row(int64_t t, const uint8_t* w, int64_t nblk, int64_t n, uint8_t* out) {
+  const int64_t hdr = x16_hdr(t), tb = hdr + 256, bb = layout(t).bytes, j = n % 16, qs = t == Q4_0_X16 ? 2 : 4;
+  const uint8_t* tile = w + (n / 16) * nblk * tb;
+  for (int64_t b = 0; b < nblk; ++b) {
+    const uint8_t* p = tile + b * tb;
+    uint8_t* o = out + b * bb;
+    std::memcpy(o, p + 2 * j, 2);
+    if (t == Q4_1_X16) std::memcpy(o + 2, p + 32 + 2 * j, 2);
+    for (int c = 0; c < 4; ++c) std::memcpy(o + qs + 4 * c, p + hdr + 64 * c + 4 * j, 4);
+  }
+}
+
+// The file's Q4_0 / Q4_1 blocks (n, k) interleaved as x16 (type: the x16 id), a new tensor of the same size.
+at::Tensor repack_x16(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
+  TORCH_CHECK(is_x16(t), "kvbench repack_x16: type must be an x16 id");
+  const at::Tensor src = w.contiguous();
+  const int64_t base = x16_base(t), nblk = k / 32, bb = layout(t).bytes, hdr = x16_hdr(t), tb = hdr + 256;
+  TORCH_CHECK(k % 32 == 0 && n % 16 == 0 && src.numel() == n * nblk * bb && src.scalar_type() == at::kByte,
+              "kvbench repack_x16: (", n, ", ", k, ") ", base == Q4_0 ? "Q4_0" : "Q4_1", " blocks with n % 16 == 0");
+  at::Tensor out = at::empty_like(src);
+  const uint8_t* sp = src.data_ptr<uint8_t>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  const int64_t qs = base == Q4_0 ? 2 : 4;
+  at::parallel_for(0, n / 16, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t tl = t0; tl < t1; ++tl)
+      for (int64_t j = 0; j < 16; ++j) {
+        const uint8_t* row = sp + (tl * 16 + j) * nblk * bb;
+        for (int64_t b = 0; b < nblk; ++b) {
+          uint8_t* p = op + (tl * nblk + b) * tb;
+          const uint8_t* blk = row + b * bb;
+          std::memcpy(p + 2 * j, blk, 2);
+          if (base == Q4_1) std::memcpy(p + 32 + 2 * j, blk + 2, 2);
+          for (int c = 0; c < 4; ++c) std::memcpy(p + hdr + 64 * c + 4 * j, blk + qs + 4 * c, 4);
+        }
+      }
+  });
+  return out;
+}
+
+#if KV_AVX512 && defined(__AVX512VNNI__)
+#define KV_X16 1
+// Integer dots of R activation rows with tiles [tl0, tl1) of an x16 matrix. Row kinds: q16 (hi and lo halves,
+// two dots) or int8. bsum[m][b]: the integer sum of row m's block b (Q4_0's offset of 8 comes off in integers,
+// as in the row-major kernels). Q4_1's minima meet the float block sums, one FMA per block for all 16 rows.
+template <int64_t TY, int R, typename Row>
+void x16dot_t(const uint8_t* w, int64_t nblk, const Row* xr, const int32_t* const* bsum, float* y, int64_t N,
+              int64_t tl0, int64_t tl1) {
+  constexpr int64_t HDR = TY == Q4_0_X16 ? 32 : 64, TB = HDR + 256;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t tl = tl0; tl < tl1; ++tl) {
+    const uint8_t* tile = w + tl * nblk * TB;
+    __m512 acc[R];
+    for (int m = 0; m < R; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nblk; ++b) {
+      const uint8_t* p = tile + b * TB;
+      __m512i q[8];
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v = _mm512_loadu_si512(p + HDR + 64 * c);
+        q[c] = _mm512_and_si512(v, low);
+        q[4 + c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      }
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      for (int m = 0; m < R; ++m) {
+        __m512i dot = _mm512_setzero_si512();
+        float dx;
+        if constexpr (std::is_same_v<Row, Q16Row>) {
+          const int32_t* hi = reinterpret_cast<const int32_t*>(xr[m].hi + b * 32);
+          const int32_t* lo = reinterpret_cast<const int32_t*>(xr[m].lo + b * 32);
+          __m512i dh = _mm512_setzero_si512();
+          for (int i = 0; i < 8; ++i) {
+            dh = _mm512_dpbusd_epi32(dh, q[i], _mm512_set1_epi32(hi[i]));
+            dot = _mm512_dpbusd_epi32(dot, q[i], _mm512_set1_epi32(lo[i]));
+          }
+          dot = _mm512_add_epi32(_mm512_slli_epi32(dh, 8), dot);
+          dx = xr[m].dl[b * 8];
+        } else {
+          const int32_t* xq = reinterpret_cast<const int32_t*>(xr[m].q + b * 32);
+          for (int i = 0; i < 8; ++i) dot = _mm512_dpbusd_epi32(dot, q[i], _mm512_set1_epi32(xq[i]));
+          dx = xr[m].d[b];
+        }
+        if constexpr (TY == Q4_0_X16) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(8 * bsum[m][b]));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[m]);
+        if constexpr (TY == Q4_1_X16) {
+          const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+          acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xr[m].s[2 * b] + xr[m].s[2 * b + 1]), acc[m]);
+        }
+      }
+    }
+    for (int m = 0; m < R; ++m) _mm512_storeu_ps(y + m * N + tl * 16, acc[m]);
+  }
+}
+#else
+#define KV_X16 0
+#endif
+
+bool x16() { return KV_X16; }
+
 void check_weight(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
   const Layout L = layout(t);
   TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.scalar_type() == at::kByte,
@@ -755,64 +868,129 @@ void check_weight(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
   TORCH_CHECK(k % L.block == 0, "kvbench qmm: row length ", k, " is not a multiple of the block ", L.block);
   TORCH_CHECK(w.numel() == n * (k / L.block) * L.bytes, "kvbench qmm: ", w.numel(), " bytes do not hold ", n,
               " rows of ", k, " weights of type ", t);
+  TORCH_CHECK(!is_x16(t) || n % 16 == 0, "kvbench qmm: interleaved weights have whole tiles of 16 rows");
 }
 
 at::Tensor dequant_all(const at::Tensor& w, int64_t t, int64_t n, int64_t k);
 
+inline bool is_float(int64_t t) { return t == F32 || t == F16 || t == BF16; }
+
+// Up to MAXM activation rows (M, K) float32, prepared once for every matrix that reads them: the fused decode
+// ops below quantize a normalized row once for q, k and v together, and once for gate and up.
 // act: 0 float32 activations, 1 int8 per 32 values (llama.cpp's arithmetic), 2 q16 (16-bit fixed point per
-// 32 values, two int8 dots).
-at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& w, int64_t t, int64_t n, int64_t k, int64_t act) {
-  TORCH_CHECK(act >= 0 && act <= 2, "kvbench qmm: act must be 0 (float32), 1 (int8) or 2 (q16)");
-  check_weight(w, t, n, k);
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "kvbench qmm: x must be (M, ", k, ")");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const int64_t M = x.size(0);
-  TORCH_CHECK(M <= MAXM, "kvbench qmm: at most ", MAXM, " rows per call (dequantize for larger batches)");
-  at::Tensor y = at::empty({M, n}, x.options());
-  if (M == 0) return y;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
-  if (t == F32 || t == F16 || t == BF16) {
-    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<uint8_t>());
-    at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
-      fdot_rows(t, wp, k, x.data_ptr<float>(), M, y.data_ptr<float>(), n, n0, n1);
-    });
-    return y;
+// 32 values, two int8 dots). ``quantized``: whether a quantized matrix will read them (F16/BF16/F32 rows
+// always meet x as it is, so nothing else is prepared for them).
+struct Acts {
+  at::Tensor x, hi, lo, dl, xs, ls, xq, xd, bs;
+  int64_t M = 0, K = 0, act = 0;
+  Q16Row r16[MAXM];
+  QRow r8[MAXM];
+  const int32_t* bsum[MAXM];  // integer sum of each 32-value block (the x16 kernels' Q4_0 offset)
+
+  Acts(const at::Tensor& x_in, int64_t act_, bool quantized) : x(x_in.to(at::kFloat).contiguous()), act(act_) {
+    TORCH_CHECK(act >= 0 && act <= 2, "kvbench qmm: act must be 0 (float32), 1 (int8) or 2 (q16)");
+    TORCH_CHECK(x.dim() == 2, "kvbench qmm: activations must be (M, K)");
+    M = x.size(0);
+    K = x.size(1);
+    TORCH_CHECK(M <= MAXM, "kvbench qmm: at most ", MAXM, " rows per call (dequantize for larger batches)");
+    if (!quantized || M == 0) return;
+    const auto f = x.options();
+    const float* xp = x.data_ptr<float>();
+    if (act == 2) {
+      hi = at::empty({M, K}, f.dtype(at::kChar)); lo = at::empty({M, K}, f.dtype(at::kChar));
+      dl = at::empty({M, K / 4}, f); xs = at::empty({M, K / 16}, f); ls = at::empty({M, K / 4}, f.dtype(at::kInt));
+      quantize16_rows(xp, M, K, hi.data_ptr<int8_t>(), lo.data_ptr<int8_t>(), dl.data_ptr<float>(),
+                      xs.data_ptr<float>(), ls.data_ptr<int32_t>());
+      for (int64_t m = 0; m < M; ++m)
+        r16[m] = {hi.data_ptr<int8_t>() + m * K, lo.data_ptr<int8_t>() + m * K, dl.data_ptr<float>() + m * (K / 4),
+                  xs.data_ptr<float>() + m * (K / 16), ls.data_ptr<int32_t>() + m * (K / 4)};
+      bs = ls.view({M, K / 32, 8}).sum(-1, false, at::kInt).contiguous();
+    } else if (act == 1) {
+      xq = at::empty({M, K}, f.dtype(at::kChar)); xd = at::empty({M, K / 32}, f); xs = at::empty({M, K / 16}, f);
+      quantize_rows(xp, M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>());
+      for (int64_t m = 0; m < M; ++m)
+        r8[m] = {xq.data_ptr<int8_t>() + m * K, xd.data_ptr<float>() + m * (K / 32), xs.data_ptr<float>() + m * (K / 16)};
+      bs = xq.view({M, K / 32, 32}).sum(-1, false, at::kInt).contiguous();
+    } else {
+      xs = x.view({M, K / 16, 16}).sum(-1).contiguous();  // (M, K/16), for the minima
+    }
+    if (bs.defined())
+      for (int64_t m = 0; m < M; ++m) bsum[m] = bs.data_ptr<int32_t>() + m * (K / 32);
   }
-  if (act == 2) {
-    at::Tensor hi = at::empty({M, k}, x.options().dtype(at::kChar)), lo = at::empty({M, k}, x.options().dtype(at::kChar));
-    at::Tensor dl = at::empty({M, k / 4}, x.options()), xs = at::empty({M, k / 16}, x.options());
-    at::Tensor ls = at::empty({M, k / 4}, x.options().dtype(at::kInt));
-    quantize16_rows(x.data_ptr<float>(), M, k, hi.data_ptr<int8_t>(), lo.data_ptr<int8_t>(), dl.data_ptr<float>(),
-                    xs.data_ptr<float>(), ls.data_ptr<int32_t>());
-    Q16Row rows[MAXM];
-    for (int64_t m = 0; m < M; ++m)
-      rows[m] = {hi.data_ptr<int8_t>() + m * k, lo.data_ptr<int8_t>() + m * k, dl.data_ptr<float>() + m * (k / 4),
-                 xs.data_ptr<float>() + m * (k / 16), ls.data_ptr<int32_t>() + m * (k / 4)};
-    at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
-      idot_rows(t, w.data_ptr<uint8_t>(), k, rows, M, y.data_ptr<float>(), n, n0, n1);
-    });
-    return y;
+};
+
+// y[m * N + n] = x_m . W_n for weight rows [n0, n1) of W (N, K) of type t: called from inside parallel_for.
+void mv_range(const Acts& a, int64_t t, const uint8_t* w, int64_t N, float* y, int64_t n0, int64_t n1) {
+  const float* x = a.x.data_ptr<float>();
+  if (is_x16(t)) {  // n0, n1: whole tiles
+#if KV_X16
+    if (a.act != 0) {
+      row_blocks(a.M, [&](auto R, int64_t m0) {
+        constexpr int r = decltype(R)::value;
+        auto run = [&](auto TY) {
+          constexpr int64_t ty = decltype(TY)::value;
+          if (a.act == 2) x16dot_t<ty, r>(w, a.K / 32, a.r16 + m0, a.bsum + m0, y + m0 * N, N, n0 / 16, n1 / 16);
+          else x16dot_t<ty, r>(w, a.K / 32, a.r8 + m0, a.bsum + m0, y + m0 * N, N, n0 / 16, n1 / 16);
+        };
+        if (t == Q4_0_X16) run(std::integral_constant<int64_t, Q4_0_X16>{});
+        else run(std::integral_constant<int64_t, Q4_1_X16>{});
+      });
+      return;
+    }
+#endif
+    // float32 activations, or a build without the x16 kernel: each row as the file's blocks, then the row-major path
+    const int64_t nblk = a.K / 32;
+    std::vector<uint8_t> row(nblk * layout(t).bytes);
+    for (int64_t n = n0; n < n1; ++n) {
+      x16_row(t, w, nblk, n, row.data());
+      mv_range(a, x16_base(t), row.data(), N, y + n, 0, 1);
+    }
+    return;
   }
-  if (act == 0) {
-    if (!KV_AVX2) return at::matmul(x, dequant_all(w, t, n, k).t());  // portable build: float32 GEMM
-    const at::Tensor xs = x.view({M, k / 16, 16}).sum(-1).contiguous();  // (M, K/16), for the minima
-    at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
-      fdotq_rows(t, w.data_ptr<uint8_t>(), k, x.data_ptr<float>(), xs.data_ptr<float>(), M, y.data_ptr<float>(),
-                 n, n0, n1);
-    });
-    return y;
+  if (is_float(t)) return fdot_rows(t, reinterpret_cast<const uint16_t*>(w), a.K, x, a.M, y, N, n0, n1);
+  if (a.act == 2) return idot_rows(t, w, a.K, a.r16, a.M, y, N, n0, n1);
+  if (a.act == 1) return idot_rows(t, w, a.K, a.r8, a.M, y, N, n0, n1);
+  if (fdotq_rows(t, w, a.K, x, a.xs.data_ptr<float>(), a.M, y, N, n0, n1)) return;
+  // portable build, float32 activations: each weight row dequantized, then float dots
+  const Layout L = layout(t);
+  const int64_t nblk = a.K / L.block, ng = L.block / 32, rb = nblk * L.bytes;
+  std::vector<float> row(a.K);
+  Group gr;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t b = 0; b < nblk; ++b)
+      for (int g = 0; g < ng; ++g) {
+        unpack(t, w + n * rb + b * L.bytes, g, gr);
+        for (int i = 0; i < 32; ++i) row[(b * ng + g) * 32 + i] = gr.s[i / 16] * float(gr.q[i]) + gr.mn;
+      }
+    for (int64_t m = 0; m < a.M; ++m) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < a.K; ++k) sum += row[k] * x[m * a.K + k];
+      y[m * N + n] = sum;
+    }
   }
-  at::Tensor xq = at::empty({M, k}, x.options().dtype(at::kChar));
-  at::Tensor xd = at::empty({M, k / 32}, x.options());
-  at::Tensor xs = at::empty({M, k / 16}, x.options());
-  quantize_rows(x.data_ptr<float>(), M, k, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>());
-  QRow rows[MAXM];
-  for (int64_t m = 0; m < M; ++m)
-    rows[m] = {xq.data_ptr<int8_t>() + m * k, xd.data_ptr<float>() + m * (k / 32), xs.data_ptr<float>() + m * (k / 16)};
-  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
-    idot_rows(t, w.data_ptr<uint8_t>(), k, rows, M, y.data_ptr<float>(), n, n0, n1);
+}
+
+inline int64_t mv_unit(int64_t t) { return is_x16(t) ? 16 : 1; }  // rows a thread takes whole
+inline int64_t mv_grain(int64_t k, int64_t unit) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1) / unit); }
+
+// (M, n) = a.x W^T over torch's thread pool
+at::Tensor mv(const Acts& a, const at::Tensor& w, int64_t t, int64_t n) {
+  check_weight(w, t, n, a.K);
+  at::Tensor y = at::empty({a.M, n}, a.x.options());
+  if (a.M == 0) return y;
+  const int64_t u = mv_unit(t);
+  at::parallel_for(0, n / u, mv_grain(a.K, u), [&](int64_t u0, int64_t u1) {
+    mv_range(a, t, w.data_ptr<uint8_t>(), n, y.data_ptr<float>(), u0 * u, u1 * u);
   });
   return y;
+}
+
+at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& w, int64_t t, int64_t n, int64_t k, int64_t act) {
+  check_weight(w, t, n, k);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "kvbench qmm: x must be (M, ", k, ")");
+  if (act == 0 && !KV_AVX2 && !is_float(t))  // portable build: float32 GEMM over the dequantized matrix
+    return at::matmul(x_in.to(at::kFloat), dequant_all(w, t, n, k).t());
+  return mv(Acts(x_in, act, !is_float(t)), w, t, n);
 }
 
 #if KV_AVX2
@@ -876,10 +1054,21 @@ bool dequant_row_fast(int64_t, const uint8_t*, int64_t, O*) { return false; }
 #endif
 
 // Rows idx of W (N, K) as float32 or bfloat16: the embedding lookup (get_rows) and the prefill path.
+const int64_t zero_index = 0;
 template <typename T>
 void dequant_rows(int64_t t, const uint8_t* w, int64_t k, const int64_t* idx, int64_t R, T* out) {
   const Layout L = layout(t);
   const int64_t rb = (k / L.block) * L.bytes, nblk = k / L.block, ng = L.block / 32;
+  if (is_x16(t)) {  // each row as the file's blocks, then the row-major path
+    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<uint8_t> row(rb);
+      for (int64_t r = r0; r < r1; ++r) {
+        x16_row(t, w, nblk, idx[r], row.data());
+        dequant_rows(x16_base(t), row.data(), k, &zero_index, 1, out + r * k);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
     Group gr;
     for (int64_t r = r0; r < r1; ++r) {
@@ -972,33 +1161,97 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor&
   return y;
 }
 
+// Fused decode ops (fast mode, at most MAXM rows). A LLaMA block at decode is ~20 torch calls (norms, five
+// matmuls, rope, adds, silu, mul), each a dispatch and a Python step that cost more than their arithmetic at
+// these sizes (llama-small Q4_0: ~1.8 ms of a 5.4 ms step outside the matmuls). These two ops run the block
+// around the memory: everything before K/V are stored, and everything after attention. Same operations in the
+// same order as the unfused path (this file's rms_norm, matmul and rope, torch's silu and mul, float adds),
+// so the results are equal to it bit for bit; tests/unit/engine/kernels/test_fused_block.py checks that.
+
+// RMS norm, q/k/v matmul (+ bias), rope on q and k: x (M, n_embd) -> q (M, H, dk), k (M, Hkv, dk), v (M, Hkv, dv).
+// No cos/sin: no rope (the layer has none).
+std::vector<at::Tensor> attn_qkv(const at::Tensor& x, const at::Tensor& norm_w, double eps, const at::Tensor& w,
+                                 int64_t t, const c10::optional<at::Tensor>& bias,
+                                 const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin, bool neox,
+                                 int64_t n_head, int64_t n_head_kv, int64_t d_k, int64_t d_v, int64_t act) {
+  const int64_t M = x.size(0), nq = n_head * d_k, nk = n_head_kv * d_k, nv = n_head_kv * d_v;
+  at::Tensor y = mv(Acts(rms_norm(x, norm_w, eps), act, !is_float(t)), w, t, nq + nk + nv);
+  if (bias.has_value()) y.add_(*bias);
+  at::Tensor q = y.narrow(1, 0, nq).view({M, n_head, d_k});
+  at::Tensor k = y.narrow(1, nq, nk).view({M, n_head_kv, d_k});
+  if (cos.has_value()) {
+    TORCH_CHECK(sin.has_value(), "kvbench attn_qkv: cos without sin");
+    q = rope(q, *cos, *sin, neox);
+    k = rope(k, *cos, *sin, neox);
+  }
+  return {q, k, y.narrow(1, nq + nk, nv).view({M, n_head_kv, d_v})};
+}
+
+// The rest of the block after attention: h = x + a Wo^T; out = h + W2 (silu(W1 n(h)) * W3 n(h)), with n the RMS
+// norm. Gate and up share one quantization of n(h) and one parallel pass (each thread takes whole rows of either).
+at::Tensor ffn_block(const at::Tensor& x, const at::Tensor& a, const at::Tensor& wo, int64_t to,
+                     const at::Tensor& norm_w, double eps, const at::Tensor& w1, int64_t t1, const at::Tensor& w3,
+                     int64_t t3, const at::Tensor& w2, int64_t t2, int64_t n_ff, int64_t act) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "kvbench ffn_block: x (M, n_embd) float32");
+  const int64_t M = x.size(0), E = x.size(1);
+  const at::Tensor h = at::add(x, mv(Acts(a, act, !is_float(to)), wo, to, E));
+  const Acts hn(rms_norm(h, norm_w, eps), act, !is_float(t1) || !is_float(t3));
+  check_weight(w1, t1, n_ff, E);
+  check_weight(w3, t3, n_ff, E);
+  at::Tensor g = at::empty({M, n_ff}, x.options()), u = at::empty({M, n_ff}, x.options());
+  if (M) {  // units: rows, or tiles of 16 rows for x16 matrices; gate's units first
+    const int64_t u1 = mv_unit(t1), u3 = mv_unit(t3), k1 = n_ff / u1, k3 = n_ff / u3;
+    at::parallel_for(0, k1 + k3, mv_grain(E, std::max(u1, u3)), [&](int64_t r0, int64_t r1) {
+      if (r0 < k1) mv_range(hn, t1, w1.data_ptr<uint8_t>(), n_ff, g.data_ptr<float>(), r0 * u1, std::min(r1, k1) * u1);
+      if (r1 > k1)
+        mv_range(hn, t3, w3.data_ptr<uint8_t>(), n_ff, u.data_ptr<float>(), (std::max(r0, k1) - k1) * u3,
+                 (r1 - k1) * u3);
+    });
+  }
+  g = at::silu(g).mul_(u);
+  return at::add(h, mv(Acts(g, act, !is_float(t2)), w2, t2, E));
+}
+
 at::Tensor dequant_all(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
   return dequant(w, t, n, k, std::nullopt, false);
 }
 
-// dot of two float rows, and y += a x: 8 lanes at a time where AVX2 is built (the compiler does not vectorize
-// a float reduction on its own without reassociating it, which -ffp-contract=off and no -ffast-math forbid).
-inline float dotf(const float* a, const float* b, int64_t n) {
+// dot of a float row with a row of element type et (F32, F16, BF16), and y += a x likewise: 8 lanes at a time
+// where AVX2 is built (the compiler does not vectorize a float reduction on its own without reassociating it,
+// which -ffp-contract=off and no -ffast-math forbid). F16/BF16 widen exactly, so the sums are those of the
+// float32 rows.
+inline __attribute__((always_inline)) float dot_e(int64_t et, const float* a, const void* bv, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
+  const uint16_t* b = static_cast<const uint16_t*>(bv);
 #if KV_AVX2
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(et, b, i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(et, b, i + 8), acc1);
   }
   s = hsum(_mm256_add_ps(acc0, acc1));
 #endif
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * wval(et, b, i);
   return s;
 }
-inline void axpyf(float a, const float* x, float* y, int64_t n) {
+inline __attribute__((always_inline)) void axpy_e(int64_t et, float a, const void* xv, float* y, int64_t n) {
   int64_t i = 0;
+  const uint16_t* x = static_cast<const uint16_t*>(xv);
 #if KV_AVX2
   const __m256 av = _mm256_set1_ps(a);
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load8(et, x, i), _mm256_loadu_ps(y + i)));
 #endif
-  for (; i < n; ++i) y[i] += a * x[i];
+  for (; i < n; ++i) y[i] += a * wval(et, x, i);
+}
+
+inline int64_t elem_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return F32;
+    case at::kHalf: return F16;
+    case at::kBFloat16: return BF16;
+    default: TORCH_CHECK(false, "kvbench attend_small: k and v must be float32, float16 or bfloat16");
+  }
 }
 
 // Attention for a few query rows (decode): q (T, H, d), k (n, Hkv, d), v (n, Hkv, dv) float32 with contiguous
@@ -1006,12 +1259,14 @@ inline void axpyf(float a, const float* x, float* y, int64_t n) {
 // head): scores in float32, softmax with its max subtracted, the weighted sum of v. Why a kernel: at these sizes
 // torch's flash-attention op, or bmm + softmax + bmm, spend most of their time waking threads between ops
 // (~70 us a layer in the engine for a few microseconds of arithmetic); this runs inline unless the work is large.
+// k and v may be float16 or bfloat16, a cache's storage read as it is (widened in registers): converting the
+// cache to float32 first took longer than the attention (0.6 ms a layer at 1000 cells, against 0.15).
 // A row that may attend nothing gets zeros (torch's kernel gives NaN; kvbench's memories never produce one).
 at::Tensor attend_small(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                         const c10::optional<at::Tensor>& mask_in, double scale) {
   TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 3 && v_in.dim() == 3, "kvbench attend_small: q, k, v must be 3-D");
-  TORCH_CHECK(q_in.scalar_type() == at::kFloat && k_in.scalar_type() == at::kFloat && v_in.scalar_type() == at::kFloat,
-              "kvbench attend_small: float32 tensors");
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat, "kvbench attend_small: q must be float32");
+  const int64_t ek = elem_type(k_in), ev = elem_type(v_in);
   const at::Tensor q = q_in.contiguous();
   const at::Tensor k = k_in.stride(2) == 1 ? k_in : k_in.contiguous();
   const at::Tensor v = v_in.stride(2) == 1 ? v_in : v_in.contiguous();
@@ -1024,8 +1279,9 @@ at::Tensor attend_small(const at::Tensor& q_in, const at::Tensor& k_in, const at
   }
   at::Tensor y = at::empty({T, H * dv}, q.options());
   const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t kb = k.element_size(), vb = v.element_size();
   const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1), g = H / hkv;
@@ -1040,7 +1296,7 @@ at::Tensor attend_small(const at::Tensor& q_in, const at::Tensor& k_in, const at
       for (int64_t j = 0; j < n; ++j) {
         const bool ok = mp ? mp[t * n + j] : j <= n - T + t;
         if (!ok) { p[j] = -INFINITY; continue; }
-        p[j] = dotf(qr, kp + j * ks0 + hk * ks1, d) * sc;
+        p[j] = dot_e(ek, qr, kp + (j * ks0 + hk * ks1) * kb, d) * sc;
         mx = std::max(mx, p[j]);
       }
       float* out = yp + t * H * dv + h * dv;
@@ -1051,7 +1307,7 @@ at::Tensor attend_small(const at::Tensor& q_in, const at::Tensor& k_in, const at
       const float inv = 1.f / sum;
       for (int64_t j = 0; j < n; ++j) {
         if (p[j] == 0.f) continue;
-        axpyf(p[j] * inv, vp + j * vs0 + hk * vs1, out, dv);
+        axpy_e(ev, p[j] * inv, vp + (j * vs0 + hk * vs1) * vb, out, dv);
       }
     }
   });
@@ -1158,10 +1414,16 @@ TORCH_LIBRARY(kvbench, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin, bool neox) -> Tensor");
   m.def("attend_small(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  m.def("attn_qkv(Tensor x, Tensor norm_w, float eps, Tensor w, int type, Tensor? bias, Tensor? cos, Tensor? sin, "
+        "bool neox, int n_head, int n_head_kv, int d_k, int d_v, int act) -> Tensor[]");
+  m.def("ffn_block(Tensor x, Tensor a, Tensor wo, int to, Tensor norm_w, float eps, Tensor w1, int t1, Tensor w3, "
+        "int t3, Tensor w2, int t2, int n_ff, int act) -> Tensor");
   m.def("ssm_scan(Tensor dA, Tensor dBx, Tensor C, Tensor s0) -> Tensor[]");
   m.def("wkv7(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0) -> Tensor[]");
   m.def("simd", simd);  // was the AVX2 path compiled in
   m.def("simd512", simd512);  // and the AVX-512 one
+  m.def("x16", x16);  // and the interleaved 4-bit kernel (AVX-512 VNNI)
+  m.def("repack_x16(Tensor w, int type, int n, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvbench, CPU, m) {
@@ -1170,6 +1432,9 @@ TORCH_LIBRARY_IMPL(kvbench, CPU, m) {
   m.impl("rms_norm", rms_norm);
   m.impl("rope", rope);
   m.impl("attend_small", attend_small);
+  m.impl("attn_qkv", attn_qkv);
+  m.impl("repack_x16", repack_x16);
+  m.impl("ffn_block", ffn_block);
   m.impl("ssm_scan", ssm_scan);
   m.impl("wkv7", wkv7);
 }

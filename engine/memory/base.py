@@ -25,7 +25,8 @@ class AttnInput:
     """What a memory context gives one attention call.
 
     rows: which query rows of the ubatch this group answers (None = all of them).
-    k, v: (n_kv, n_head_kv, head_dim) in the compute dtype.
+    k, v: (n_kv, n_head_kv, head_dim) in the compute dtype, or a float cache's storage dtype (f16, bf16)
+          as stored: attention converts (torch's kernels) or widens in registers (engine.kernels).
     mask: (n_rows, n_kv) bool, True = may attend; None = plain causal over k/v (rows are the
           last n_rows positions of k/v), the layout a per-sequence cache produces.
     """

@@ -77,7 +77,10 @@ class Codec:
 
     # -- encode / decode -----------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., n_values) float rows -> (..., row_elems) ``storage_dtype``, on x's device."""
+        """(..., n_values) float rows -> (..., row_elems) ``storage_dtype``, on x's device (x itself where it
+        already is that dtype: callers copy the rows into their storage)."""
+        if self.block_size == 1:  # a float cast, one op: a decode step stores two rows per layer
+            return x.to(self.storage_dtype)
         out = torch.empty(*x.shape[:-1], self.row_elems(x.shape[-1]), dtype=self.storage_dtype, device=x.device)
         self.encode_into(x, out)
         return out
@@ -198,7 +201,7 @@ def _zero_nonfinite(q: torch.Tensor) -> torch.Tensor:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 _T = GGMLQuantizationType

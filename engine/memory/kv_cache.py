@@ -31,7 +31,7 @@ from engine.memory.base import (
     MemoryStatus,
     Rotary,
 )
-from engine.memory.codecs import CACHE_TYPES, check_row, get_codec
+from engine.memory.codecs import CACHE_TYPES, Codec, check_row, get_codec
 from engine.memory.layered import LayeredMemory
 from engine.memory.state import read_state, write_state
 from engine.memory.tiers import tier_of_layer
@@ -159,11 +159,19 @@ class KVCache(LayeredMemory):
         return self.codec_k.encode(k), self.codec_v.encode(v)
 
     def decode(self, ks: torch.Tensor, vs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Storage rows -> (n, n_head_kv, d) K and V in the compute dtype, on the compute device."""
+        """Storage rows -> (n, n_head_kv, d) K and V on the compute device: float storage (f32, f16, bf16) as it
+        is, quantized storage dequantized to the compute dtype (AttnInput: attention widens float storage itself,
+        in registers on the CPU; converting every cached row each step first cost more than the attention)."""
         c = self.cfg
-        k = self._rotate(self.codec_k.decode(ks.to(self.device, non_blocking=True), self.dtype), self.rot_k)
-        v = self._rotate(self.codec_v.decode(vs.to(self.device, non_blocking=True), self.dtype), self.rot_v)
+        k = self._read(self.codec_k, ks, self.rot_k)
+        v = self._read(self.codec_v, vs, self.rot_v)
         return k.view(-1, c.n_head_kv, c.n_embd_head_k), v.view(-1, c.n_head_kv, c.n_embd_head_v)
+
+    def _read(self, codec: Codec, s: torch.Tensor, rot: torch.Tensor | None) -> torch.Tensor:
+        s = s.to(self.device, non_blocking=True)
+        if rot is None and codec.block_size == 1:
+            return s
+        return self._rotate(codec.decode(s, self.dtype), rot)
 
     def rotate_rows(self, ks: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """K storage rows re-rotated by position deltas (K-shift): rope(p) then rope(d) = rope(p + d)."""

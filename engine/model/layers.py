@@ -106,8 +106,8 @@ def attend(q: torch.Tensor, inp: AttnInput, scale: float) -> torch.Tensor:
     """q (T, n_head, head_dim) -> (T, n_head * head_dim_v)."""
     T = q.shape[0]
     qh = q.transpose(0, 1).unsqueeze(0)  # (1, n_head, T, d)
-    kh = inp.k.transpose(0, 1).unsqueeze(0)  # (1, n_head_kv, n_kv, d)
-    vh = inp.v.transpose(0, 1).unsqueeze(0)
+    kh = inp.k.to(q.dtype).transpose(0, 1).unsqueeze(0)  # (1, n_head_kv, n_kv, d); a float cache's storage widened
+    vh = inp.v.to(q.dtype).transpose(0, 1).unsqueeze(0)
     if inp.mask is None:
         n_kv = kh.shape[2]
         causal = T > 1
@@ -133,8 +133,9 @@ def attend_small(q: torch.Tensor, inp: AttnInput, scale: float) -> torch.Tensor:
     (SmolLM2: 30 layers x 70 us of a 15 ms step), and bmm + softmax + bmm ~65 us: mostly threads waking
     between small ops. engine.kernels.attend_small does the same float32 arithmetic inline; off the CPU,
     or without the native build, the torch expression below."""
-    if q.device.type == "cpu" and q.dtype == inp.k.dtype == torch.float32 and kernels.fused_available():
-        return kernels.attend_small(q, inp.k, inp.v, inp.mask, scale)
+    if q.device.type == "cpu" and q.dtype == torch.float32 and kernels.fused_available():
+        return kernels.attend_small(q, inp.k, inp.v, inp.mask, scale)  # reads f16/bf16 storage as it is
+    inp = AttnInput(inp.rows, inp.k.to(q.dtype), inp.v.to(q.dtype), inp.mask)
     T, H, d = q.shape
     n_kv, h_kv, dv = inp.v.shape
     g = H // h_kv

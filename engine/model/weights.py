@@ -49,6 +49,11 @@ class Weight(nn.Module):
         """Rows idx (R,) as (R, k) in the storage's float type (float32 for packed blocks): the embedding lookup."""
         raise NotImplementedError
 
+    def native(self) -> tuple[torch.Tensor, T] | None:
+        """(bytes, GGUF type) that engine.kernels' fused decode ops read as they are, with ``DECODE_ACT``
+        activations where the type is quantized; None where this matrix must go through ``forward``."""
+        return None
+
     def dense(self) -> torch.Tensor:
         """The whole matrix as float32 (n, k), for the few consumers that need a plain tensor."""
         return self.rows(torch.arange(self.n)).float()
@@ -99,6 +104,14 @@ class DenseWeight(Weight):
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.w)
 
+    def native(self) -> tuple[torch.Tensor, T] | None:
+        # F16/BF16 in fast mode: forward() sends small batches to the kernel anyway. F32 is left out: which of
+        # MKL's GEMV or the kernel serves it is the autotuner's per-machine choice.
+        w = self._buffers["w"]
+        if self.fast and w.device.type == "cpu" and w.dtype in (torch.float16, torch.bfloat16):
+            return w.view(-1).view(torch.uint8), _TYPES[w.dtype]
+        return None
+
 
 def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
@@ -123,7 +136,9 @@ DECODE_ACT = "q16"  # how PackedWeight's decode path takes activations (engine.k
 
 
 class PackedWeight(Weight):
-    """GGUF blocks, row after row, as a flat uint8 buffer (a view of the file's bytes when mapped)."""
+    """GGUF blocks as a flat uint8 buffer: row after row (a view of the file's bytes when mapped), or, after
+    ``interleave()``, 16 rows at a time (engine.kernels.X16: the same bytes rearranged, as llama.cpp repacks
+    Q4_0 for its CPU kernels). ``qtype`` stays the file's type; ``ktype`` is the layout the kernels are told."""
 
     def __init__(self, data: torch.Tensor, ggml_type: T, n: int, k: int) -> None:
         super().__init__()
@@ -133,16 +148,29 @@ class PackedWeight(Weight):
             raise ConfigError(f"{ggml_type.name} weight ({n}, {k}): {data.numel()} bytes do not hold its blocks")
         self.register_buffer("data", data.view(-1))
         self.qtype = ggml_type
+        self.ktype: T | int = ggml_type
         self.n, self.k, self.ggml_type = n, k, ggml_type.name
+
+    def interleave(self) -> bool:
+        """Rearrange 4-bit blocks 16 rows at a time where the build has that kernel: decode reads 16 rows per
+        instruction (engine/kernels/qmm.cpp, "x16"). A copy, so never on a mapped file's pages; says whether it did."""
+        if self.ktype not in kernels.X16 or self.n % 16 or not kernels.x16_available():
+            return False
+        self.data = kernels.repack_x16(self.data, self.qtype, self.n, self.k)
+        self.ktype = kernels.X16[self.qtype]
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= kernels.MAX_QMM_ROWS:
-            return kernels.qmm(x, self.data, self.qtype, self.n, self.k, DECODE_ACT)
-        w = kernels.dequant(self.data, self.qtype, self.n, self.k, bf16=True)  # (n, k) for this call only
+            return kernels.qmm(x, self.data, self.ktype, self.n, self.k, DECODE_ACT)
+        w = kernels.dequant(self.data, self.ktype, self.n, self.k, bf16=True)  # (n, k) for this call only
         return F.linear(x.to(torch.bfloat16), w).float()
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        return kernels.dequant(self.data, self.qtype, self.n, self.k, rows=idx)
+        return kernels.dequant(self.data, self.ktype, self.n, self.k, rows=idx)
+
+    def native(self) -> tuple[torch.Tensor, T | int] | None:
+        return (self.data, self.ktype) if self.data.device.type == "cpu" else None
 
 
 class CatWeight(Weight):
@@ -171,6 +199,7 @@ def cat_weights(parts: list[Weight], copy: bool = True) -> Weight:
     first = parts[0]
     if copy and all(isinstance(p, DenseWeight) for p in parts) and len({(p.w.dtype, p.fast) for p in parts}) == 1:
         return DenseWeight(torch.cat([p.w for p in parts]), first.ggml_type, first.fast)
-    if copy and all(isinstance(p, PackedWeight) and p.qtype == first.qtype and p.k == first.k for p in parts):
+    if copy and all(isinstance(p, PackedWeight) and p.ktype == p.qtype == first.qtype and p.k == first.k
+                    for p in parts):
         return PackedWeight(torch.cat([p.data for p in parts]), first.qtype, sum(p.n for p in parts), first.k)
     return CatWeight(parts)

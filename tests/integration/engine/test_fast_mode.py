@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from engine import kernels
 from engine.batch import Batch
 from engine.gguf.presets import build_preset, get_preset
 from engine.loader import create_engine, create_memory, load_model
+from engine.model.llama import TransformerBlock
 from engine.model.weights import PackedWeight
 
 TYPES = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1"}
@@ -149,6 +151,41 @@ def test_allocators_agree_in_fast_mode(tiny_files, allocator):
         return [r.tokens for r in run_all(Scheduler(eng, 4), reqs)]
 
     assert tokens(allocator) == tokens("pooled")
+
+
+def _decode_run(lm, unfused: bool) -> list[torch.Tensor]:
+    """Prefill three sequences (20+ tokens: the module path), then decode steps of 3 and 1 tokens (fused)."""
+    if unfused:
+        for m in lm.model.modules():
+            if isinstance(m, TransformerBlock):
+                m.native = None
+    eng = create_engine(lm, create_memory(lm, size=256, n_seq_max=3))
+    rng = np.random.default_rng(3)
+    n_vocab = lm.config.n_vocab
+    out = [eng.prefill({s: [1] + rng.integers(3, n_vocab, 20 + 7 * s).tolist() for s in range(3)})]
+    nxt = {s: int(t) for s, t in zip(range(3), out[-1].argmax(-1), strict=True)}
+    for _ in range(4):
+        out.append(eng.decode_step(nxt))
+        nxt = {s: int(t) for s, t in zip(nxt, out[-1].argmax(-1), strict=True)}
+    out.append(eng.decode_step({1: nxt[1]}))
+    return out
+
+
+@pytest.mark.parametrize("ft", ["f16", "q8_0", "q4_0", "q4_1", "qwen2-q4_0"])
+def test_fused_decode_equals_the_module_path(tiny_files, tmp_path, ft):
+    """Decode-sized ubatches run each block as two native ops (TransformerBlock.fuse): the same operations in
+    the same order, so logits equal the module path's bit for bit (qwen2-tiny: q/k/v biases, NEOX rope). 4-bit
+    matrices with whole 16-row tiles are interleaved where the build has that kernel (PackedWeight.interleave)."""
+    path = (build_preset(get_preset("qwen2-tiny"), tmp_path / "qwen2-tiny-q4_0.gguf", file_type="q4_0")
+            if ft.startswith("qwen2") else tiny_files[ft])
+    lm = load_model(path, compute="fast")
+    assert all(m.native is not None for m in lm.model.modules() if isinstance(m, TransformerBlock))
+    if ft.endswith(("q4_0", "q4_1")):
+        packed = [m for m in lm.model.modules() if isinstance(m, PackedWeight)]
+        assert all((m.ktype in kernels.X16.values()) == (kernels.x16_available() and m.n % 16 == 0) for m in packed)
+    fused, plain = _decode_run(lm, False), _decode_run(load_model(path, compute="fast"), True)
+    for f, p in zip(fused, plain, strict=True):
+        assert torch.equal(f, p)
 
 
 @pytest.mark.parametrize("model", ["mamba-tiny", "hybrid-tiny", "granite-hybrid-tiny", "rwkv7-tiny"])

@@ -79,3 +79,19 @@ def test_the_torch_expression_off_the_native_build_agrees(monkeypatch, masked):
     got = layers.attend_small(q, AttnInput(None, k, v, mask), 0.125).double()
     want, bound = reference(q, k, v, mask, 0.125, dot_roundings=64 + 6)
     assert (got - want).abs().le(bound).all(), ((got - want).abs() / bound).max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_cache_is_read_as_it_is(dtype):
+    """f16 / bf16 K and V (a float cache's storage, AttnInput) widen exactly in registers: the result equals
+    attention over the same values converted to float32 first, bit for bit; a strided cache view included."""
+    gen = torch.Generator().manual_seed(9)
+    cache = torch.randn(90, 2, 4, 72, generator=gen).to(dtype)  # (cells, K/V, heads, d): strided views below
+    k, v = cache[:83, 0], cache[:83, 1]
+    q = torch.randn(3, 8, 72, generator=gen)
+    mask = torch.rand(3, 83, generator=gen) < 0.7
+    mask[:, 0] = True
+    for m in (None, mask):
+        assert torch.equal(kernels.attend_small(q, k, v, m, 0.1), kernels.attend_small(q, k.float(), v.float(), m, 0.1))
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        kernels.attend_small(q, k.double(), v, None, 0.1)

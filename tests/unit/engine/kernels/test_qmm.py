@@ -168,6 +168,55 @@ def test_qmm_float_activations(t, m):
     assert (got - want).abs().le(bound).all(), ((got - want).abs() / bound).max().item()
 
 
+X16_TYPES = sorted(kernels.X16, key=int)
+
+
+@pytest.mark.parametrize("t", X16_TYPES, ids=lambda t: t.name)
+def test_x16_layout_keeps_every_weight(t):
+    """Interleaving 16 rows only moves bytes: dequantized, every row equals gguf.quants' bit for bit."""
+    n, k = 48, 512
+    raw = random_weights(t, n, k, seed=int(t))
+    ref = reference(t, raw, k)
+    x16 = kernels.repack_x16(torch.from_numpy(raw.reshape(-1).copy()), t, n, k)
+    assert x16.numel() == raw.size
+    assert torch.equal(kernels.dequant(x16, kernels.X16[t], n, k), ref)
+    assert torch.equal(kernels.dequant(x16, kernels.X16[t], n, k, bf16=True), ref.to(torch.bfloat16))
+    rows = torch.tensor([47, 0, 17, 16, 17])
+    assert torch.equal(kernels.dequant(x16, kernels.X16[t], n, k, rows=rows), ref[rows])
+
+
+@pytest.mark.parametrize("t", X16_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 16])
+@pytest.mark.parametrize("act", ["q8", "q16", "f32"])
+def test_qmm_x16(t, m, act):
+    """The interleaved kernel (AVX-512 VNNI; elsewhere each row is put back in the file's order and the
+    row-major kernels run) against float64 on the same quantized activations. Float32 part, per block: the
+    exact integer dot converted (one rounding), one scale product, one FMA into the tile's accumulator, and for
+    Q4_1 one more FMA of the minima with the block's activation sum (itself 2 roundings of float sums of 16): a
+    chain of 2G FMAs, no lane sums. So the row-major tests' bounds hold with 2G in place of G."""
+    n, k = 48, 512
+    G = k // 32
+    raw = random_weights(t, n, k, seed=int(t))
+    w, mn = reference(t, raw, k).double(), minima(t, raw, k).double()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    x[0, :32] = 0  # an all-zero block: scale 0, no division by it
+    x[-1, 32:64] *= 1e3  # one block far larger than the rest: its own scale
+    data = kernels.repack_x16(torch.from_numpy(raw.reshape(-1).copy()), t, n, k)
+    got = kernels.qmm(x, data, kernels.X16[t], n, k, act).double()
+    if act == "q8":
+        xq = quantize_x(x).double()
+        want, bound = xq @ w.t(), (2 * G + 8) * U * (xq.abs() @ (w.abs() + 2 * mn.abs()).t())
+    elif act == "q16":
+        x16, xd = quantize_x16(x), x.double()
+        want = x16 @ (w - mn).t() + xd @ mn.t()
+        bound = (2 * (2 * G) + 24) * U * (x16.abs() @ (w - mn).abs().t() + xd.abs() @ mn.abs().t()) \
+            + (x16 - xd).abs() @ mn.abs().t()
+    else:
+        xd = x.double()
+        want, bound = xd @ w.t(), (G + 12) * U * (xd.abs() @ (w.abs() + 2 * mn.abs()).t())
+    assert (got - want).abs().le(bound).all(), ((got - want).abs() / bound).max().item()
+
+
 @pytest.mark.parametrize("t", [T.F32, T.F16, T.BF16], ids=lambda t: t.name)
 @pytest.mark.parametrize("m", [1, 3, 4, 16])
 def test_qmm_float_weights(t, m):

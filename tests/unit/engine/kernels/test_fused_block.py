@@ -1,0 +1,98 @@
+"""engine.kernels' fused decode ops (attn_qkv, ffn_block) against the unfused ops they replace.
+
+No tolerance: the fused ops run the same operations in the same order as the module path (this file's
+rms_norm, qmm and rope ops, torch's silu and mul, float32 adds), and every matmul output row is computed by
+one thread whatever the split, so the results must be equal bit for bit. The interleaved (x16) layout is
+checked against the row-major kernels in test_qmm.py; here it is one more storage the ops must accept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as T
+
+from engine import kernels
+from tests.unit.engine.kernels.test_qmm import random_weights
+
+pytestmark = pytest.mark.skipif(not kernels.fused_available(), reason="the fused ops are native only")
+
+E, NFF = 256, 512  # n_embd and n_ff: whole blocks of every type (K-quants: 256), whole x16 tiles
+H, HKV, D = 4, 2, 64
+
+
+def weight(t: T, n: int, k: int, seed: int, x16: bool = False) -> tuple[torch.Tensor, int]:
+    """(bytes, kernel type) of a random (n, k) matrix of type t, row-major or interleaved."""
+    data = torch.from_numpy(random_weights(t, n, k, seed=seed).reshape(-1).copy())
+    if x16:
+        return kernels.repack_x16(data, t, n, k), kernels.X16[t]
+    return data, int(t)
+
+
+def mm(x: torch.Tensor, w: tuple[torch.Tensor, int], n: int) -> torch.Tensor:
+    return kernels.qmm(x, w[0], w[1], n, x.shape[1], "q16")
+
+
+LAYOUTS = [(T.F16, False), (T.Q8_0, False), (T.Q4_0, False), (T.Q4_0, True), (T.Q4_1, True), (T.Q4_K, False),
+           (T.BF16, False)]
+IDS = [f"{t.name}{'-x16' if x else ''}" for t, x in LAYOUTS]
+
+
+@pytest.mark.parametrize("t, x16", LAYOUTS, ids=IDS)
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("bias, neox", [(False, False), (True, True)], ids=["llama", "qwen2"])
+def test_attn_qkv_equals_the_unfused_ops(t, x16, m, bias, neox):
+    gen = torch.Generator().manual_seed(m)
+    n = (H + 2 * HKV) * D
+    x, nw = torch.randn(m, E, generator=gen), torch.rand(E, generator=gen) + 0.5
+    w = weight(t, n, E, seed=int(t), x16=x16)
+    b = torch.randn(n, generator=gen) if bias else None
+    theta = torch.arange(m, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, D, 2) / D)
+    cs = (theta.cos().float()[:, None, :], theta.sin().float()[:, None, :])
+
+    y = mm(kernels.rms_norm(x, nw, 1e-5), w, n)
+    if b is not None:
+        y = y + b
+    q, k, v = y.split([H * D, HKV * D, HKV * D], dim=-1)
+    want = (kernels.rope(q.view(m, H, D), *cs, neox), kernels.rope(k.view(m, HKV, D), *cs, neox), v.view(m, HKV, D))
+    got = kernels.attn_qkv(x, nw, 1e-5, w[0], w[1], b, cs, neox, H, HKV, D, D, "q16")
+    for g, e in zip(got, want, strict=True):
+        assert g.shape == e.shape and torch.equal(g, e)
+    no_rope = kernels.attn_qkv(x, nw, 1e-5, w[0], w[1], b, None, neox, H, HKV, D, D, "q16")
+    assert torch.equal(no_rope[0], q.reshape(m, H, D)) and torch.equal(no_rope[1], k.reshape(m, HKV, D))
+
+
+@pytest.mark.parametrize("t, x16", LAYOUTS, ids=IDS)
+@pytest.mark.parametrize("m", [1, 2, 5, 16])
+def test_ffn_block_equals_the_unfused_ops(t, x16, m):
+    gen = torch.Generator().manual_seed(100 + m)
+    x, a = torch.randn(m, E, generator=gen), torch.randn(m, H * D, generator=gen)
+    nw = torch.rand(E, generator=gen) + 0.5
+    wo, w1, w3 = (weight(t, E, H * D, 1, x16), weight(t, NFF, E, 2, x16), weight(t, NFF, E, 3, x16))
+    w2 = weight(t, E, NFF, 4, x16)
+
+    h = x + mm(a, wo, E)
+    hn = kernels.rms_norm(h, nw, 1e-5)
+    want = h + mm(F.silu(mm(hn, w1, NFF)) * mm(hn, w3, NFF), w2, E)
+    got = kernels.ffn_block(x, a, wo, nw, 1e-5, w1, w3, w2, NFF, "q16")
+    assert torch.equal(got, want)
+
+
+def test_ffn_block_with_mixed_types():
+    """A Q4_K_M file mixes types inside a block (Q6_K down, Q4_K gate/up): gate and up still share one pass."""
+    gen = torch.Generator().manual_seed(7)
+    x, a, nw = torch.randn(2, E, generator=gen), torch.randn(2, H * D, generator=gen), torch.ones(E)
+    wo, w1 = weight(T.Q8_0, E, H * D, 1), weight(T.Q4_K, NFF, E, 2)
+    w3, w2 = weight(T.Q4_0, NFF, E, 3, x16=True), weight(T.Q6_K, E, NFF, 4)
+    h = x + mm(a, wo, E)
+    hn = kernels.rms_norm(h, nw, 1e-5)
+    want = h + mm(F.silu(mm(hn, w1, NFF)) * mm(hn, w3, NFF), w2, E)
+    assert torch.equal(kernels.ffn_block(x, a, wo, nw, 1e-5, w1, w3, w2, NFF, "q16"), want)
+
+
+def test_interleaving_needs_whole_tiles():
+    data = torch.from_numpy(np.zeros(24 * 18 * 8, dtype=np.uint8))
+    with pytest.raises(RuntimeError, match="n % 16"):
+        kernels.repack_x16(data, T.Q4_0, 24, 256)

@@ -1,7 +1,8 @@
 """engine.kernels.attend_small against float64 attention.
 
-Bound, from the kernel's float32 operations (u = 2**-24): a score is a d-term dot in two 8-lane FMA chains,
-the lanes summed and the scale applied: |ds| <= delta = (d/16 + 6) u scale sum_i |q_i k_i|. exp(s - max) is
+Bound, from the kernel's float32 operations (u = 2**-24): a score is a d-term dot in one 8-lane FMA chain (the
+AVX2 path, d % 8 == 0: 8 keys' chains reduced together in 3 levels) or two (elsewhere), the lanes summed and the
+scale applied: |ds| <= delta = (d/8 + 6) u scale sum_i |q_i k_i|. exp(s - max) is
 within 2 ulp and the subtraction adds 1; the sum of n weights and the normalisation add (n + 2) u relative;
 a score error delta moves a weight by at most 2 delta relative. The output accumulates n products w v with
 one FMA each: (n + 1) u. So |y - y*| <= sum_j p_j |v_j| (2 delta + (2 n + 8) u)."""
@@ -16,7 +17,7 @@ U = 2.0**-24
 
 def reference(q, k, v, mask, scale, dot_roundings=None):
     """float64 attention, and the bound above per output value (``dot_roundings``: the roundings along a
-    score's dot, d/16 + 6 for the kernel's two 8-lane chains; d + 6 for a dot summed in any order)."""
+    score's dot, d/8 + 6 for the kernel's 8-lane chains; d + 6 for a dot summed in any order)."""
     T, H, d = q.shape
     n, hkv, dv = v.shape
     g = H // hkv
@@ -28,7 +29,7 @@ def reference(q, k, v, mask, scale, dot_roundings=None):
     s = s.masked_fill(~mask[:, None, :], float("-inf"))
     p = torch.softmax(s, -1)
     y = torch.einsum("thn,nhd->thd", p, vd)
-    delta = ((d / 16 + 6 if dot_roundings is None else dot_roundings) * U * sa.masked_fill(~mask[:, None, :], 0)).amax(-1, keepdim=True)
+    delta = ((d / 8 + 6 if dot_roundings is None else dot_roundings) * U * sa.masked_fill(~mask[:, None, :], 0)).amax(-1, keepdim=True)
     bound = torch.einsum("thn,nhd->thd", p, vd.abs()) * (2 * delta + (2 * n + 8) * U)
     return y.reshape(T, -1), bound.reshape(T, -1)
 

@@ -146,11 +146,11 @@ def dequant(data: torch.Tensor, ggml_type: T | int, n: int, k: int, rows: torch.
 
 # Interleaved layouts ("x16", qmm.cpp): the same blocks, 16 rows at a time, read by the AVX-512 VNNI decode kernel.
 # kvbench's own type ids, accepted wherever a kernel type is: GGUF type -> its x16 id.
-X16: dict[T, int] = {T.Q4_0: 1002, T.Q4_1: 1003}
+X16: dict[T, int] = {T.Q4_0: 1002, T.Q4_1: 1003, T.Q8_0: 1008}
 
 
 def x16_available() -> bool:
-    """Whether this build has the interleaved 4-bit decode kernel (AVX-512 VNNI)."""
+    """Whether this build has the interleaved decode kernel (AVX-512 VNNI)."""
     return _load() and bool(torch.ops.kvbench.x16())
 
 

@@ -40,9 +40,9 @@ namespace {
 enum : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12,
                  Q5_K = 13, Q6_K = 14, BF16 = 30 };
 // kvbench's own ids: the same blocks with 16 rows interleaved (see "x16" below); not GGML types
-enum : int64_t { Q4_0_X16 = 1002, Q4_1_X16 = 1003 };
-inline bool is_x16(int64_t t) { return t == Q4_0_X16 || t == Q4_1_X16; }
-inline int64_t x16_base(int64_t t) { return t == Q4_0_X16 ? Q4_0 : Q4_1; }
+enum : int64_t { Q4_0_X16 = 1002, Q4_1_X16 = 1003, Q8_0_X16 = 1008 };
+inline bool is_x16(int64_t t) { return t == Q4_0_X16 || t == Q4_1_X16 || t == Q8_0_X16; }
+inline int64_t x16_base(int64_t t) { return t == Q4_0_X16 ? Q4_0 : t == Q4_1_X16 ? Q4_1 : Q8_0; }
 
 struct Layout { int64_t block, bytes; };
 
@@ -55,7 +55,7 @@ Layout layout(int64_t t) {
     case Q4_1: case Q4_1_X16: return {32, 20};
     case Q5_0: return {32, 22};
     case Q5_1: return {32, 24};
-    case Q8_0: return {32, 34};
+    case Q8_0: case Q8_0_X16: return {32, 34};
     case Q4_K: return {256, 144};
     case Q5_K: return {256, 176};
     case Q6_K: return {256, 210};
@@ -802,7 +802,7 @@ void fdot_rows(int64_t t, const uint16_t* w, int64_t K, const float* x, int64_t 
 #endif
 }
 
-// "x16": Q4_0 / Q4_1 blocks with 16 rows interleaved, llama.cpp's repacking idea (its Q4_0 8x8 layout) in a
+// "x16": Q4_0 / Q4_1 / Q8_0 blocks with 16 rows interleaved, llama.cpp's repacking idea (its Q4_0 8x8 layout) in a
 // layout of our own. Why: at decode a row-major Q4_0 kernel spends ~28 instructions per 64 weights (unpacking,
 // a scale per block broadcast and blended, the dot, a conversion), so it ran at ~17 GB/s where Q8_0 reached the
 // memory's ~27. Interleaved, one instruction serves 16 rows: per tile of 16 rows and block b, the 16 rows'
@@ -810,33 +810,37 @@ void fdot_rows(int64_t t, const uint16_t* w, int64_t K, const float* x, int64_t 
 // bytes 4c..4c+3 of each row's 16 nibble pairs, row after row. Split into nibbles, int32 lane j of chunk c holds
 // row j's values 4c..4c+3 (low nibbles) or 16+4c..19+4c (high), so one dpbusd against 4 activation bytes
 // broadcast does 64 multiply-adds for 16 rows, and lane j ends the block as row j's integer dot, scaled by a
-// vector of the 16 rows' scales. Same bytes per block as the file (18 or 20); rows n % 16 == 0 only.
-inline int64_t x16_hdr(int64_t t) { return t == Q4_0_X16 ? 32 : 64; }  // scales (and minima) of a tile-block
+// vector of the 16 rows' scales. Q8_0: 8 chunks of each row's 32 signed bytes (see x16dot_t for the sign).
+// Same bytes per block as the file (18, 20 or 34); rows n % 16 == 0 only.
+inline int64_t x16_hdr(int64_t t) { return t == Q4_1_X16 ? 64 : 32; }  // scales (and minima) of a tile-block
+inline int64_t x16_chunks(int64_t t) { return t == Q8_0_X16 ? 8 : 4; }  // 64-byte chunks of quants
+inline int64_t x16_qs(int64_t t) { return t == Q4_1_X16 ? 4 : 2; }  // where a file block's quants start
 
 // Row n of an x16 matrix as the file's blocks (nblk blocks of the base type) into out.
 void x16_row(int64_t t, const uint8_t* w, int64_t nblk, int64_t n, uint8_t* out) {
-  const int64_t hdr = x16_hdr(t), tb = hdr + 256, bb = layout(t).bytes, j = n % 16, qs = t == Q4_0_X16 ? 2 : 4;
+  const int64_t hdr = x16_hdr(t), nc = x16_chunks(t), tb = hdr + 64 * nc, bb = layout(t).bytes, j = n % 16;
+  const int64_t qs = x16_qs(t);
   const uint8_t* tile = w + (n / 16) * nblk * tb;
   for (int64_t b = 0; b < nblk; ++b) {
     const uint8_t* p = tile + b * tb;
     uint8_t* o = out + b * bb;
     std::memcpy(o, p + 2 * j, 2);
     if (t == Q4_1_X16) std::memcpy(o + 2, p + 32 + 2 * j, 2);
-    for (int c = 0; c < 4; ++c) std::memcpy(o + qs + 4 * c, p + hdr + 64 * c + 4 * j, 4);
+    for (int c = 0; c < nc; ++c) std::memcpy(o + qs + 4 * c, p + hdr + 64 * c + 4 * j, 4);
   }
 }
 
-// The file's Q4_0 / Q4_1 blocks (n, k) interleaved as x16 (type: the x16 id), a new tensor of the same size.
+// The file's Q4_0 / Q4_1 / Q8_0 blocks (n, k) interleaved as x16 (type: the x16 id), a new tensor of the same size.
 at::Tensor repack_x16(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
   TORCH_CHECK(is_x16(t), "kvbench repack_x16: type must be an x16 id");
   const at::Tensor src = w.contiguous();
-  const int64_t base = x16_base(t), nblk = k / 32, bb = layout(t).bytes, hdr = x16_hdr(t), tb = hdr + 256;
+  const int64_t base = x16_base(t), nblk = k / 32, bb = layout(t).bytes, hdr = x16_hdr(t), nc = x16_chunks(t);
+  const int64_t tb = hdr + 64 * nc, qs = x16_qs(t);
   TORCH_CHECK(k % 32 == 0 && n % 16 == 0 && src.numel() == n * nblk * bb && src.scalar_type() == at::kByte,
-              "kvbench repack_x16: (", n, ", ", k, ") ", base == Q4_0 ? "Q4_0" : "Q4_1", " blocks with n % 16 == 0");
+              "kvbench repack_x16: (", n, ", ", k, ") blocks of GGML type ", base, " with n % 16 == 0");
   at::Tensor out = at::empty_like(src);
   const uint8_t* sp = src.data_ptr<uint8_t>();
   uint8_t* op = out.data_ptr<uint8_t>();
-  const int64_t qs = base == Q4_0 ? 2 : 4;
   at::parallel_for(0, n / 16, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t tl = t0; tl < t1; ++tl)
       for (int64_t j = 0; j < 16; ++j) {
@@ -846,7 +850,7 @@ at::Tensor repack_x16(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
           const uint8_t* blk = row + b * bb;
           std::memcpy(p + 2 * j, blk, 2);
           if (base == Q4_1) std::memcpy(p + 32 + 2 * j, blk + 2, 2);
-          for (int c = 0; c < 4; ++c) std::memcpy(p + hdr + 64 * c + 4 * j, blk + qs + 4 * c, 4);
+          for (int c = 0; c < nc; ++c) std::memcpy(p + hdr + 64 * c + 4 * j, blk + qs + 4 * c, 4);
         }
       }
   });
@@ -858,22 +862,35 @@ at::Tensor repack_x16(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
 // Integer dots of R activation rows with tiles [tl0, tl1) of an x16 matrix. Row kinds: q16 (hi and lo halves,
 // two dots) or int8. bsum[m][b]: the integer sum of row m's block b (Q4_0's offset of 8 comes off in integers,
 // as in the row-major kernels). Q4_1's minima meet the float block sums, one FMA per block for all 16 rows.
+// Q8_0's quants are signed, and dpbusd multiplies unsigned by signed bytes: the activation bytes go in as the
+// unsigned operand shifted by 128 (x ^ 0x80), and 128 times each row's block sum of quants (one more dpbusd
+// per chunk, against ones, shared by every activation row) comes off in integers.
 template <int64_t TY, int R, typename Row>
 void x16dot_t(const uint8_t* w, int64_t nblk, const Row* xr, const int32_t* const* bsum, float* y, int64_t N,
               int64_t tl0, int64_t tl1) {
-  constexpr int64_t HDR = TY == Q4_0_X16 ? 32 : 64, TB = HDR + 256;
-  const __m512i low = _mm512_set1_epi8(0x0F);
+  constexpr bool Q8 = TY == Q8_0_X16;
+  constexpr int64_t HDR = TY == Q4_1_X16 ? 64 : 32, TB = HDR + (Q8 ? 512 : 256);
+  const __m512i low = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1);
+  constexpr int32_t FLIP = int32_t(0x80808080u);
   for (int64_t tl = tl0; tl < tl1; ++tl) {
     const uint8_t* tile = w + tl * nblk * TB;
     __m512 acc[R];
     for (int m = 0; m < R; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nblk; ++b) {
       const uint8_t* p = tile + b * TB;
-      __m512i q[8];
-      for (int c = 0; c < 4; ++c) {
-        const __m512i v = _mm512_loadu_si512(p + HDR + 64 * c);
-        q[c] = _mm512_and_si512(v, low);
-        q[4 + c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      __m512i q[8], wsum = _mm512_setzero_si512();
+      if constexpr (Q8) {
+        for (int c = 0; c < 8; ++c) {
+          q[c] = _mm512_loadu_si512(p + HDR + 64 * c);
+          wsum = _mm512_dpbusd_epi32(wsum, ones, q[c]);
+        }
+        wsum = _mm512_slli_epi32(wsum, 7);  // 128 * sum of the block's quants, per row
+      } else {
+        for (int c = 0; c < 4; ++c) {
+          const __m512i v = _mm512_loadu_si512(p + HDR + 64 * c);
+          q[c] = _mm512_and_si512(v, low);
+          q[4 + c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        }
       }
       const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
       for (int m = 0; m < R; ++m) {
@@ -884,14 +901,24 @@ void x16dot_t(const uint8_t* w, int64_t nblk, const Row* xr, const int32_t* cons
           const int32_t* lo = reinterpret_cast<const int32_t*>(xr[m].lo + b * 32);
           __m512i dh = _mm512_setzero_si512();
           for (int i = 0; i < 8; ++i) {
-            dh = _mm512_dpbusd_epi32(dh, q[i], _mm512_set1_epi32(hi[i]));
-            dot = _mm512_dpbusd_epi32(dot, q[i], _mm512_set1_epi32(lo[i]));
+            if constexpr (Q8) {
+              dh = _mm512_dpbusd_epi32(dh, _mm512_set1_epi32(hi[i] ^ FLIP), q[i]);
+              dot = _mm512_dpbusd_epi32(dot, _mm512_set1_epi32(lo[i] ^ FLIP), q[i]);
+            } else {
+              dh = _mm512_dpbusd_epi32(dh, q[i], _mm512_set1_epi32(hi[i]));
+              dot = _mm512_dpbusd_epi32(dot, q[i], _mm512_set1_epi32(lo[i]));
+            }
           }
+          if constexpr (Q8) { dh = _mm512_sub_epi32(dh, wsum); dot = _mm512_sub_epi32(dot, wsum); }
           dot = _mm512_add_epi32(_mm512_slli_epi32(dh, 8), dot);
           dx = xr[m].dl[b * 8];
         } else {
           const int32_t* xq = reinterpret_cast<const int32_t*>(xr[m].q + b * 32);
-          for (int i = 0; i < 8; ++i) dot = _mm512_dpbusd_epi32(dot, q[i], _mm512_set1_epi32(xq[i]));
+          for (int i = 0; i < 8; ++i) {
+            if constexpr (Q8) dot = _mm512_dpbusd_epi32(dot, _mm512_set1_epi32(xq[i] ^ FLIP), q[i]);
+            else dot = _mm512_dpbusd_epi32(dot, q[i], _mm512_set1_epi32(xq[i]));
+          }
+          if constexpr (Q8) dot = _mm512_sub_epi32(dot, wsum);
           dx = xr[m].d[b];
         }
         if constexpr (TY == Q4_0_X16) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(8 * bsum[m][b]));
@@ -990,7 +1017,8 @@ void mv_range(const Acts& a, int64_t t, const uint8_t* w, int64_t N, float* y, i
           else x16dot_t<ty, r>(w, a.K / 32, a.r8 + m0, a.bsum + m0, y + m0 * N, N, n0 / 16, n1 / 16);
         };
         if (t == Q4_0_X16) run(std::integral_constant<int64_t, Q4_0_X16>{});
-        else run(std::integral_constant<int64_t, Q4_1_X16>{});
+        else if (t == Q4_1_X16) run(std::integral_constant<int64_t, Q4_1_X16>{});
+        else run(std::integral_constant<int64_t, Q8_0_X16>{});
       });
       return;
     }

@@ -152,7 +152,7 @@ class PackedWeight(Weight):
         self.n, self.k, self.ggml_type = n, k, ggml_type.name
 
     def interleave(self) -> bool:
-        """Rearrange 4-bit blocks 16 rows at a time where the build has that kernel: decode reads 16 rows per
+        """Rearrange Q4_0 / Q4_1 / Q8_0 blocks 16 rows at a time where the build has that kernel: decode reads 16 rows per
         instruction (engine/kernels/qmm.cpp, "x16"). A copy, so never on a mapped file's pages; says whether it did."""
         if self.ktype not in kernels.X16 or self.n % 16 or not kernels.x16_available():
             return False

@@ -204,16 +204,18 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> t
     return torch.ops.kvbench.rope(x, cos, sin, neox)
 
 
-def attn_qkv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, ggml_type: T,
+def attn_qkv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: list[tuple[torch.Tensor, T | int, int]],
              bias: torch.Tensor | None, cs: tuple[torch.Tensor, torch.Tensor] | None, neox: bool,
              n_head: int, n_head_kv: int, d_k: int, d_v: int, act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decode block's first half in one op: RMS norm, the fused q/k/v matmul (+ bias), rope on q and k (none
-    where ``cs`` is None). x (M <= MAX_QMM_ROWS, n_embd) float32 -> q (M, H, d_k), k (M, Hkv, d_k), v (M, Hkv, d_v),
-    equal bit for bit to the unfused ops. Native only, as ``rope``."""
+    """A decode block's first half in one op: RMS norm, the q/k/v matmul (+ bias), rope on q and k (none where
+    ``cs`` is None). ``w``: the fused matrix as parts stacked along its rows, (GGUF bytes, type, rows) each (one
+    part, or several of mixed types: a Q4_K_M file's Q6_K v beside Q4_K q and k). x (M <= MAX_QMM_ROWS, n_embd)
+    float32 -> q (M, H, d_k), k (M, Hkv, d_k), v (M, Hkv, d_v), equal bit for bit to the unfused ops. Native
+    only, as ``rope``."""
     _load()
     cos, sin = cs if cs is not None else (None, None)
-    q, k, v = torch.ops.kvbench.attn_qkv(x, norm_w, eps, w, int(ggml_type), bias, cos, sin, neox, n_head, n_head_kv,
-                                         d_k, d_v, ACTIVATIONS[act])
+    q, k, v = torch.ops.kvbench.attn_qkv(x, norm_w, eps, [p[0] for p in w], [int(p[1]) for p in w], [p[2] for p in w],
+                                         bias, cos, sin, neox, n_head, n_head_kv, d_k, d_v, ACTIVATIONS[act])
     return q, k, v
 
 

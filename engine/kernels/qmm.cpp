@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -1255,12 +1256,38 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor&
 
 // RMS norm, q/k/v matmul (+ bias), rope on q and k: x (M, n_embd) -> q (M, H, dk), k (M, Hkv, dk), v (M, Hkv, dv).
 // No cos/sin: no rope (the layer has none).
-std::vector<at::Tensor> attn_qkv(const at::Tensor& x, const at::Tensor& norm_w, double eps, const at::Tensor& w,
-                                 int64_t t, const c10::optional<at::Tensor>& bias,
+std::vector<at::Tensor> attn_qkv(const at::Tensor& x, const at::Tensor& norm_w, double eps, at::TensorList ws,
+                                 at::IntArrayRef types, at::IntArrayRef rows, const c10::optional<at::Tensor>& bias,
                                  const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin, bool neox,
                                  int64_t n_head, int64_t n_head_kv, int64_t d_k, int64_t d_v, int64_t act) {
-  const int64_t M = x.size(0), nq = n_head * d_k, nk = n_head_kv * d_k, nv = n_head_kv * d_v;
-  at::Tensor y = mv(Acts(rms_norm(x, norm_w, eps), act, !is_float(t)), w, t, nq + nk + nv);
+  const int64_t M = x.size(0), E = x.size(1), nq = n_head * d_k, nk = n_head_kv * d_k, nv = n_head_kv * d_v;
+  const int64_t P = int64_t(ws.size()), N = nq + nk + nv;
+  TORCH_CHECK(P > 0 && int64_t(types.size()) == P && int64_t(rows.size()) == P,
+              "kvbench attn_qkv: one type and one row count per matrix part");
+  // Parts stacked along the output (q | k | v in one matrix, or a Q4_K_M file's Q4_K q and k beside its Q6_K v):
+  // one quantization of the normalized row, one parallel pass over all N output rows. A thread's range is cut
+  // into each part's rows, rounded down to the part's unit (x16 tiles): every thread rounds a shared boundary
+  // the same way, so the pieces neither overlap nor leave a gap, and the work splits by rows, not by units.
+  std::vector<int64_t> off(P + 1, 0);
+  bool quantized = false;
+  for (int64_t p = 0; p < P; ++p) {
+    check_weight(ws[p], types[p], rows[p], E);
+    quantized |= !is_float(types[p]);
+    off[p + 1] = off[p] + rows[p];
+  }
+  TORCH_CHECK(off[P] == N, "kvbench attn_qkv: the parts hold ", off[P], " rows, q, k and v need ", N);
+  const Acts a(rms_norm(x, norm_w, eps), act, quantized);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M) {
+    at::parallel_for(0, N, mv_grain(E, 1), [&](int64_t r0, int64_t r1) {
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t u = mv_unit(types[p]);
+        const int64_t lo = std::clamp(r0 - off[p], int64_t(0), rows[p]) / u * u;
+        const int64_t hi = std::clamp(r1 - off[p], int64_t(0), rows[p]) / u * u;
+        if (lo < hi) mv_range(a, types[p], ws[p].data_ptr<uint8_t>(), N, y.data_ptr<float>() + off[p], lo, hi);
+      }
+    });
+  }
   if (bias.has_value()) y.add_(*bias);
   at::Tensor q = y.narrow(1, 0, nq).view({M, n_head, d_k});
   at::Tensor k = y.narrow(1, nq, nk).view({M, n_head_kv, d_k});
@@ -1620,7 +1647,8 @@ TORCH_LIBRARY(kvbench, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin, bool neox) -> Tensor");
   m.def("attend_small(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
-  m.def("attn_qkv(Tensor x, Tensor norm_w, float eps, Tensor w, int type, Tensor? bias, Tensor? cos, Tensor? sin, "
+  m.def("attn_qkv(Tensor x, Tensor norm_w, float eps, Tensor[] ws, int[] types, int[] rows, Tensor? bias, Tensor? cos, "
+        "Tensor? sin, "
         "bool neox, int n_head, int n_head_kv, int d_k, int d_v, int act) -> Tensor[]");
   m.def("ffn_block(Tensor x, Tensor a, Tensor wo, int to, Tensor norm_w, float eps, Tensor w1, int t1, Tensor w3, "
         "int t3, Tensor w2, int t2, int n_ff, int act) -> Tensor");

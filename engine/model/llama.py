@@ -73,7 +73,7 @@ class Attention(nn.Module):
 class NativeBlock(NamedTuple):
     """A block's matrices as engine.kernels' fused decode ops read them: (GGUF bytes, type) each."""
 
-    wqkv: tuple[torch.Tensor, T | int]  # int: an engine.kernels.X16 layout
+    wqkv: list[tuple[torch.Tensor, T | int, int]]  # parts stacked along n: (bytes, type, rows); int: an X16 layout
     wo: tuple[torch.Tensor, T | int]
     w1: tuple[torch.Tensor, T | int]
     w3: tuple[torch.Tensor, T | int]
@@ -98,9 +98,10 @@ class TransformerBlock(nn.Module):
 
     def fuse(self) -> bool:
         """Take the fused decode path where every matrix is one the native kernels read as it is (not F32,
-        whose kernel is chosen per machine, nor a ``CatWeight`` of mixed types); says whether it did."""
+        whose kernel is chosen per machine; q/k/v may be parts of mixed types); says whether it did."""
         ff = self.feed_forward
-        parts = [lin.weight.native() for lin in (self.attention.wqkv, self.attention.wo, ff.w1, ff.w3, ff.w2)]
+        parts = [self.attention.wqkv.weight.native_parts()]
+        parts += [lin.weight.native() for lin in (self.attention.wo, ff.w1, ff.w3, ff.w2)]
         if not kernels.fused_available() or any(p is None for p in parts):
             return False
         self.native = NativeBlock(*parts, n_ff=ff.w1.weight.n)
@@ -110,7 +111,7 @@ class TransformerBlock(nn.Module):
         nb = self.native
         if nb is not None and x.shape[0] <= kernels.MAX_QMM_ROWS and x.dtype == torch.float32 and x.is_cpu:
             at, n1, n2 = self.attention, self.attention_norm, self.ffn_norm
-            q, k, v = kernels.attn_qkv(x, n1.weight, n1.eps, *nb.wqkv, at.wqkv.bias, cs if rope.n_rot else None,
+            q, k, v = kernels.attn_qkv(x, n1.weight, n1.eps, nb.wqkv, at.wqkv.bias, cs if rope.n_rot else None,
                                        rope.neox, at.n_head, at.n_head_kv, at.d_k, at.d_v, DECODE_ACT)
             return kernels.ffn_block(x, at.attend(q, k, v, mctx), nb.wo, n2.weight, n2.eps, nb.w1, nb.w3, nb.w2,
                                      nb.n_ff, DECODE_ACT)

@@ -54,6 +54,12 @@ class Weight(nn.Module):
         activations where the type is quantized; None where this matrix must go through ``forward``."""
         return None
 
+    def native_parts(self) -> list[tuple[torch.Tensor, T | int, int]] | None:
+        """The matrix as parts stacked along n, (bytes, type, rows) each, for ops that take parts (the fused q/k/v);
+        None where any part must go through ``forward``."""
+        nat = self.native()
+        return None if nat is None else [(*nat, self.n)]
+
     def dense(self) -> torch.Tensor:
         """The whole matrix as float32 (n, k), for the few consumers that need a plain tensor."""
         return self.rows(torch.arange(self.n)).float()
@@ -185,6 +191,10 @@ class CatWeight(Weight):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    def native_parts(self) -> list[tuple[torch.Tensor, T | int, int]] | None:
+        parts = [p.native_parts() for p in self.parts]
+        return None if any(p is None for p in parts) else [q for p in parts for q in p]
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         return torch.cat([p.dense() for p in self.parts])[idx]

@@ -171,19 +171,23 @@ def _decode_run(lm, unfused: bool) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("ft", ["f16", "q8_0", "q4_0", "q4_1", "qwen2-q4_0"])
+@pytest.mark.parametrize("ft", ["f16", "q8_0", "q4_0", "q4_1", "qwen2-q4_0", "q4_0-mmap"])
 def test_fused_decode_equals_the_module_path(tiny_files, tmp_path, ft):
     """Decode-sized ubatches run each block as two native ops (TransformerBlock.fuse): the same operations in
     the same order, so logits equal the module path's bit for bit (qwen2-tiny: q/k/v biases, NEOX rope). Q4_0,
     Q4_1 and Q8_0 matrices with whole 16-row tiles are interleaved where the build has that kernel (PackedWeight.interleave)."""
     path = (build_preset(get_preset("qwen2-tiny"), tmp_path / "qwen2-tiny-q4_0.gguf", file_type="q4_0")
-            if ft.startswith("qwen2") else tiny_files[ft])
-    lm = load_model(path, compute="fast")
+            if ft.startswith("qwen2") else tiny_files[ft.removesuffix("-mmap")])
+    mmap = ft.endswith("mmap")  # q, k and v stay three views of the mapped file: the fused op takes them as parts
+    lm = load_model(path, compute="fast", mmap=mmap)
     assert all(m.native is not None for m in lm.model.modules() if isinstance(m, TransformerBlock))
-    if ft.endswith(("q4_0", "q4_1", "q8_0")):
-        packed = [m for m in lm.model.modules() if isinstance(m, PackedWeight)]
+    packed = [m for m in lm.model.modules() if isinstance(m, PackedWeight)]
+    if mmap:
+        assert all(len(b.native.wqkv) == 3 for b in lm.model.modules() if isinstance(b, TransformerBlock))
+        assert not any(m.ktype in kernels.X16.values() for m in packed)  # never a copy of mapped pages
+    elif ft.endswith(("q4_0", "q4_1", "q8_0")):
         assert all((m.ktype in kernels.X16.values()) == (kernels.x16_available() and m.n % 16 == 0) for m in packed)
-    fused, plain = _decode_run(lm, False), _decode_run(load_model(path, compute="fast"), True)
+    fused, plain = _decode_run(lm, False), _decode_run(load_model(path, compute="fast", mmap=mmap), True)
     for f, p in zip(fused, plain, strict=True):
         assert torch.equal(f, p)
 

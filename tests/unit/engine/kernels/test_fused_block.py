@@ -57,11 +57,46 @@ def test_attn_qkv_equals_the_unfused_ops(t, x16, m, bias, neox):
         y = y + b
     q, k, v = y.split([H * D, HKV * D, HKV * D], dim=-1)
     want = (kernels.rope(q.view(m, H, D), *cs, neox), kernels.rope(k.view(m, HKV, D), *cs, neox), v.view(m, HKV, D))
-    got = kernels.attn_qkv(x, nw, 1e-5, w[0], w[1], b, cs, neox, H, HKV, D, D, "q16")
+    got = kernels.attn_qkv(x, nw, 1e-5, [(*w, n)], b, cs, neox, H, HKV, D, D, "q16")
     for g, e in zip(got, want, strict=True):
         assert g.shape == e.shape and torch.equal(g, e)
-    no_rope = kernels.attn_qkv(x, nw, 1e-5, w[0], w[1], b, None, neox, H, HKV, D, D, "q16")
+    no_rope = kernels.attn_qkv(x, nw, 1e-5, [(*w, n)], b, None, neox, H, HKV, D, D, "q16")
     assert torch.equal(no_rope[0], q.reshape(m, H, D)) and torch.equal(no_rope[1], k.reshape(m, HKV, D))
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_attn_qkv_takes_parts_of_mixed_types(m):
+    """A Q4_K_M file's q and k are Q4_K and its v Q6_K: they stay separate matrices (a CatWeight), and the op
+    takes them as parts of one pass, cut by rows: an x16 part is split only at whole tiles whichever thread
+    takes it. Equal to the parts' products side by side."""
+    gen = torch.Generator().manual_seed(40 + m)
+    x, nw = torch.randn(m, E, generator=gen), torch.rand(E, generator=gen) + 0.5
+    parts = [(*weight(T.Q4_0, H * D, E, 1, x16=True), H * D), (*weight(T.Q4_K, HKV * D, E, 2), HKV * D),
+             (*weight(T.Q6_K, HKV * D, E, 3), HKV * D)]
+    xn = kernels.rms_norm(x, nw, 1e-5)
+    y = torch.cat([mm(xn, (p[0], p[1]), p[2]) for p in parts], dim=-1)
+    got = kernels.attn_qkv(x, nw, 1e-5, parts, None, None, False, H, HKV, D, D, "q16")
+    assert torch.equal(torch.cat([g.reshape(m, -1) for g in got], dim=-1), y)
+    with pytest.raises(RuntimeError, match="q, k and v need"):
+        kernels.attn_qkv(x, nw, 1e-5, parts[:2], None, None, False, H, HKV, D, D, "q16")
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_attn_qkv_cuts_interleaved_parts_at_whole_tiles(threads):
+    """Parts whose boundaries fall anywhere: an x16 part of 176 rows (11 tiles) between 40-row parts, N = 256 rows
+    split across 2-4 threads, so thread boundaries fall inside a tile (row 128 is row 88 of the x16 part)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(threads)
+        x, nw = torch.randn(2, E, generator=gen), torch.ones(E)
+        parts = [(*weight(T.Q6_K, 40, E, 1), 40), (*weight(T.Q4_0, 176, E, 2, x16=True), 176),
+                 (*weight(T.Q8_0, 40, E, 3), 40)]
+        y = torch.cat([mm(kernels.rms_norm(x, nw, 1e-5), (p[0], p[1]), p[2]) for p in parts], dim=-1)
+        got = kernels.attn_qkv(x, nw, 1e-5, parts, None, None, False, 2, 1, D, D, "q16")
+        assert torch.equal(torch.cat([g.reshape(2, -1) for g in got], dim=-1), y)
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("t, x16", LAYOUTS, ids=IDS)

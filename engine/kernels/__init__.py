@@ -219,9 +219,9 @@ def attn_qkv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: list[tuple[to
     return q, k, v
 
 
-def ffn_block(x: torch.Tensor, a: torch.Tensor, wo: tuple[torch.Tensor, T], norm_w: torch.Tensor, eps: float,
-              w1: tuple[torch.Tensor, T], w3: tuple[torch.Tensor, T], w2: tuple[torch.Tensor, T], n_ff: int,
-              act: str) -> torch.Tensor:
+def ffn_block(x: torch.Tensor, a: torch.Tensor, wo: tuple[torch.Tensor, T | int], norm_w: torch.Tensor, eps: float,
+              w1: tuple[torch.Tensor, T | int], w3: tuple[torch.Tensor, T | int], w2: tuple[torch.Tensor, T | int],
+              n_ff: int, act: str) -> torch.Tensor:
     """A decode block's second half in one op: h = x + a Wo^T, then h + W2 (silu(W1 n(h)) * W3 n(h)) with n the
     RMS norm. Matrices as (GGUF bytes, type); equal bit for bit to the unfused ops. Native only, as ``rope``."""
     _load()

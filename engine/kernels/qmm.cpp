@@ -958,6 +958,19 @@ inline bool is_float(int64_t t) { return t == F32 || t == F16 || t == BF16; }
 // act: 0 float32 activations, 1 int8 per 32 values (llama.cpp's arithmetic), 2 q16 (16-bit fixed point per
 // 32 values, two int8 dots). ``quantized``: whether a quantized matrix will read them (F16/BF16/F32 rows
 // always meet x as it is, so nothing else is prepared for them).
+// (nb,) int32: sums of nb consecutive runs of `per` integers
+template <typename I>
+at::Tensor block_sums(const I* v, int64_t nb, int per) {
+  at::Tensor out = at::empty({nb}, at::TensorOptions().dtype(at::kInt));
+  int32_t* o = out.data_ptr<int32_t>();
+  for (int64_t b = 0; b < nb; ++b) {
+    int32_t t = 0;
+    for (int i = 0; i < per; ++i) t += v[b * per + i];
+    o[b] = t;
+  }
+  return out;
+}
+
 struct Acts {
   at::Tensor x, hi, lo, dl, xs, ls, xq, xd, bs;
   int64_t M = 0, K = 0, act = 0;
@@ -982,20 +995,13 @@ struct Acts {
       for (int64_t m = 0; m < M; ++m)
         r16[m] = {hi.data_ptr<int8_t>() + m * K, lo.data_ptr<int8_t>() + m * K, dl.data_ptr<float>() + m * (K / 4),
                   xs.data_ptr<float>() + m * (K / 16), ls.data_ptr<int32_t>() + m * (K / 4)};
-      bs = at::empty({M, K / 32}, f.dtype(at::kInt));
-      const int32_t* lp = ls.data_ptr<int32_t>();
-      int32_t* bp = bs.data_ptr<int32_t>();
-      for (int64_t b = 0; b < M * (K / 32); ++b) {
-        int32_t t = 0;
-        for (int l = 0; l < 8; ++l) t += lp[8 * b + l];
-        bp[b] = t;
-      }
+      bs = block_sums(ls.data_ptr<int32_t>(), M * (K / 32), 8);  // ls holds sums of 4 values
     } else if (act == 1) {
       xq = at::empty({M, K}, f.dtype(at::kChar)); xd = at::empty({M, K / 32}, f); xs = at::empty({M, K / 16}, f);
       quantize_rows(xp, M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>());
       for (int64_t m = 0; m < M; ++m)
         r8[m] = {xq.data_ptr<int8_t>() + m * K, xd.data_ptr<float>() + m * (K / 32), xs.data_ptr<float>() + m * (K / 16)};
-      bs = xq.view({M, K / 32, 32}).sum(-1, false, at::kInt).contiguous();
+      bs = block_sums(xq.data_ptr<int8_t>(), M * (K / 32), 32);
     } else {
       xs = x.view({M, K / 16, 16}).sum(-1).contiguous();  // (M, K/16), for the minima
     }
@@ -1056,18 +1062,34 @@ void mv_range(const Acts& a, int64_t t, const uint8_t* w, int64_t N, float* y, i
   }
 }
 
-inline int64_t mv_unit(int64_t t) { return is_x16(t) ? 16 : 1; }  // rows a thread takes whole
-inline int64_t mv_grain(int64_t k, int64_t unit) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1) / unit); }
+// A matrix a pass writes: `rows` rows of type t (checked by the caller) into y, row stride ldy.
+struct Part { const uint8_t* w; int64_t t, rows; float* y; int64_t ldy; };
 
-// (M, n) = a.x W^T over torch's thread pool
+// x W^T for matrices stacked by rows (one matrix; q | k | v of mixed types; gate beside up) in one parallel pass
+// over torch's pool, sharing the prepared activations. A thread's range of the stacked rows is cut into each
+// part's rows, rounded down to whole x16 tiles: every thread rounds a shared boundary the same way, so the
+// pieces neither overlap nor leave a gap, and the work splits by rows whatever the parts' layouts.
+void mv_parts(const Acts& a, const std::vector<Part>& parts) {
+  if (a.M == 0) return;
+  std::vector<int64_t> off(parts.size() + 1, 0);
+  for (size_t p = 0; p < parts.size(); ++p) off[p + 1] = off[p] + parts[p].rows;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.K, 1));
+  at::parallel_for(0, off.back(), grain, [&](int64_t r0, int64_t r1) {
+    for (size_t p = 0; p < parts.size(); ++p) {
+      const Part& q = parts[p];
+      const int64_t u = is_x16(q.t) ? 16 : 1;
+      const int64_t lo = std::clamp(r0 - off[p], int64_t(0), q.rows) / u * u;
+      const int64_t hi = std::clamp(r1 - off[p], int64_t(0), q.rows) / u * u;
+      if (lo < hi) mv_range(a, q.t, q.w, q.ldy, q.y, lo, hi);
+    }
+  });
+}
+
+// (M, n) = a.x W^T
 at::Tensor mv(const Acts& a, const at::Tensor& w, int64_t t, int64_t n) {
   check_weight(w, t, n, a.K);
   at::Tensor y = at::empty({a.M, n}, a.x.options());
-  if (a.M == 0) return y;
-  const int64_t u = mv_unit(t);
-  at::parallel_for(0, n / u, mv_grain(a.K, u), [&](int64_t u0, int64_t u1) {
-    mv_range(a, t, w.data_ptr<uint8_t>(), n, y.data_ptr<float>(), u0 * u, u1 * u);
-  });
+  mv_parts(a, {{w.data_ptr<uint8_t>(), t, n, y.data_ptr<float>(), n}});
   return y;
 }
 
@@ -1265,29 +1287,19 @@ std::vector<at::Tensor> attn_qkv(const at::Tensor& x, const at::Tensor& norm_w, 
   TORCH_CHECK(P > 0 && int64_t(types.size()) == P && int64_t(rows.size()) == P,
               "kvbench attn_qkv: one type and one row count per matrix part");
   // Parts stacked along the output (q | k | v in one matrix, or a Q4_K_M file's Q4_K q and k beside its Q6_K v):
-  // one quantization of the normalized row, one parallel pass over all N output rows. A thread's range is cut
-  // into each part's rows, rounded down to the part's unit (x16 tiles): every thread rounds a shared boundary
-  // the same way, so the pieces neither overlap nor leave a gap, and the work splits by rows, not by units.
-  std::vector<int64_t> off(P + 1, 0);
+  // one quantization of the normalized row, one pass over all of them.
+  at::Tensor y = at::empty({M, N}, x.options());
+  std::vector<Part> parts;
+  int64_t off = 0;
   bool quantized = false;
   for (int64_t p = 0; p < P; ++p) {
     check_weight(ws[p], types[p], rows[p], E);
     quantized |= !is_float(types[p]);
-    off[p + 1] = off[p] + rows[p];
+    parts.push_back({ws[p].data_ptr<uint8_t>(), types[p], rows[p], y.data_ptr<float>() + off, N});
+    off += rows[p];
   }
-  TORCH_CHECK(off[P] == N, "kvbench attn_qkv: the parts hold ", off[P], " rows, q, k and v need ", N);
-  const Acts a(rms_norm(x, norm_w, eps), act, quantized);
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M) {
-    at::parallel_for(0, N, mv_grain(E, 1), [&](int64_t r0, int64_t r1) {
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t u = mv_unit(types[p]);
-        const int64_t lo = std::clamp(r0 - off[p], int64_t(0), rows[p]) / u * u;
-        const int64_t hi = std::clamp(r1 - off[p], int64_t(0), rows[p]) / u * u;
-        if (lo < hi) mv_range(a, types[p], ws[p].data_ptr<uint8_t>(), N, y.data_ptr<float>() + off[p], lo, hi);
-      }
-    });
-  }
+  TORCH_CHECK(off == N, "kvbench attn_qkv: the parts hold ", off, " rows, q, k and v need ", N);
+  mv_parts(Acts(rms_norm(x, norm_w, eps), act, quantized), parts);
   if (bias.has_value()) y.add_(*bias);
   at::Tensor q = y.narrow(1, 0, nq).view({M, n_head, d_k});
   at::Tensor k = y.narrow(1, nq, nk).view({M, n_head_kv, d_k});
@@ -1300,7 +1312,7 @@ std::vector<at::Tensor> attn_qkv(const at::Tensor& x, const at::Tensor& norm_w, 
 }
 
 // The rest of the block after attention: h = x + a Wo^T; out = h + W2 (silu(W1 n(h)) * W3 n(h)), with n the RMS
-// norm. Gate and up share one quantization of n(h) and one parallel pass (each thread takes whole rows of either).
+// norm. Gate and up share one quantization of n(h) and one parallel pass.
 at::Tensor ffn_block(const at::Tensor& x, const at::Tensor& a, const at::Tensor& wo, int64_t to,
                      const at::Tensor& norm_w, double eps, const at::Tensor& w1, int64_t t1, const at::Tensor& w3,
                      int64_t t3, const at::Tensor& w2, int64_t t2, int64_t n_ff, int64_t act) {
@@ -1311,15 +1323,8 @@ at::Tensor ffn_block(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
   check_weight(w1, t1, n_ff, E);
   check_weight(w3, t3, n_ff, E);
   at::Tensor g = at::empty({M, n_ff}, x.options()), u = at::empty({M, n_ff}, x.options());
-  if (M) {  // units: rows, or tiles of 16 rows for x16 matrices; gate's units first
-    const int64_t u1 = mv_unit(t1), u3 = mv_unit(t3), k1 = n_ff / u1, k3 = n_ff / u3;
-    at::parallel_for(0, k1 + k3, mv_grain(E, std::max(u1, u3)), [&](int64_t r0, int64_t r1) {
-      if (r0 < k1) mv_range(hn, t1, w1.data_ptr<uint8_t>(), n_ff, g.data_ptr<float>(), r0 * u1, std::min(r1, k1) * u1);
-      if (r1 > k1)
-        mv_range(hn, t3, w3.data_ptr<uint8_t>(), n_ff, u.data_ptr<float>(), (std::max(r0, k1) - k1) * u3,
-                 (r1 - k1) * u3);
-    });
-  }
+  mv_parts(hn, {{w1.data_ptr<uint8_t>(), t1, n_ff, g.data_ptr<float>(), n_ff},
+                {w3.data_ptr<uint8_t>(), t3, n_ff, u.data_ptr<float>(), n_ff}});
   g = at::silu(g).mul_(u);
   return at::add(h, mv(Acts(g, act, !is_float(t2)), w2, t2, E));
 }
@@ -1449,6 +1454,47 @@ inline void by_elem(int64_t et, F&& f) {
 }
 #endif
 
+// p[j] = (q . k_j) * sc for n keys (rows of element type et, byte stride ks), -inf where masked (mask row m, or
+// causal: j <= last); returns max p. vec: d % 8 == 0, scored 8 keys at a time where AVX2 is built.
+inline float scores(int64_t et, bool vec, const float* q, const char* k, int64_t ks, int64_t d, int64_t n, float sc,
+                    const bool* m, int64_t last, float* p) {
+#if KV_AVX2
+  if (vec) {
+    float mx = -INFINITY;
+    by_elem(et, [&](auto E) { mx = scores8<decltype(E)::value>(q, k, ks, d, n, sc, m, last, p); });
+    return mx;
+  }
+#endif
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    if (!(m ? m[j] : j <= last)) { p[j] = -INFINITY; continue; }
+    p[j] = dot_e(et, q, k + j * ks, d) * sc;
+    mx = std::max(mx, p[j]);
+  }
+  return mx;
+}
+
+// out[0, dv) = inv * sum_j p[j] v_j over rows of element type et (byte stride vs); weights of 0 are skipped.
+// vec: dv % 8 == 0, accumulated in registers where AVX2 is built.
+inline void weighted(int64_t et, bool vec, const char* v, int64_t vs, const float* p, int64_t n, float inv,
+                     int64_t dv, float* out) {
+  const int64_t eb = et == F32 ? 4 : 2;
+#if KV_AVX2
+  if (vec) {
+    by_elem(et, [&](auto E) {
+      constexpr int64_t e = decltype(E)::value;
+      int64_t c = 0;
+      for (; c + 64 <= dv; c += 64) weighted_sum<e, 8>(v + c * eb, vs, p, n, inv, out + c);
+      for (; c < dv; c += 8) weighted_sum<e, 1>(v + c * eb, vs, p, n, inv, out + c);
+    });
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < dv; ++i) out[i] = 0.f;
+  for (int64_t j = 0; j < n; ++j)
+    if (p[j] != 0.f) axpy_e(et, p[j] * inv, v + j * vs, out, dv);
+}
+
 inline int64_t elem_type(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return F32;
@@ -1493,55 +1539,20 @@ at::Tensor attend_small(const at::Tensor& q_in, const at::Tensor& k_in, const at
   float* yp = y.data_ptr<float>();
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1), g = H / hkv;
   const float sc = float(scale);
-#if KV_AVX2
-  if (d % 8 == 0 && dv % 8 == 0) {
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, n * (d + dv)));
-    at::parallel_for(0, T * H, grain, [&](int64_t r0, int64_t r1) {
-      std::vector<float> p(n + 8);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t t = r / H, h = r % H, hk = h / g;
-        const char* kh = kp + hk * ks1 * kb;
-        const char* vh = vp + hk * vs1 * vb;
-        float mx = -INFINITY;
-        by_elem(ek, [&](auto E) {
-          mx = scores8<decltype(E)::value>(qp + (t * H + h) * d, kh, ks0 * kb, d, n, sc, mp ? mp + t * n : nullptr,
-                                           n - T + t, p.data());
-        });
-        float* out = yp + t * H * dv + h * dv;
-        if (mx == -INFINITY) { for (int64_t i = 0; i < dv; ++i) out[i] = 0.f; continue; }
-        const float inv = 1.f / exp_shifted(p.data(), n, mx);
-        by_elem(ev, [&](auto E) {
-          constexpr int64_t e = decltype(E)::value;
-          int64_t c = 0;
-          for (; c + 64 <= dv; c += 64) weighted_sum<e, 8>(vh + c * vb, vs0 * vb, p.data(), n, inv, out + c);
-          for (; c < dv; c += 8) weighted_sum<e, 1>(vh + c * vb, vs0 * vb, p.data(), n, inv, out + c);
-        });
-      }
-    });
-    return y;
-  }
-#endif
+  const bool vec = d % 8 == 0 && dv % 8 == 0;  // the 8-key and register paths (AVX2 builds)
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, n * (d + dv)));
   at::parallel_for(0, T * H, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<float> p(n);
+    std::vector<float> p(n + 8);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = r / H, h = r % H, hk = h / g;
-      const float* qr = qp + (t * H + h) * d;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) {
-        const bool ok = mp ? mp[t * n + j] : j <= n - T + t;
-        if (!ok) { p[j] = -INFINITY; continue; }
-        p[j] = dot_e(ek, qr, kp + (j * ks0 + hk * ks1) * kb, d) * sc;
-        mx = std::max(mx, p[j]);
-      }
+      const char* kh = kp + hk * ks1 * kb;
+      const char* vh = vp + hk * vs1 * vb;
       float* out = yp + t * H * dv + h * dv;
-      for (int64_t i = 0; i < dv; ++i) out[i] = 0.f;
-      if (mx == -INFINITY) continue;
+      const float mx = scores(ek, vec, qp + (t * H + h) * d, kh, ks0 * kb, d, n, sc, mp ? mp + t * n : nullptr,
+                              n - T + t, p.data());
+      if (mx == -INFINITY) { for (int64_t i = 0; i < dv; ++i) out[i] = 0.f; continue; }
       const float inv = 1.f / exp_shifted(p.data(), n, mx);
-      for (int64_t j = 0; j < n; ++j) {
-        if (p[j] == 0.f) continue;
-        axpy_e(ev, p[j] * inv, vp + (j * vs0 + hk * vs1) * vb, out, dv);
-      }
+      weighted(ev, vec, vh, vs0 * vb, p.data(), n, inv, dv, out);
     }
   });
   return y;
@@ -1656,7 +1667,7 @@ TORCH_LIBRARY(kvbench, m) {
   m.def("wkv7(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0) -> Tensor[]");
   m.def("simd", simd);  // was the AVX2 path compiled in
   m.def("simd512", simd512);  // and the AVX-512 one
-  m.def("x16", x16);  // and the interleaved 4-bit kernel (AVX-512 VNNI)
+  m.def("x16", x16);  // and the interleaved (x16) kernel (AVX-512 VNNI)
   m.def("repack_x16(Tensor w, int type, int n, int k) -> Tensor");
 }
 

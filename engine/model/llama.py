@@ -71,7 +71,8 @@ class Attention(nn.Module):
 
 
 class NativeBlock(NamedTuple):
-    """A block's matrices as engine.kernels' fused decode ops read them: (GGUF bytes, type) each."""
+    """A block's matrices as engine.kernels' fused decode ops read them: (GGUF bytes, kernel type) each, q/k/v as
+    parts with their row counts (Weight.native, native_parts)."""
 
     wqkv: list[tuple[torch.Tensor, T | int, int]]  # parts stacked along n: (bytes, type, rows); int: an X16 layout
     wo: tuple[torch.Tensor, T | int]

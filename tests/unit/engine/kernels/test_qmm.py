@@ -211,9 +211,11 @@ def test_qmm_x16(t, m, act):
         want = x16 @ (w - mn).t() + xd @ mn.t()
         bound = (2 * (2 * G) + 24) * U * (x16.abs() @ (w - mn).abs().t() + xd.abs() @ mn.abs().t()) \
             + (x16 - xd).abs() @ mn.abs().t()
-    else:
+    else:  # float32 activations read each row back in the file's order: the row-major result, bit for bit
         xd = x.double()
         want, bound = xd @ w.t(), (G + 12) * U * (xd.abs() @ (w.abs() + 2 * mn.abs()).t())
+        row_major = kernels.qmm(x, torch.from_numpy(raw.reshape(-1).copy()), t, n, k, act).double()
+        assert torch.equal(got, row_major)
     assert (got - want).abs().le(bound).all(), ((got - want).abs() / bound).max().item()
 
 

@@ -181,6 +181,32 @@ def attend_small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     return torch.ops.kvbench.attend_small(q, k, v, mask, scale)
 
 
+def kv_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+              slots: torch.Tensor | None, slot0: int, cells: torch.Tensor | None, n_kv: int,
+              mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """A decode layer's memory step in one op over a float cache's storage (f32, f16, bf16): write k (T, Hkv, d)
+    and v (T, Hkv, dv) into rows ``slots`` (or [slot0, slot0 + T)) of kc, vc (size, Hkv * d), then
+    attend_small(q, rows ``cells`` (or [0, n_kv)), mask). Equal bit for bit to the store, read and attend_small
+    done apart (engine/memory/base.py KVStorage says who decides what). Native only, as ``rope``."""
+    _load()
+    return torch.ops.kvbench.kv_attend(q, k, v, kc, vc, slots, slot0, cells, n_kv, mask, scale)
+
+
+def decode_layers(x: torch.Tensor, ws: list[torch.Tensor], types: list[int], rows: list[int], nparts: list[int],
+                  norms: list[torch.Tensor], biases: list[torch.Tensor], n_ffs: list[int], kcs: list[torch.Tensor],
+                  vcs: list[torch.Tensor], places: tuple, cs: tuple[torch.Tensor, torch.Tensor] | None, neox: bool,
+                  n_head: int, n_head_kv: int, d_k: int, d_v: int, eps: float, scale: float, act: str) -> torch.Tensor:
+    """A stack of decode blocks in one op: per layer attn_qkv, kv_attend into that layer's storage (kcs, vcs) at
+    ``places`` (KVStorage's slots, slot0, cells, n_kv, mask, shared by every layer), ffn_block. Per layer, ws
+    holds nparts[l] q/k/v parts, then wo, w1, w3, w2 (types, rows alike); norms the attention and feed-forward
+    norm weights; biases one q/k/v bias per layer or none. Equal bit for bit to the per-layer ops. Native only,
+    as ``rope``."""
+    _load()
+    cos, sin = cs if cs is not None else (None, None)
+    return torch.ops.kvbench.decode_layers(x, ws, types, rows, nparts, norms, biases, n_ffs, kcs, vcs, *places, cos, sin,
+                                           neox, n_head, n_head_kv, d_k, d_v, eps, scale, ACTIVATIONS[act])
+
+
 def ssm_scan(dA: torch.Tensor, dBx: torch.Tensor, C: torch.Tensor, s0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mamba-1's scan: s_t = dA_t * s_{t-1} + dBx_t over (S, T, di, ds), y_t = s_t . C_t -> (y (S, T, di), s_T).
     Native only, as ``rope``: s is bit-identical to the sequential torch loop (engine/model/mamba.py)."""

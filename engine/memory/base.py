@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import BinaryIO, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -36,6 +36,25 @@ class AttnInput:
     v: torch.Tensor
     mask: torch.Tensor | None
 
+
+
+class KVStorage(NamedTuple):
+    """One layer's float K/V storage as it is, with where a ubatch's rows go and which rows attention reads.
+
+    A memory context hands this out (``kv_storage``) where its rows are plain float rows (f32, f16, bf16) on the
+    compute device, so that a decode step can store and attend in one native op (engine.kernels.kv_attend):
+    the Python of store + attn_inputs cost ~25 us a layer, more than the attention at short contexts. The memory
+    still decides every place (slots, cells, mask); the op only executes it. Contexts whose rows need work to
+    read (quantized, rotated, offloaded, per-sequence tensors) hand out None and keep store / attn_inputs.
+    """
+
+    k: torch.Tensor  # (size, n_embd_k_gqa) storage
+    v: torch.Tensor  # (size, n_embd_v_gqa)
+    slots: torch.Tensor | None  # (T,) int64 rows the ubatch's tokens go to, in token order; None: [slot0, slot0 + T)
+    slot0: int
+    cells: torch.Tensor | None  # (n,) int64 rows attention reads, in mask column order; None: [0, n_kv)
+    n_kv: int
+    mask: torch.Tensor | None  # (T, n) bool, True = may attend (AttnInput.mask)
 
 class Rotary(Protocol):
     """What a KV memory needs of the model's rotary embedding to shift cached keys (seq_add):
@@ -118,6 +137,7 @@ class MemoryContext(Protocol):
     def next(self) -> bool: ...
     def store(self, il: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
     def attn_inputs(self, il: int) -> list[AttnInput]: ...
+    def kv_storage(self, il: int) -> KVStorage | None: ...  # instead of store + attn_inputs, where not None
 
 
 @runtime_checkable

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from engine.batch import Batch, UBatch
-from engine.memory.base import AttnInput, MemoryStats, norm_range
+from engine.memory.base import AttnInput, KVStorage, MemoryStats, norm_range
 from engine.memory.cells import KVCells
 from engine.memory.kv_cache import KVCache
 
@@ -28,7 +28,16 @@ class CellPlan:
 class CellView:
     slots: torch.Tensor | slice  # where this ubatch's rows go
     mask: torch.Tensor  # (T, n_attended) bool
-    cells: torch.Tensor | slice  # cells attention reads, in mask column order
+    cells: torch.Tensor | slice  # cells attention reads, in mask column order ([0, n) when a slice)
+
+    def places(self) -> tuple:
+        """(slots, slot0, cells, n_kv, mask) as KVStorage holds them: index tensors, or the runs' bounds."""
+        sl, cl = self.slots, self.cells
+        slots, slot0 = (None, sl.start) if isinstance(sl, slice) else (sl, 0)
+        if isinstance(cl, slice):
+            assert cl.start in (0, None), "a run of cells attention reads starts at cell 0"
+            return slots, slot0, None, cl.stop, self.mask
+        return slots, slot0, cl, len(cl), self.mask
 
 
 class CellKVCache(KVCache):
@@ -41,6 +50,11 @@ class CellKVCache(KVCache):
             k, v = self.empty_rows(i, self.size)
             self.k.append(k)
             self.v.append(v)
+        # Slots whose rows attention can read as stored (KVStorage): float types, on the compute device. A
+        # quantized or rotated type needs a decode, another tier a copy: those keep store / attn_inputs.
+        float_rows = self.codec_k.block_size == 1 and self.codec_v.block_size == 1 and not (self.rot_k or self.rot_v)
+        self.raw = [float_rows and self.k[i].device == self.device == self.v[i].device for i in range(self.n_layers)]
+        self._places: tuple[CellView | None, tuple] = (None, ())
 
     # -- hooks for pooled / paged --------------------------------------------------------------
     def _plan(self, ub: UBatch):
@@ -74,6 +88,12 @@ class CellKVCache(KVCache):
         self._extra_restore(snap[1])
 
     def _prepare(self, ubs: list[UBatch]) -> list | None:
+        # _plan changes nothing; each ubatch is planned as if the ones before it were committed, so those are
+        # committed on the way and undone at the end. The last one needs no commit: a decode step's single
+        # ubatch plans without a snapshot (the snapshot copies every cell's bookkeeping).
+        if len(ubs) == 1:
+            plan = self._plan(ubs[0])
+            return None if plan is None else [plan]
         snap = self._snapshot()
         plans = []
         try:
@@ -130,6 +150,13 @@ class CellKVCache(KVCache):
             vs = self.v[il].index_select(0, view.cells.to(self.v[il].device))
         k, v = self.decode(ks, vs)
         return [AttnInput(None, k, v, view.mask)]
+
+    def _kv_storage(self, il: int, view: CellView) -> KVStorage | None:
+        if not self.raw[il]:
+            return None
+        if self._places[0] is not view:  # once per ubatch, not per layer
+            self._places = (view, view.places())
+        return KVStorage(self.k[il], self.v[il], *self._places[1])
 
     # -- K-shift -------------------------------------------------------------------------------
     def update(self) -> None:

@@ -140,7 +140,6 @@ class HybridMemory(StateFiles):
     def close(self) -> None:
         self.kv.close()
         self.rs.close()
-        self.rs.close()
 
 
 class HybridContext:
@@ -165,6 +164,9 @@ class HybridContext:
 
     def attn_inputs(self, il):
         return self.kv_ctx.attn_inputs(il)
+
+    def kv_storage(self, il):
+        return self.kv_ctx.kv_storage(il)
 
     def rs_get(self, il):
         return self.rs_ctx.rs_get(il)

@@ -27,6 +27,7 @@ from engine.errors import ConfigError, MemoryFullError, StateFileError, Unsuppor
 from engine.memory.base import (
     AttnInput,
     BatchContext,
+    KVStorage,
     MemoryStats,
     MemoryStatus,
     Rotary,
@@ -189,6 +190,11 @@ class KVCache(LayeredMemory):
 
     def _attn_inputs(self, il: int, view) -> list[AttnInput]:
         raise NotImplementedError
+
+    def _kv_storage(self, il: int, view) -> KVStorage | None:
+        """Slot il's storage with the view's places, where a native op may store and read it directly (base.py
+        KVStorage); None by default: store and attn_inputs."""
+        return None
 
     # -- accounting ----------------------------------------------------------------------------
     def memory_breakdown(self) -> dict[str, int]:
@@ -358,6 +364,9 @@ class KVContext(BatchContext):
 
     def attn_inputs(self, il: int) -> list[AttnInput]:
         return self.cache._attn_inputs(self.cache.slot[il], self.view)
+
+    def kv_storage(self, il: int) -> KVStorage | None:
+        return self.cache._kv_storage(self.cache.slot[il], self.view)
 
 
 KVCache.context = KVContext  # the view a KV cache hands to the model (defined after both)

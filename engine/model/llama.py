@@ -15,6 +15,7 @@ from torch import nn
 
 from engine import kernels
 from engine.config import ModelConfig
+from engine.memory.base import KVStorage
 from engine.model.layers import (
     SMALL_T,
     Embedding,
@@ -69,6 +70,13 @@ class Attention(nn.Module):
             y[g.rows] = att(q[g.rows], g, self.scale)
         return y
 
+    def attend_native(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mctx) -> torch.Tensor:
+        """attend() for a fused block at decode sizes: where the memory hands out its float rows as stored
+        (KVStorage), the store, read and attend_small in one op (engine.kernels.kv_attend), equal bit for bit.
+        The module path keeps attend(): it is the reference both are tested against."""
+        st = mctx.kv_storage(self.il) if self.fused and q.shape[0] <= SMALL_T else None  # attend_small's domain
+        return self.attend(q, k, v, mctx) if st is None else kernels.kv_attend(q, k, v, *st, self.scale)
+
 
 class NativeBlock(NamedTuple):
     """A block's matrices as engine.kernels' fused decode ops read them: (GGUF bytes, kernel type) each, q/k/v as
@@ -80,6 +88,20 @@ class NativeBlock(NamedTuple):
     w3: tuple[torch.Tensor, T | int]
     w2: tuple[torch.Tensor, T | int]
     n_ff: int
+
+
+class NativeStack(NamedTuple):
+    """Every block of a model as engine.kernels.decode_layers reads them, flattened once at load: per layer the
+    q/k/v parts, then wo, w1, w3, w2 (``ws`` with ``types``, ``rows``), the two norms, the q/k/v bias if any."""
+
+    ws: list[torch.Tensor]
+    types: list[int]
+    rows: list[int]
+    nparts: list[int]
+    norms: list[torch.Tensor]
+    biases: list[torch.Tensor]
+    n_ffs: list[int]
+    eps: float
 
 
 class TransformerBlock(nn.Module):
@@ -114,7 +136,7 @@ class TransformerBlock(nn.Module):
             at, n1, n2 = self.attention, self.attention_norm, self.ffn_norm
             q, k, v = kernels.attn_qkv(x, n1.weight, n1.eps, nb.wqkv, at.wqkv.bias, cs if rope.n_rot else None,
                                        rope.neox, at.n_head, at.n_head_kv, at.d_k, at.d_v, DECODE_ACT)
-            return kernels.ffn_block(x, at.attend(q, k, v, mctx), nb.wo, n2.weight, n2.eps, nb.w1, nb.w3, nb.w2,
+            return kernels.ffn_block(x, at.attend_native(q, k, v, mctx), nb.wo, n2.weight, n2.eps, nb.w1, nb.w3, nb.w2,
                                      nb.n_ff, DECODE_ACT)
         h = x + self.attention(self.attention_norm(x), rope, cs, mctx)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -133,6 +155,7 @@ class Transformer(nn.Module):
         if cfg.tied_output:  # one matrix, two uses (the file holds token_embd only)
             self.output.weight = self.tok_embeddings.weight
         self.rope = Rope(cfg)
+        self.native: NativeStack | None = None  # fast mode on the CPU: the stack as one op (fuse)
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor, mctx, out_rows: torch.Tensor | None = None) -> torch.Tensor:
         """token, pos: (T,) -> logits (n_out, n_vocab) float32 for ``out_rows`` (default all)."""
@@ -141,12 +164,56 @@ class Transformer(nn.Module):
         if self.config.embedding_scale:
             x = x * self.config.embedding_scale
         cs = self.rope.angles(pos, x.dtype)
-        for layer in self.layers:
-            x = layer(x, self.rope, cs, mctx)
+        x = self._layers(x, cs, mctx)
         if out_rows is not None:
             x = x[out_rows]
         logits = self.output(self.norm(x)).float()
         return logits / self.config.logit_scale if self.config.logit_scale else logits
+
+    def _layers(self, x: torch.Tensor, cs, mctx) -> torch.Tensor:
+        """Every block over x (T, n_embd): one native op for the whole stack where the model has one (fast mode,
+        every block fused) and the memory hands out every layer's storage with shared places (KVStorage); else
+        block by block. Both give the same bits."""
+        st = self.native
+        if st is not None and x.shape[0] <= min(kernels.MAX_QMM_ROWS, SMALL_T) and x.dtype == torch.float32 and x.is_cpu:
+            kv = [mctx.kv_storage(il) for il in range(len(self.layers))]
+            if all(s is not None for s in kv) and all(_same_places(kv[0], s) for s in kv[1:]):
+                a = self.layers[0].attention
+                return kernels.decode_layers(x, st.ws, st.types, st.rows, st.nparts, st.norms, st.biases, st.n_ffs,
+                                             [s.k for s in kv], [s.v for s in kv], kv[0][2:],
+                                             cs if self.rope.n_rot else None, self.rope.neox, a.n_head, a.n_head_kv,
+                                             a.d_k, a.d_v, st.eps, a.scale, DECODE_ACT)
+        for layer in self.layers:
+            x = layer(x, self.rope, cs, mctx)
+        return x
+
+    def fuse(self) -> bool:
+        """Fast mode on the CPU: fuse every block (TransformerBlock.fuse) and, where all of them fused with the
+        same shapes, flatten them for the one-op stack (``native``). Says whether the stack is native."""
+        blocks = [b for b in self.layers if isinstance(b, TransformerBlock)]
+        fused = [b.fuse() for b in blocks]
+        self.native = None
+        if not blocks or len(blocks) != len(self.layers) or not all(fused):
+            return False
+        attn = [b.attention for b in blocks]
+        shapes = {(a.n_head, a.n_head_kv, a.d_k, a.d_v, a.scale, a.wqkv.bias is not None) for a in attn}
+        eps = {n.eps for b in blocks for n in (b.attention_norm, b.ffn_norm)}
+        if len(shapes) != 1 or len(eps) != 1:
+            return False
+        ws, types, rows, nparts, norms, n_ffs = [], [], [], [], [], []
+        for b in blocks:
+            nb = b.native
+            e = self.config.n_embd
+            mats = [*nb.wqkv, (*nb.wo, e), (*nb.w1, nb.n_ff), (*nb.w3, nb.n_ff), (*nb.w2, e)]
+            ws += [m[0] for m in mats]
+            types += [int(m[1]) for m in mats]
+            rows += [m[2] for m in mats]
+            nparts.append(len(nb.wqkv))
+            norms += [b.attention_norm.weight, b.ffn_norm.weight]
+            n_ffs.append(nb.n_ff)
+        biases = [a.wqkv.bias for a in attn] if attn[0].wqkv.bias is not None else []
+        self.native = NativeStack(ws, types, rows, nparts, norms, biases, n_ffs, eps.pop())
+        return True
 
     @classmethod
     def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor | Weight],
@@ -192,10 +259,13 @@ class Transformer(nn.Module):
                 for m in model.modules():
                     if isinstance(m, PackedWeight):
                         m.interleave()
-            for m in model.modules():
-                if isinstance(m, TransformerBlock):
-                    m.fuse()
+            model.fuse()
         return model
+
+
+def _same_places(a: KVStorage, b: KVStorage) -> bool:
+    """Whether two layers' storage is written and read at the same places (one ubatch's view)."""
+    return a.slots is b.slots and a.cells is b.cells and a.mask is b.mask and a.slot0 == b.slot0 and a.n_kv == b.n_kv
 
 
 def _as_weight(w: torch.Tensor | Weight) -> Weight:

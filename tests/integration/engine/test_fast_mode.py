@@ -153,13 +153,17 @@ def test_allocators_agree_in_fast_mode(tiny_files, allocator):
     assert tokens(allocator) == tokens("pooled")
 
 
-def _decode_run(lm, unfused: bool) -> list[torch.Tensor]:
-    """Prefill three sequences (20+ tokens: the module path), then decode steps of 3 and 1 tokens (fused)."""
-    if unfused:
+def _decode_run(lm, level: str, **memory) -> list[torch.Tensor]:
+    """Prefill three sequences (20+ tokens: the module path), then decode steps of 3 and 1 tokens, run at
+    ``level``: "stack" (one native op for every block, Transformer.fuse), "blocks" (two native ops per block
+    around the memory) or "modules" (torch modules)."""
+    if level != "stack":
+        lm.model.native = None
+    if level == "modules":
         for m in lm.model.modules():
             if isinstance(m, TransformerBlock):
                 m.native = None
-    eng = create_engine(lm, create_memory(lm, size=256, n_seq_max=3))
+    eng = create_engine(lm, create_memory(lm, **{"size": 256, "n_seq_max": 3, **memory}))
     rng = np.random.default_rng(3)
     n_vocab = lm.config.n_vocab
     out = [eng.prefill({s: [1] + rng.integers(3, n_vocab, 20 + 7 * s).tolist() for s in range(3)})]
@@ -187,9 +191,27 @@ def test_fused_decode_equals_the_module_path(tiny_files, tmp_path, ft):
         assert not any(m.ktype in kernels.X16.values() for m in packed)  # never a copy of mapped pages
     elif ft.endswith(("q4_0", "q4_1", "q8_0")):
         assert all((m.ktype in kernels.X16.values()) == (kernels.x16_available() and m.n % 16 == 0) for m in packed)
-    fused, plain = _decode_run(lm, False), _decode_run(load_model(path, compute="fast", mmap=mmap), True)
-    for f, p in zip(fused, plain, strict=True):
-        assert torch.equal(f, p)
+    assert lm.model.native is not None  # every block fused: the whole stack is one op at decode
+    stack = _decode_run(lm, "stack")
+    for level in ("blocks", "modules"):
+        other = _decode_run(load_model(path, compute="fast", mmap=mmap), level)
+        for f, p in zip(stack, other, strict=True):
+            assert torch.equal(f, p), level
+
+
+@pytest.mark.parametrize("memory", [dict(type_k="f16", type_v="f16"), dict(type_k="bf16", type_v="f32"),
+                                    dict(allocator="paged", block_size=16, type_k="f16", type_v="f16"),
+                                    dict(type_k="q8_0", type_v="q8_0"), dict(allocator="naive")])
+def test_fused_decode_over_memories(tiny_files, memory):
+    """The stack and the per-block ops read and write the memory's own storage where it is float rows on the
+    device (KVStorage: pooled runs and paged index lists, f16 / bf16 rows), and go through store / attn_inputs
+    where it is not (a quantized cache, naive's per-sequence tensors): every way gives the module path's bits."""
+    path = tiny_files["q4_0"]
+    runs = {level: _decode_run(load_model(path, compute="fast"), level, **memory)
+            for level in ("stack", "blocks", "modules")}
+    for level in ("blocks", "modules"):
+        for f, p in zip(runs["stack"], runs[level], strict=True):
+            assert torch.equal(f, p), level
 
 
 @pytest.mark.parametrize("model", ["mamba-tiny", "hybrid-tiny", "granite-hybrid-tiny", "rwkv7-tiny"])

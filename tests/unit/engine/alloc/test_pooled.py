@@ -138,3 +138,18 @@ def test_k_shift_equals_prefill_at_shifted_positions(load):
     lb = b.decode_step({0: 3})
     assert (la - lb).abs().max().item() < 1e-5
     assert not a.memory.cells.has_shift
+
+
+def test_kv_storage_only_for_float_rows_on_the_device():
+    """A context hands out a layer's storage (KVStorage) where rows are float as stored: f32, f16, bf16. A
+    quantized type (or llama.cpp's rotation, which only quantized types take) needs a decode: None, so the
+    model goes through store / attn_inputs."""
+    cfg = ModelConfig(arch="llama", n_vocab=10, n_embd=128, n_layer=1, n_head=2, n_head_kv=2, n_ff=8)  # rows of 128
+    for t, raw in (("f32", True), ("f16", True), ("bf16", True), ("q8_0", False), ("q4_0", False)):
+        c = PooledKV(cfg, CacheSpec(size=8, type_k=t, type_v=t))
+        ctx = _commit(c, _batch((0, 0, 3)))
+        st = ctx.kv_storage(0)
+        assert (st is not None) == raw, t
+        if raw:
+            assert st.k is c.k[0] and st.v is c.v[0] and st.k.dtype == c.codec_k.storage_dtype
+            assert (st.slots, st.slot0, st.cells, st.n_kv) == (None, 0, None, 3)

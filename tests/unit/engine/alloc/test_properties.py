@@ -292,12 +292,19 @@ class Harness:
             assert inp.mask.shape == (T, len(pos)) and inp.v.shape[0] == len(pos)
             assert mem.stats().n_kv == len(pos)
             vids = inp.v[:, 0, 0].tolist()
+            st = ctx.kv_storage(il)  # float rows on the device: the same places as raw storage (KVStorage)
+            read = torch.arange(st.n_kv) if st.cells is None else st.cells
+            assert torch.equal(st.k[read].view_as(inp.k), inp.k) and torch.equal(st.v[read].view_as(inp.v), inp.v)
+            assert st.mask is inp.mask and st.n_kv == len(pos)
+            wrote = torch.arange(st.slot0, st.slot0 + T) if st.slots is None else st.slots
+            assert (mem.cells.pos[wrote.numpy()] == ctx.ubatch.pos_host).all()
             live = np.flatnonzero(pos >= 0)
             self._check_k(inp.k[live], pos[live])
             mask = inp.mask.numpy()
             for t in range(T):
                 seen[t] = sorted((int(pos[j]), int(vids[j])) for j in np.flatnonzero(mask[t]))
         else:
+            assert ctx.kv_storage(il) is None  # per-sequence tensors: store and attn_inputs only
             assert len(inps) == len(ctx.view)
             assert mem.stats().n_kv == sum(g.n for g in ctx.view)
             for inp, g in zip(inps, ctx.view):

@@ -96,3 +96,33 @@ def test_half_precision_cache_is_read_as_it_is(dtype):
         assert torch.equal(kernels.attend_small(q, k, v, m, 0.1), kernels.attend_small(q, k.float(), v.float(), m, 0.1))
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         kernels.attend_small(q, k.double(), v, None, 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("indexed", [False, True])
+def test_kv_attend_is_store_then_attend_small(dtype, indexed):
+    """kv_attend writes k, v into the storage rows it is given (a run [slot0, slot0 + T) or index slots, the
+    f32 -> f16 / bf16 cast rounding as torch's does) and attends over the rows it is told to read (a prefix
+    [0, n_kv) or index cells): the same storage and the same output, bit for bit, as the three steps apart."""
+    T, H, hkv, d, size = 3, 8, 2, 64, 40
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(T, h, d, generator=g) for h in (H, hkv, hkv))
+    kc0 = torch.randn(size, hkv * d, generator=g).to(dtype)
+    vc0 = torch.randn(size, hkv * d, generator=g).to(dtype)
+    if indexed:
+        slots, slot0 = torch.tensor([17, 3, 29]), 0
+        cells = torch.tensor([3, 8, 17, 29, 0, 12, 5])
+        n_kv = len(cells)
+        mask = torch.rand(T, n_kv, generator=g) < 0.7
+        mask[torch.arange(T), torch.tensor([1, 0, 3])] = True  # every row attends somewhere
+    else:
+        slots, slot0, cells, n_kv, mask = None, 9, None, 12, None  # rows [9, 12) are the last 3 of [0, 12)
+    kc, vc = kc0.clone(), vc0.clone()
+    y = kernels.kv_attend(q, k, v, kc, vc, slots, slot0, cells, n_kv, mask, 0.125)
+    kr, vr = kc0.clone(), vc0.clone()
+    where = slots if indexed else torch.arange(slot0, slot0 + T)
+    kr[where], vr[where] = k.reshape(T, -1).to(dtype), v.reshape(T, -1).to(dtype)
+    read = cells if indexed else torch.arange(n_kv)
+    want = kernels.attend_small(q, kr[read].view(-1, hkv, d), vr[read].view(-1, hkv, d), mask, 0.125)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    assert torch.equal(y, want)

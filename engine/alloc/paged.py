@@ -105,7 +105,7 @@ class PagedKV(CellKVCache):
                 mine = src[c.seq[src, s]]
                 dst = mine - old * bs + b * bs
                 c.set_tokens(dst, c.pos[mine], np.full(len(mine), s))
-                c.seq[mine, s] = False
+                c.unown(mine, s)
                 c._drop_empty(np.isin(np.arange(c.size), mine))
                 self.pool.release(s, old)
         c.set_tokens(plan.idxs, ub.pos_host, ub.seq_host)

@@ -56,18 +56,21 @@ class PooledKV(CellKVCache):
         head = self.head
         if head > self.cells.used + 2 * n:
             head = 0
-        order = np.concatenate((np.arange(head, self.size), np.arange(0, head)))
-        cand = order[self._usable()[order]]
-        return CellPlan(cand[:n]) if len(cand) >= n else None
+        usable = self._usable()  # scan order: [head, size), then [0, head)
+        cand = np.flatnonzero(usable[head:])[:n] + head
+        if len(cand) < n:
+            cand = np.concatenate((cand, np.flatnonzero(usable[:head])[: n - len(cand)]))
+        return CellPlan(cand) if len(cand) >= n else None
 
     def _commit(self, plan: CellPlan, ub: UBatch) -> None:
         c, idxs = self.cells, plan.idxs
-        taken = idxs[c.pos[idxs] >= 0]  # only SWA-masked cells can be occupied here
         max_rm: dict[int, int] = {}
-        for i in taken:
-            s = int(c.seq[i].argmax())
-            max_rm[s] = max(max_rm.get(s, -1), int(c.pos[i]))
-        c.rm(taken)
+        if self.n_swa > 0:  # only SWA-masked cells can be occupied here
+            taken = idxs[c.pos[idxs] >= 0]
+            for i in taken:
+                s = int(c.seq[i].argmax())
+                max_rm[s] = max(max_rm.get(s, -1), int(c.pos[i]))
+            c.rm(taken)
         c.set_tokens(idxs, ub.pos_host, ub.seq_host)
         for s, pmax in max_rm.items():
             pmin = c.seq_pos_min(s)

@@ -811,7 +811,8 @@ void fdot_rows(int64_t t, const uint16_t* w, int64_t K, const float* x, int64_t 
 // bytes 4c..4c+3 of each row's 16 nibble pairs, row after row. Split into nibbles, int32 lane j of chunk c holds
 // row j's values 4c..4c+3 (low nibbles) or 16+4c..19+4c (high), so one dpbusd against 4 activation bytes
 // broadcast does 64 multiply-adds for 16 rows, and lane j ends the block as row j's integer dot, scaled by a
-// vector of the 16 rows' scales. Q8_0: 8 chunks of each row's 32 signed bytes (see x16dot_t for the sign).
+// vector of the 16 rows' scales. Q8_0: 8 chunks of each row's 32 bytes, stored offset by 128 (w ^ 0x80 = w + 128,
+// unsigned): see x16dot_t.
 // Same bytes per block as the file (18, 20 or 34); rows n % 16 == 0 only.
 inline int64_t x16_hdr(int64_t t) { return t == Q4_1_X16 ? 64 : 32; }  // scales (and minima) of a tile-block
 inline int64_t x16_chunks(int64_t t) { return t == Q8_0_X16 ? 8 : 4; }  // 64-byte chunks of quants
@@ -828,6 +829,8 @@ void x16_row(int64_t t, const uint8_t* w, int64_t nblk, int64_t n, uint8_t* out)
     std::memcpy(o, p + 2 * j, 2);
     if (t == Q4_1_X16) std::memcpy(o + 2, p + 32 + 2 * j, 2);
     for (int c = 0; c < nc; ++c) std::memcpy(o + qs + 4 * c, p + hdr + 64 * c + 4 * j, 4);
+    if (t == Q8_0_X16)
+      for (int i = 0; i < 32; ++i) o[qs + i] ^= 0x80;  // back to signed
   }
 }
 
@@ -852,6 +855,9 @@ at::Tensor repack_x16(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
           std::memcpy(p + 2 * j, blk, 2);
           if (base == Q4_1) std::memcpy(p + 32 + 2 * j, blk + 2, 2);
           for (int c = 0; c < nc; ++c) std::memcpy(p + hdr + 64 * c + 4 * j, blk + qs + 4 * c, 4);
+          if (base == Q8_0)
+            for (int c = 0; c < nc; ++c)
+              for (int i = 0; i < 4; ++i) p[hdr + 64 * c + 4 * j + i] ^= 0x80;  // unsigned: w + 128
         }
       }
   });
@@ -863,29 +869,25 @@ at::Tensor repack_x16(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
 // Integer dots of R activation rows with tiles [tl0, tl1) of an x16 matrix. Row kinds: q16 (hi and lo halves,
 // two dots) or int8. bsum[m][b]: the integer sum of row m's block b (Q4_0's offset of 8 comes off in integers,
 // as in the row-major kernels). Q4_1's minima meet the float block sums, one FMA per block for all 16 rows.
-// Q8_0's quants are signed, and dpbusd multiplies unsigned by signed bytes: the activation bytes go in as the
-// unsigned operand shifted by 128 (x ^ 0x80), and 128 times each row's block sum of quants (one more dpbusd
-// per chunk, against ones, shared by every activation row) comes off in integers.
+// Q8_0's quants are signed and dpbusd multiplies unsigned by signed bytes, so the layout stores them offset by
+// 128 (unsigned, repack_x16) and 128 times the activations' block sum comes off in integers, as Q4_0's 8 does.
+// (Offsetting the activations instead cost a dpbusd per chunk for the weights' block sums: 24 instead of 16 per
+// tile-block at q16, and the Q8_0 kernel ran at 30 GB/s where Q4_0's ran at the memory's rate.)
 template <int64_t TY, int R, typename Row>
 void x16dot_t(const uint8_t* w, int64_t nblk, const Row* xr, const int32_t* const* bsum, float* y, int64_t N,
               int64_t tl0, int64_t tl1) {
   constexpr bool Q8 = TY == Q8_0_X16;
   constexpr int64_t HDR = TY == Q4_1_X16 ? 64 : 32, TB = HDR + (Q8 ? 512 : 256);
-  const __m512i low = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1);
-  constexpr int32_t FLIP = int32_t(0x80808080u);
+  const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t tl = tl0; tl < tl1; ++tl) {
     const uint8_t* tile = w + tl * nblk * TB;
     __m512 acc[R];
     for (int m = 0; m < R; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nblk; ++b) {
       const uint8_t* p = tile + b * TB;
-      __m512i q[8], wsum = _mm512_setzero_si512();
+      __m512i q[8];
       if constexpr (Q8) {
-        for (int c = 0; c < 8; ++c) {
-          q[c] = _mm512_loadu_si512(p + HDR + 64 * c);
-          wsum = _mm512_dpbusd_epi32(wsum, ones, q[c]);
-        }
-        wsum = _mm512_slli_epi32(wsum, 7);  // 128 * sum of the block's quants, per row
+        for (int c = 0; c < 8; ++c) q[c] = _mm512_loadu_si512(p + HDR + 64 * c);
       } else {
         for (int c = 0; c < 4; ++c) {
           const __m512i v = _mm512_loadu_si512(p + HDR + 64 * c);
@@ -900,29 +902,31 @@ void x16dot_t(const uint8_t* w, int64_t nblk, const Row* xr, const int32_t* cons
         if constexpr (std::is_same_v<Row, Q16Row>) {
           const int32_t* hi = reinterpret_cast<const int32_t*>(xr[m].hi + b * 32);
           const int32_t* lo = reinterpret_cast<const int32_t*>(xr[m].lo + b * 32);
-          __m512i dh = _mm512_setzero_si512();
-          for (int i = 0; i < 8; ++i) {
-            if constexpr (Q8) {
-              dh = _mm512_dpbusd_epi32(dh, _mm512_set1_epi32(hi[i] ^ FLIP), q[i]);
-              dot = _mm512_dpbusd_epi32(dot, _mm512_set1_epi32(lo[i] ^ FLIP), q[i]);
-            } else {
-              dh = _mm512_dpbusd_epi32(dh, q[i], _mm512_set1_epi32(hi[i]));
-              dot = _mm512_dpbusd_epi32(dot, q[i], _mm512_set1_epi32(lo[i]));
-            }
+          // four chains of 4 dpbusd rather than two of 8: each dpbusd waits for its accumulator (weights in L3,
+          // 2816x1024 Q4_0: 31.8 -> 27.6 us; from DRAM the memory bounds it either way)
+          __m512i dh = _mm512_setzero_si512(), dh1 = _mm512_setzero_si512(), dot1 = _mm512_setzero_si512();
+          for (int i = 0; i < 8; i += 2) {
+            dh = _mm512_dpbusd_epi32(dh, q[i], _mm512_set1_epi32(hi[i]));
+            dot = _mm512_dpbusd_epi32(dot, q[i], _mm512_set1_epi32(lo[i]));
+            dh1 = _mm512_dpbusd_epi32(dh1, q[i + 1], _mm512_set1_epi32(hi[i + 1]));
+            dot1 = _mm512_dpbusd_epi32(dot1, q[i + 1], _mm512_set1_epi32(lo[i + 1]));
           }
-          if constexpr (Q8) { dh = _mm512_sub_epi32(dh, wsum); dot = _mm512_sub_epi32(dot, wsum); }
+          dh = _mm512_add_epi32(dh, dh1);  // integers: the sums are exact in any order
+          dot = _mm512_add_epi32(dot, dot1);
           dot = _mm512_add_epi32(_mm512_slli_epi32(dh, 8), dot);
           dx = xr[m].dl[b * 8];
         } else {
           const int32_t* xq = reinterpret_cast<const int32_t*>(xr[m].q + b * 32);
-          for (int i = 0; i < 8; ++i) {
-            if constexpr (Q8) dot = _mm512_dpbusd_epi32(dot, _mm512_set1_epi32(xq[i] ^ FLIP), q[i]);
-            else dot = _mm512_dpbusd_epi32(dot, q[i], _mm512_set1_epi32(xq[i]));
+          __m512i dot1 = _mm512_setzero_si512();
+          for (int i = 0; i < 8; i += 2) {
+            dot = _mm512_dpbusd_epi32(dot, q[i], _mm512_set1_epi32(xq[i]));
+            dot1 = _mm512_dpbusd_epi32(dot1, q[i + 1], _mm512_set1_epi32(xq[i + 1]));
           }
-          if constexpr (Q8) dot = _mm512_sub_epi32(dot, wsum);
+          dot = _mm512_add_epi32(dot, dot1);
           dx = xr[m].d[b];
         }
         if constexpr (TY == Q4_0_X16) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(8 * bsum[m][b]));
+        if constexpr (Q8) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * bsum[m][b]));
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[m]);
         if constexpr (TY == Q4_1_X16) {
           const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
@@ -960,23 +964,26 @@ inline bool is_float(int64_t t) { return t == F32 || t == F16 || t == BF16; }
 // always meet x as it is, so nothing else is prepared for them).
 // (nb,) int32: sums of nb consecutive runs of `per` integers
 template <typename I>
-at::Tensor block_sums(const I* v, int64_t nb, int per) {
-  at::Tensor out = at::empty({nb}, at::TensorOptions().dtype(at::kInt));
-  int32_t* o = out.data_ptr<int32_t>();
+void block_sums(const I* v, int64_t nb, int per, int32_t* o) {
   for (int64_t b = 0; b < nb; ++b) {
     int32_t t = 0;
     for (int i = 0; i < per; ++i) t += v[b * per + i];
     o[b] = t;
   }
-  return out;
 }
 
+// Activations prepared for the kernels: x as float32, and for quantized weights x quantized (act 2: q16, hi and
+// lo bytes, per-4 scales and integer sums; act 1: int8 and per-32 scales), with float sums per 16 values (xs)
+// and integer sums per 32 (bsum). The quantized parts live in one allocation: as six tensors they cost more
+// than quantizing them (a decode step prepares ~30 of these).
 struct Acts {
-  at::Tensor x, hi, lo, dl, xs, ls, xq, xd, bs;
+  at::Tensor x, xs_t;
+  std::vector<int32_t> buf;
   int64_t M = 0, K = 0, act = 0;
+  const float* xs = nullptr;  // (M, K/16) sums of 16 values, for the minima
   Q16Row r16[MAXM];
   QRow r8[MAXM];
-  const int32_t* bsum[MAXM];  // integer sum of each 32-value block (the x16 kernels' Q4_0 offset)
+  const int32_t* bsum[MAXM];  // integer sum of each 32-value block (the x16 kernels' Q4_0 / Q8_0 offsets)
 
   Acts(const at::Tensor& x_in, int64_t act_, bool quantized) : x(x_in.to(at::kFloat).contiguous()), act(act_) {
     TORCH_CHECK(act >= 0 && act <= 2, "kvbench qmm: act must be 0 (float32), 1 (int8) or 2 (q16)");
@@ -985,28 +992,42 @@ struct Acts {
     K = x.size(1);
     TORCH_CHECK(M <= MAXM, "kvbench qmm: at most ", MAXM, " rows per call (dequantize for larger batches)");
     if (!quantized || M == 0) return;
-    const auto f = x.options();
     const float* xp = x.data_ptr<float>();
-    if (act == 2) {
-      hi = at::empty({M, K}, f.dtype(at::kChar)); lo = at::empty({M, K}, f.dtype(at::kChar));
-      dl = at::empty({M, K / 4}, f); xs = at::empty({M, K / 16}, f); ls = at::empty({M, K / 4}, f.dtype(at::kInt));
-      quantize16_rows(xp, M, K, hi.data_ptr<int8_t>(), lo.data_ptr<int8_t>(), dl.data_ptr<float>(),
-                      xs.data_ptr<float>(), ls.data_ptr<int32_t>());
-      for (int64_t m = 0; m < M; ++m)
-        r16[m] = {hi.data_ptr<int8_t>() + m * K, lo.data_ptr<int8_t>() + m * K, dl.data_ptr<float>() + m * (K / 4),
-                  xs.data_ptr<float>() + m * (K / 16), ls.data_ptr<int32_t>() + m * (K / 4)};
-      bs = block_sums(ls.data_ptr<int32_t>(), M * (K / 32), 8);  // ls holds sums of 4 values
-    } else if (act == 1) {
-      xq = at::empty({M, K}, f.dtype(at::kChar)); xd = at::empty({M, K / 32}, f); xs = at::empty({M, K / 16}, f);
-      quantize_rows(xp, M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>());
-      for (int64_t m = 0; m < M; ++m)
-        r8[m] = {xq.data_ptr<int8_t>() + m * K, xd.data_ptr<float>() + m * (K / 32), xs.data_ptr<float>() + m * (K / 16)};
-      bs = block_sums(xq.data_ptr<int8_t>(), M * (K / 32), 32);
-    } else {
-      xs = x.view({M, K / 16, 16}).sum(-1).contiguous();  // (M, K/16), for the minima
+    const int64_t MK = M * K;
+    if (act == 0) {
+      xs_t = x.view({M, K / 16, 16}).sum(-1).contiguous();  // (M, K/16), for the minima
+      xs = xs_t.data_ptr<float>();
+      return;
     }
-    if (bs.defined())
-      for (int64_t m = 0; m < M; ++m) bsum[m] = bs.data_ptr<int32_t>() + m * (K / 32);
+    // in int32 units: act 2: hi, lo (MK/4 each), dl (MK/4 floats), xs (MK/16), ls (MK/4), bsum (MK/32);
+    // act 1: q (MK/4), d (MK/32 floats), xs (MK/16), bsum (MK/32)
+    buf.resize(act == 2 ? MK / 4 * 4 + MK / 16 + MK / 32 : MK / 4 + MK / 32 + MK / 16 + MK / 32);
+    int32_t* p = buf.data();
+    auto take = [&](int64_t n) { int32_t* r = p; p += n; return r; };
+    if (act == 2) {
+      int8_t* hi = reinterpret_cast<int8_t*>(take(MK / 4));
+      int8_t* lo = reinterpret_cast<int8_t*>(take(MK / 4));
+      float* dl = reinterpret_cast<float*>(take(MK / 4));
+      float* s = reinterpret_cast<float*>(take(MK / 16));
+      int32_t* ls = take(MK / 4);
+      int32_t* bs = take(MK / 32);
+      quantize16_rows(xp, M, K, hi, lo, dl, s, ls);
+      for (int64_t m = 0; m < M; ++m)
+        r16[m] = {hi + m * K, lo + m * K, dl + m * (K / 4), s + m * (K / 16), ls + m * (K / 4)};
+      block_sums(ls, M * (K / 32), 8, bs);  // ls holds sums of 4 values
+      xs = s;
+      for (int64_t m = 0; m < M; ++m) bsum[m] = bs + m * (K / 32);
+    } else {
+      int8_t* q = reinterpret_cast<int8_t*>(take(MK / 4));
+      float* d = reinterpret_cast<float*>(take(MK / 32));
+      float* s = reinterpret_cast<float*>(take(MK / 16));
+      int32_t* bs = take(MK / 32);
+      quantize_rows(xp, M, K, q, d, s);
+      for (int64_t m = 0; m < M; ++m) r8[m] = {q + m * K, d + m * (K / 32), s + m * (K / 16)};
+      block_sums(q, M * (K / 32), 32, bs);
+      xs = s;
+      for (int64_t m = 0; m < M; ++m) bsum[m] = bs + m * (K / 32);
+    }
   }
 };
 
@@ -1042,7 +1063,7 @@ void mv_range(const Acts& a, int64_t t, const uint8_t* w, int64_t N, float* y, i
   if (is_float(t)) return fdot_rows(t, reinterpret_cast<const uint16_t*>(w), a.K, x, a.M, y, N, n0, n1);
   if (a.act == 2) return idot_rows(t, w, a.K, a.r16, a.M, y, N, n0, n1);
   if (a.act == 1) return idot_rows(t, w, a.K, a.r8, a.M, y, N, n0, n1);
-  if (fdotq_rows(t, w, a.K, x, a.xs.data_ptr<float>(), a.M, y, N, n0, n1)) return;
+  if (fdotq_rows(t, w, a.K, x, a.xs, a.M, y, N, n0, n1)) return;
   // portable build, float32 activations: each weight row dequantized, then float dots
   const Layout L = layout(t);
   const int64_t nblk = a.K / L.block, ng = L.block / 32, rb = nblk * L.bytes;
@@ -1593,30 +1614,40 @@ at::Tensor kv_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return attend_small(q, kr.view({-1, hkv, d}), vr.view({-1, hkv, dv}), mask, scale);
 }
 
-// A stack of LLaMA decode blocks in one op: per layer attn_qkv, kv_attend, ffn_block, the functions above in the
-// order the per-layer path calls them, so the result is equal to it bit for bit. Why: with the weights at the
+// A LLaMA forward pass over a decode-sized ubatch in one op: the token rows of the embedding (dequant), rope's
+// angles (the same float64 torch ops as engine/model/layers.py Rope.angles), per layer attn_qkv, kv_attend and
+// ffn_block, then the output rows' final norm and the output matrix (qmm): the functions the per-layer path
+// calls, in its order, so the logits are equal to the module path's bit for bit. Why: with the weights at the
 // memory's rate, what separated a step from llama.cpp's was ~0.5 ms of Python between ~30 native calls.
 // Per layer l, ws holds nparts[l] q/k/v parts (types, rows alike), then wo, w1, w3, w2; norms holds the attention
 // and the feed-forward norm; biases is empty or one q/k/v bias per layer. Every layer's K/V storage (kcs, vcs)
 // is written and read at the same places (one ubatch: slots, cells, mask; kv_attend says which is which).
-at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ws, at::IntArrayRef types, at::IntArrayRef rows,
-                         at::IntArrayRef nparts, at::TensorList norms, at::TensorList biases, at::IntArrayRef n_ffs,
-                         at::TensorList kcs, at::TensorList vcs, const c10::optional<at::Tensor>& slots,
-                         int64_t slot0, const c10::optional<at::Tensor>& cells, int64_t n_kv,
-                         const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& cos,
-                         const c10::optional<at::Tensor>& sin, bool neox, int64_t n_head, int64_t n_head_kv,
-                         int64_t d_k, int64_t d_v, double eps, double scale, int64_t act) {
+at::Tensor decode_forward(const at::Tensor& token, const at::Tensor& pos, const at::Tensor& embd, int64_t embd_type,
+                          int64_t embd_rows, const c10::optional<at::Tensor>& inv_freq, at::TensorList ws,
+                          at::IntArrayRef types, at::IntArrayRef rows, at::IntArrayRef nparts, at::TensorList norms,
+                          at::TensorList biases, at::IntArrayRef n_ffs, at::TensorList kcs, at::TensorList vcs,
+                          const c10::optional<at::Tensor>& slots, int64_t slot0, const c10::optional<at::Tensor>& cells,
+                          int64_t n_kv, const c10::optional<at::Tensor>& mask, bool neox, int64_t n_head,
+                          int64_t n_head_kv, int64_t d_k, int64_t d_v, double eps, double scale, int64_t act,
+                          const c10::optional<at::Tensor>& out_rows, const at::Tensor& out_norm, double out_eps,
+                          const at::Tensor& head, int64_t head_type, int64_t n_vocab) {
   const int64_t L = int64_t(nparts.size());
-  TORCH_CHECK(int64_t(norms.size()) == 2 * L && int64_t(n_ffs.size()) == L && int64_t(kcs.size()) == L &&
+  TORCH_CHECK(L > 0 && int64_t(norms.size()) == 2 * L && int64_t(n_ffs.size()) == L && int64_t(kcs.size()) == L &&
               int64_t(vcs.size()) == L && (biases.empty() || int64_t(biases.size()) == L),
-              "kvbench decode_layers: per layer two norms, one n_ff, one K and one V storage (and a bias or none)");
+              "kvbench decode_forward: per layer two norms, one n_ff, one K and one V storage (and a bias or none)");
   TORCH_CHECK(int64_t(types.size()) == int64_t(ws.size()) && int64_t(rows.size()) == int64_t(ws.size()),
-              "kvbench decode_layers: one type and one row count per matrix");
-  at::Tensor x = x_in;
+              "kvbench decode_forward: one type and one row count per matrix");
+  at::Tensor x = dequant(embd, embd_type, embd_rows, norms[0].size(0), token, false);  // (T, n_embd)
+  c10::optional<at::Tensor> cos, sin;
+  if (inv_freq.has_value()) {  // float64: theta reaches n_ctx radians
+    const at::Tensor theta = pos.to(at::kDouble).unsqueeze(1) * inv_freq->unsqueeze(0);
+    cos = theta.cos().to(at::kFloat).unsqueeze(1);
+    sin = theta.sin().to(at::kFloat).unsqueeze(1);
+  }
   int64_t w = 0;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t P = nparts[l];
-    TORCH_CHECK(P > 0 && w + P + 4 <= int64_t(ws.size()), "kvbench decode_layers: layer ", l, " lacks matrices");
+    TORCH_CHECK(P > 0 && w + P + 4 <= int64_t(ws.size()), "kvbench decode_forward: layer ", l, " lacks matrices");
     const auto bias = biases.empty() ? c10::optional<at::Tensor>() : c10::optional<at::Tensor>(biases[l]);
     const auto qkv = attn_qkv(x, norms[2 * l], eps, ws.slice(w, P), types.slice(w, P), rows.slice(w, P), bias, cos,
                               sin, neox, n_head, n_head_kv, d_k, d_v, act);
@@ -1626,8 +1657,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ws, at::IntArray
                   ws[w + 3], types[w + 3], n_ffs[l], act);
     w += 4;
   }
-  TORCH_CHECK(w == int64_t(ws.size()), "kvbench decode_layers: ", int64_t(ws.size()) - w, " matrices left over");
-  return x;
+  TORCH_CHECK(w == int64_t(ws.size()), "kvbench decode_forward: ", int64_t(ws.size()) - w, " matrices left over");
+  if (out_rows.has_value()) x = x.index_select(0, *out_rows);
+  return qmm(rms_norm(x, out_norm, out_eps), head, head_type, n_vocab, x.size(1), act);
 }
 
 // Mamba-1's selective scan over time for S sequences: s_t = dA_t * s_{t-1} + dBx_t (elementwise over (di, ds)),
@@ -1732,10 +1764,12 @@ TORCH_LIBRARY(kvbench, m) {
   m.def("attend_small(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
   m.def("kv_attend(Tensor q, Tensor k, Tensor v, Tensor(a!) kc, Tensor(b!) vc, Tensor? slots, int slot0, Tensor? cells, "
         "int n_kv, Tensor? mask, float scale) -> Tensor");
-  m.def("decode_layers(Tensor x, Tensor[] ws, int[] types, int[] rows, int[] nparts, Tensor[] norms, Tensor[] biases, "
+  m.def("decode_forward(Tensor token, Tensor pos, Tensor embd, int embd_type, int embd_rows, Tensor? inv_freq, "
+        "Tensor[] ws, int[] types, int[] rows, int[] nparts, Tensor[] norms, Tensor[] biases, "
         "int[] n_ffs, Tensor(a!)[] kcs, Tensor(b!)[] vcs, Tensor? slots, int slot0, Tensor? cells, int n_kv, "
-        "Tensor? mask, Tensor? cos, Tensor? sin, bool neox, int n_head, int n_head_kv, int d_k, int d_v, float eps, "
-        "float scale, int act) -> Tensor");
+        "Tensor? mask, bool neox, int n_head, int n_head_kv, int d_k, int d_v, float eps, "
+        "float scale, int act, Tensor? out_rows, Tensor out_norm, float out_eps, Tensor head, int head_type, "
+        "int n_vocab) -> Tensor");
   m.def("attn_qkv(Tensor x, Tensor norm_w, float eps, Tensor[] ws, int[] types, int[] rows, Tensor? bias, Tensor? cos, "
         "Tensor? sin, "
         "bool neox, int n_head, int n_head_kv, int d_k, int d_v, int act) -> Tensor[]");
@@ -1757,7 +1791,7 @@ TORCH_LIBRARY_IMPL(kvbench, CPU, m) {
   m.impl("attend_small", attend_small);
   m.impl("attn_qkv", attn_qkv);
   m.impl("kv_attend", kv_attend);
-  m.impl("decode_layers", decode_layers);
+  m.impl("decode_forward", decode_forward);
   m.impl("repack_x16", repack_x16);
   m.impl("ffn_block", ffn_block);
   m.impl("ssm_scan", ssm_scan);

@@ -21,21 +21,28 @@ class KVCells:
         self.seq = np.zeros((size, n_seq_max), dtype=bool)  # (size, n_seq_max)
         self.has_shift = False
         self.used = 0  # cells with pos >= 0, kept up to date by every mutator (read every step)
+        # Queries a decode step makes two or three times, each a scan of every cell: answers kept while only
+        # set_tokens runs (what decoding does), recomputed after any other mutator (_changed).
+        self._pos_max: dict[int, int] | None = None  # seq_pos_max of each sequence holding cells
+        self._max_p1: int | None = None  # used_max_p1
 
     # -- queries -------------------------------------------------------------------------------
 
     def used_max_p1(self) -> int:
         """Highest used cell index + 1 (an index bound, not a count); 0 when empty."""
-        nz = np.flatnonzero(self.pos >= 0)
-        return int(nz[-1]) + 1 if len(nz) else 0
+        if self._max_p1 is None:
+            nz = np.flatnonzero(self.pos >= 0)
+            self._max_p1 = int(nz[-1]) + 1 if len(nz) else 0
+        return self._max_p1
 
     def seq_pos_min(self, s: int) -> int:
         p = self.pos[self.seq[:, s]]
         return int(p.min()) if len(p) else -1
 
     def seq_pos_max(self, s: int) -> int:
-        p = self.pos[self.seq[:, s]]
-        return int(p.max()) if len(p) else -1
+        if self._pos_max is None:
+            self._pos_max = {i: int(p) for i, p in enumerate(self.seq_pos_max_all()) if p >= 0}
+        return self._pos_max.get(s, -1)
 
     def seq_pos_max_all(self) -> np.ndarray:
         """seq_pos_max for every sequence at once: (n_seq_max,), -1 where absent."""
@@ -59,8 +66,13 @@ class KVCells:
         return n_free, int((ends - starts).max())
 
     # -- mutators ------------------------------------------------------------------------------
+    def _changed(self) -> None:
+        """Forget the kept answers (every mutator but set_tokens calls this)."""
+        self._pos_max = self._max_p1 = None
+
     def _drop_empty(self, m: np.ndarray) -> np.ndarray:
         """Cells in m that lost their last sequence become empty; returns which did."""
+        self._changed()
         emptied = m & ~self.seq.any(axis=1) & (self.pos >= 0)
         self.used -= int(np.count_nonzero(emptied))
         self.pos[emptied] = -1
@@ -68,6 +80,7 @@ class KVCells:
         return emptied
 
     def rm(self, idx: np.ndarray) -> None:
+        self._changed()
         self.used -= int(np.count_nonzero(self.pos[idx] >= 0))
         self.pos[idx] = -1
         self.shift[idx] = 0
@@ -79,9 +92,24 @@ class KVCells:
         self.used += len(idx)
         self.pos[idx] = pos
         self.seq[idx, seq] = True
+        if len(idx) > 32:  # a prefill: recount when asked
+            self._changed()
+            return
+        if self._max_p1 is not None:
+            self._max_p1 = max(self._max_p1, int(idx.max()) + 1)
+        if self._pos_max is not None:
+            for p, s in zip(pos.tolist(), seq.tolist()):
+                if p > self._pos_max.get(s, -1):
+                    self._pos_max[s] = p
+
+    def unown(self, idx: np.ndarray, s: int) -> None:
+        """Take sequence s off cells idx (a cell left without owners is not freed here: _drop_empty does that)."""
+        self._changed()
+        self.seq[idx, s] = False
 
     def seq_rm(self, s: int, p0: int, p1: int) -> np.ndarray:
         """Remove s (every sequence when s < 0) from cells with pos in [p0, p1); returns freed cells."""
+        self._changed()
         m = self.in_range(s, p0, p1)
         if s < 0:
             self.seq[m] = False
@@ -91,9 +119,11 @@ class KVCells:
 
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         """Add dst to every cell of src in [p0, p1): shares the cells, copies no data."""
+        self._changed()
         self.seq[self.in_range(src, p0, p1), dst] = True
 
     def seq_keep(self, s: int) -> np.ndarray:
+        self._changed()
         keep = self.seq[:, s].copy()
         self.seq[:] = False
         self.seq[keep, s] = True
@@ -101,6 +131,7 @@ class KVCells:
 
     def seq_add(self, s: int, p0: int, p1: int, delta: int) -> np.ndarray:
         """Shift positions of s's cells in [p0, p1) by delta; cells pushed below 0 are freed."""
+        self._changed()
         m = self.in_range(s, p0, p1)
         gone = m & (self.pos + delta < 0)
         self.rm(gone)  # before the shift, while they still count as used
@@ -119,5 +150,6 @@ class KVCells:
         return self.pos.copy(), self.seq.copy(), self.shift.copy(), self.has_shift
 
     def restore(self, snap: tuple) -> None:
+        self._changed()
         self.pos[:], self.seq[:], self.shift[:], self.has_shift = snap
         self.used = int(np.count_nonzero(self.pos >= 0))

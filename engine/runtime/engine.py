@@ -119,6 +119,8 @@ class Engine(Generator):
                 break
         if not outs:
             return torch.empty(0)
+        if len(outs) == 1 and ub.rows is None:  # one output ubatch, in batch order (split_simple): as it is
+            return outs[0]
         logits = torch.cat(outs)
         order = np.argsort(np.concatenate(where), kind="stable")  # split_equal reorders tokens: back to batch order
         return logits if (np.diff(order) == 1).all() else logits[torch.from_numpy(order)]

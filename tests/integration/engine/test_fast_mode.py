@@ -154,9 +154,9 @@ def test_allocators_agree_in_fast_mode(tiny_files, allocator):
 
 
 def _decode_run(lm, level: str, **memory) -> list[torch.Tensor]:
-    """Prefill three sequences (20+ tokens: the module path), then decode steps of 3 and 1 tokens, run at
-    ``level``: "stack" (one native op for every block, Transformer.fuse), "blocks" (two native ops per block
-    around the memory) or "modules" (torch modules)."""
+    """Prefill three sequences (20+ tokens: the module path), then decode steps of 3 and 1 tokens and a 5-token
+    continuation (one output row), run at ``level``: "stack" (one native op for the blocks and the head,
+    Transformer.fuse), "blocks" (two native ops per block around the memory) or "modules" (torch modules)."""
     if level != "stack":
         lm.model.native = None
     if level == "modules":
@@ -172,6 +172,7 @@ def _decode_run(lm, level: str, **memory) -> list[torch.Tensor]:
         out.append(eng.decode_step(nxt))
         nxt = {s: int(t) for s, t in zip(nxt, out[-1].argmax(-1), strict=True)}
     out.append(eng.decode_step({1: nxt[1]}))
+    out.append(eng.prefill({2: rng.integers(3, n_vocab, 5).tolist()}))  # a short ubatch: logits of its last row only
     return out
 
 

@@ -96,15 +96,20 @@ class UBatch:
 
     @classmethod
     def from_lists(cls, b: Batch, i0: int, i1: int, device) -> UBatch:
-        pos = np.asarray(b.pos[i0:i1], dtype=np.int64)
-        seq = np.asarray(b.seq_id[i0:i1], dtype=np.int64)
-        out = np.flatnonzero(np.asarray(b.output[i0:i1], dtype=bool))
+        # token, pos and seq as one array and one tensor over it (views of rows): a decode step builds one
+        # UBatch, and there each numpy or torch call costs several microseconds, the caches just flushed by
+        # the weights' stream
+        cols = np.array((b.token[i0:i1], b.pos[i0:i1], b.seq_id[i0:i1]), dtype=np.int64)  # (3, T)
+        t = torch.from_numpy(cols)
+        token, pos = (t[0], t[1]) if torch.device(device).type == "cpu" else (t[0].to(device), t[1].to(device))
+        flags = b.output[i0:i1]
         n = i1 - i0
+        out = np.arange(n) if all(flags) else np.flatnonzero(np.asarray(flags, dtype=bool))
         return cls(
-            pos_host=pos,
-            seq_host=seq,
-            token=torch.tensor(b.token[i0:i1], dtype=torch.int64, device=device),
-            pos=torch.from_numpy(pos).to(device),
+            pos_host=cols[1],
+            seq_host=cols[2],
+            token=token,
+            pos=pos,
             out_rows=None if len(out) == n else torch.from_numpy(out).to(device),
             n_out=len(out),
             out_host=out,

@@ -814,9 +814,27 @@ void fdot_rows(int64_t t, const uint16_t* w, int64_t K, const float* x, int64_t 
 // vector of the 16 rows' scales. Q8_0: 8 chunks of each row's 32 bytes, stored offset by 128 (w ^ 0x80 = w + 128,
 // unsigned): see x16dot_t.
 // Same bytes per block as the file (18, 20 or 34); rows n % 16 == 0 only.
+// Q4_0 and Q8_0 tile-blocks (288 and 544 bytes: 32 of scales, then the quants) go in pairs, the two blocks'
+// scales first (one 64-byte line), then block b's quants, then block b+1's: every 64-byte load of quants is
+// then one cache line, where one block after another put every other block's quants across two lines.
+// From DRAM (2 threads, q16, the two layouts alternated in one process): Q4_0 2816x1024 64.0 -> 61.3 us,
+// 1024x2816 66.7 -> 65.5; Q8_0 about 1%. A last unpaired block (an odd count) keeps the plain order.
 inline int64_t x16_hdr(int64_t t) { return t == Q4_1_X16 ? 64 : 32; }  // scales (and minima) of a tile-block
 inline int64_t x16_chunks(int64_t t) { return t == Q8_0_X16 ? 8 : 4; }  // 64-byte chunks of quants
 inline int64_t x16_qs(int64_t t) { return t == Q4_1_X16 ? 4 : 2; }  // where a file block's quants start
+// Byte offsets, from its tile, of block b's scales and of its quants (nblk blocks a tile).
+template <int64_t H, int64_t QB, bool PAIRED>
+inline void x16_where(int64_t nblk, int64_t b, int64_t& hdr, int64_t& qs) {
+  if (!PAIRED || (b % 2 == 0 && b == nblk - 1)) { hdr = b * (H + QB); qs = hdr + H; return; }
+  const int64_t base = (b / 2) * 2 * (H + QB), odd = b % 2;
+  hdr = base + odd * H;
+  qs = base + 2 * H + odd * QB;
+}
+inline void x16_where(int64_t t, int64_t nblk, int64_t b, int64_t& hdr, int64_t& qs) {
+  if (t == Q4_1_X16) x16_where<64, 256, false>(nblk, b, hdr, qs);
+  else if (t == Q8_0_X16) x16_where<32, 512, true>(nblk, b, hdr, qs);
+  else x16_where<32, 256, true>(nblk, b, hdr, qs);
+}
 
 // Row n of an x16 matrix as the file's blocks (nblk blocks of the base type) into out.
 void x16_row(int64_t t, const uint8_t* w, int64_t nblk, int64_t n, uint8_t* out) {
@@ -824,11 +842,12 @@ void x16_row(int64_t t, const uint8_t* w, int64_t nblk, int64_t n, uint8_t* out)
   const int64_t qs = x16_qs(t);
   const uint8_t* tile = w + (n / 16) * nblk * tb;
   for (int64_t b = 0; b < nblk; ++b) {
-    const uint8_t* p = tile + b * tb;
+    int64_t ho, qo;
+    x16_where(t, nblk, b, ho, qo);
     uint8_t* o = out + b * bb;
-    std::memcpy(o, p + 2 * j, 2);
-    if (t == Q4_1_X16) std::memcpy(o + 2, p + 32 + 2 * j, 2);
-    for (int c = 0; c < nc; ++c) std::memcpy(o + qs + 4 * c, p + hdr + 64 * c + 4 * j, 4);
+    std::memcpy(o, tile + ho + 2 * j, 2);
+    if (t == Q4_1_X16) std::memcpy(o + 2, tile + ho + 32 + 2 * j, 2);
+    for (int c = 0; c < nc; ++c) std::memcpy(o + qs + 4 * c, tile + qo + 64 * c + 4 * j, 4);
     if (t == Q8_0_X16)
       for (int i = 0; i < 32; ++i) o[qs + i] ^= 0x80;  // back to signed
   }
@@ -850,14 +869,16 @@ at::Tensor repack_x16(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
       for (int64_t j = 0; j < 16; ++j) {
         const uint8_t* row = sp + (tl * 16 + j) * nblk * bb;
         for (int64_t b = 0; b < nblk; ++b) {
-          uint8_t* p = op + (tl * nblk + b) * tb;
+          uint8_t* tile = op + tl * nblk * tb;
+          int64_t ho, qo;
+          x16_where(t, nblk, b, ho, qo);
           const uint8_t* blk = row + b * bb;
-          std::memcpy(p + 2 * j, blk, 2);
-          if (base == Q4_1) std::memcpy(p + 32 + 2 * j, blk + 2, 2);
-          for (int c = 0; c < nc; ++c) std::memcpy(p + hdr + 64 * c + 4 * j, blk + qs + 4 * c, 4);
+          std::memcpy(tile + ho + 2 * j, blk, 2);
+          if (base == Q4_1) std::memcpy(tile + ho + 32 + 2 * j, blk + 2, 2);
+          for (int c = 0; c < nc; ++c) std::memcpy(tile + qo + 64 * c + 4 * j, blk + qs + 4 * c, 4);
           if (base == Q8_0)
             for (int c = 0; c < nc; ++c)
-              for (int i = 0; i < 4; ++i) p[hdr + 64 * c + 4 * j + i] ^= 0x80;  // unsigned: w + 128
+              for (int i = 0; i < 4; ++i) tile[qo + 64 * c + 4 * j + i] ^= 0x80;  // unsigned: w + 128
         }
       }
   });
@@ -877,20 +898,23 @@ template <int64_t TY, int R, typename Row>
 void x16dot_t(const uint8_t* w, int64_t nblk, const Row* xr, const int32_t* const* bsum, float* y, int64_t N,
               int64_t tl0, int64_t tl1) {
   constexpr bool Q8 = TY == Q8_0_X16;
-  constexpr int64_t HDR = TY == Q4_1_X16 ? 64 : 32, TB = HDR + (Q8 ? 512 : 256);
+  constexpr int64_t HDR = TY == Q4_1_X16 ? 64 : 32, QB = Q8 ? 512 : 256, TB = HDR + QB;
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t tl = tl0; tl < tl1; ++tl) {
     const uint8_t* tile = w + tl * nblk * TB;
     __m512 acc[R];
     for (int m = 0; m < R; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nblk; ++b) {
-      const uint8_t* p = tile + b * TB;
+      int64_t ho, qo;
+      x16_where<HDR, QB, TY != Q4_1_X16>(nblk, b, ho, qo);
+      const uint8_t* p = tile + ho;  // scales (Q4_1: then minima)
+      const uint8_t* qp = tile + qo;
       __m512i q[8];
       if constexpr (Q8) {
-        for (int c = 0; c < 8; ++c) q[c] = _mm512_loadu_si512(p + HDR + 64 * c);
+        for (int c = 0; c < 8; ++c) q[c] = _mm512_loadu_si512(qp + 64 * c);
       } else {
         for (int c = 0; c < 4; ++c) {
-          const __m512i v = _mm512_loadu_si512(p + HDR + 64 * c);
+          const __m512i v = _mm512_loadu_si512(qp + 64 * c);
           q[c] = _mm512_and_si512(v, low);
           q[4 + c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         }

@@ -66,6 +66,9 @@ def pytest_terminal_summary(terminalreporter):
             for key in ("fast_vs_llamacpp", "fast_vs_hf"):
                 if key in r:
                     tr.write_line(f"  {key:<17} " + "   ".join(f"{k} {v:.2f}x" for k, v in r[key].items()))
+            if "rounds_vs_llamacpp" in r:  # the per-round ratios' range, beside their median above
+                tr.write_line("  rounds vs llama.cpp " + "   ".join(f"{k} {lo:.2f}-{hi:.2f}x"
+                                                                  for k, (lo, hi) in r["rounds_vs_llamacpp"].items()))
     if not GENERATE_RESULTS:
         return
     tr.section("generate tokens/s (medians; decode = n_decode / (t[prefill+decode] - t[prefill]))")

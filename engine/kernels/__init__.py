@@ -194,22 +194,22 @@ def kv_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tenso
 
 def decode_forward(token: torch.Tensor, pos: torch.Tensor, embd: tuple, inv_freq: torch.Tensor | None,
                    ws: list[torch.Tensor], types: list[int], rows: list[int], nparts: list[int],
-                   norms: list[torch.Tensor], biases: list[torch.Tensor], n_ffs: list[int], kcs: list[torch.Tensor],
-                   vcs: list[torch.Tensor], places: tuple, neox: bool, n_head: int, n_head_kv: int, d_k: int, d_v: int,
+                   norms: list[torch.Tensor], biases: list[torch.Tensor], kcs: list[torch.Tensor], vcs: list[torch.Tensor],
+                   places: tuple, neox: bool, n_head: int, n_head_kv: int, d_k: int, d_v: int,
                    eps: float, scale: float, act: str, out_rows: torch.Tensor | None, head: tuple) -> torch.Tensor:
     """A LLaMA forward pass over a decode-sized ubatch in one op: rows ``token`` of the embedding ``embd`` (bytes,
     type, rows), rope angles of ``pos`` from ``inv_freq`` (float64; None: no rope), per layer attn_qkv,
     kv_attend into that layer's storage (kcs, vcs) at ``places`` (KVStorage's slots, slot0, cells, n_kv, mask,
     shared by every layer) and ffn_block; then rows ``out_rows`` (all where None) through the final norm and the
     output matrix: -> logits (n_out, n_vocab). Per layer, ws holds nparts[l] q/k/v parts, then wo, w1, w3, w2
-    (types, rows alike); norms the attention and feed-forward norm weights; biases one q/k/v bias per layer or
+    (types, rows alike: w1's rows are n_ff); norms the attention and feed-forward norm weights; biases one q/k/v bias per layer or
     none. ``head``: (norm weight, eps, output matrix bytes, type, n_vocab). Equal bit for bit to the module
     path's ops. Native only, as ``rope``."""
     _load()
     ew, et, en = embd
     norm_w, out_eps, hw, ht, n_vocab = head
     return torch.ops.kvbench.decode_forward(token, pos, ew, int(et), en, inv_freq, ws, types, rows, nparts, norms, biases,
-                                            n_ffs, kcs, vcs, *places, neox, n_head, n_head_kv, d_k, d_v, eps, scale,
+                                            kcs, vcs, *places, neox, n_head, n_head_kv, d_k, d_v, eps, scale,
                                             ACTIVATIONS[act], out_rows, norm_w, out_eps, hw, int(ht), n_vocab)
 
 

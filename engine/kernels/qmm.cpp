@@ -868,8 +868,8 @@ at::Tensor repack_x16(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
     for (int64_t tl = t0; tl < t1; ++tl)
       for (int64_t j = 0; j < 16; ++j) {
         const uint8_t* row = sp + (tl * 16 + j) * nblk * bb;
+        uint8_t* tile = op + tl * nblk * tb;
         for (int64_t b = 0; b < nblk; ++b) {
-          uint8_t* tile = op + tl * nblk * tb;
           int64_t ho, qo;
           x16_where(t, nblk, b, ho, qo);
           const uint8_t* blk = row + b * bb;
@@ -1642,23 +1642,23 @@ at::Tensor kv_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 // angles (the same float64 torch ops as engine/model/layers.py Rope.angles), per layer attn_qkv, kv_attend and
 // ffn_block, then the output rows' final norm and the output matrix (qmm): the functions the per-layer path
 // calls, in its order, so the logits are equal to the module path's bit for bit. Why: with the weights at the
-// memory's rate, what separated a step from llama.cpp's was ~0.5 ms of Python between ~30 native calls.
-// Per layer l, ws holds nparts[l] q/k/v parts (types, rows alike), then wo, w1, w3, w2; norms holds the attention
-// and the feed-forward norm; biases is empty or one q/k/v bias per layer. Every layer's K/V storage (kcs, vcs)
+// memory's rate, what separated a step from llama.cpp's was ~0.8 ms of Python between ~30 native calls.
+// Per layer l, ws holds nparts[l] q/k/v parts, then wo, w1, w3, w2 (types, rows alike: w1's rows are n_ff);
+// norms holds the attention and the feed-forward norm; biases is empty or one q/k/v bias per layer. Every layer's K/V storage (kcs, vcs)
 // is written and read at the same places (one ubatch: slots, cells, mask; kv_attend says which is which).
 at::Tensor decode_forward(const at::Tensor& token, const at::Tensor& pos, const at::Tensor& embd, int64_t embd_type,
                           int64_t embd_rows, const c10::optional<at::Tensor>& inv_freq, at::TensorList ws,
                           at::IntArrayRef types, at::IntArrayRef rows, at::IntArrayRef nparts, at::TensorList norms,
-                          at::TensorList biases, at::IntArrayRef n_ffs, at::TensorList kcs, at::TensorList vcs,
+                          at::TensorList biases, at::TensorList kcs, at::TensorList vcs,
                           const c10::optional<at::Tensor>& slots, int64_t slot0, const c10::optional<at::Tensor>& cells,
                           int64_t n_kv, const c10::optional<at::Tensor>& mask, bool neox, int64_t n_head,
                           int64_t n_head_kv, int64_t d_k, int64_t d_v, double eps, double scale, int64_t act,
                           const c10::optional<at::Tensor>& out_rows, const at::Tensor& out_norm, double out_eps,
                           const at::Tensor& head, int64_t head_type, int64_t n_vocab) {
   const int64_t L = int64_t(nparts.size());
-  TORCH_CHECK(L > 0 && int64_t(norms.size()) == 2 * L && int64_t(n_ffs.size()) == L && int64_t(kcs.size()) == L &&
+  TORCH_CHECK(L > 0 && int64_t(norms.size()) == 2 * L && int64_t(kcs.size()) == L &&
               int64_t(vcs.size()) == L && (biases.empty() || int64_t(biases.size()) == L),
-              "kvbench decode_forward: per layer two norms, one n_ff, one K and one V storage (and a bias or none)");
+              "kvbench decode_forward: per layer two norms, one K and one V storage (and a bias or none)");
   TORCH_CHECK(int64_t(types.size()) == int64_t(ws.size()) && int64_t(rows.size()) == int64_t(ws.size()),
               "kvbench decode_forward: one type and one row count per matrix");
   at::Tensor x = dequant(embd, embd_type, embd_rows, norms[0].size(0), token, false);  // (T, n_embd)
@@ -1678,7 +1678,7 @@ at::Tensor decode_forward(const at::Tensor& token, const at::Tensor& pos, const 
     w += P;
     const at::Tensor a = kv_attend(qkv[0], qkv[1], qkv[2], kcs[l], vcs[l], slots, slot0, cells, n_kv, mask, scale);
     x = ffn_block(x, a, ws[w], types[w], norms[2 * l + 1], eps, ws[w + 1], types[w + 1], ws[w + 2], types[w + 2],
-                  ws[w + 3], types[w + 3], n_ffs[l], act);
+                  ws[w + 3], types[w + 3], rows[w + 1], act);  // w1's rows: n_ff
     w += 4;
   }
   TORCH_CHECK(w == int64_t(ws.size()), "kvbench decode_forward: ", int64_t(ws.size()) - w, " matrices left over");
@@ -1790,7 +1790,7 @@ TORCH_LIBRARY(kvbench, m) {
         "int n_kv, Tensor? mask, float scale) -> Tensor");
   m.def("decode_forward(Tensor token, Tensor pos, Tensor embd, int embd_type, int embd_rows, Tensor? inv_freq, "
         "Tensor[] ws, int[] types, int[] rows, int[] nparts, Tensor[] norms, Tensor[] biases, "
-        "int[] n_ffs, Tensor(a!)[] kcs, Tensor(b!)[] vcs, Tensor? slots, int slot0, Tensor? cells, int n_kv, "
+        "Tensor(a!)[] kcs, Tensor(b!)[] vcs, Tensor? slots, int slot0, Tensor? cells, int n_kv, "
         "Tensor? mask, bool neox, int n_head, int n_head_kv, int d_k, int d_v, float eps, "
         "float scale, int act, Tensor? out_rows, Tensor out_norm, float out_eps, Tensor head, int head_type, "
         "int n_vocab) -> Tensor");

@@ -37,7 +37,6 @@ class AttnInput:
     mask: torch.Tensor | None
 
 
-
 class KVStorage(NamedTuple):
     """One layer's float K/V storage as it is, with where a ubatch's rows go and which rows attention reads.
 
@@ -55,6 +54,7 @@ class KVStorage(NamedTuple):
     cells: torch.Tensor | None  # (n,) int64 rows attention reads, in mask column order; None: [0, n_kv)
     n_kv: int
     mask: torch.Tensor | None  # (T, n) bool, True = may attend (AttnInput.mask)
+
 
 class Rotary(Protocol):
     """What a KV memory needs of the model's rotary embedding to shift cached keys (seq_add):

@@ -185,13 +185,20 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, fl
 // integer dots per weight group, exact in int32, give the dot with X. dl repeats dd 8 times per group (one per int32 lane
 // of the dot), s holds the float sums of x per 16 values (for the formats' minima, as in the float path), ls
 // the integer sums of X per 4 values (one per int32 lane: Q4_0's offset of 8 subtracted inside the dot).
-struct Q16Row { const int8_t* hi; const int8_t* lo; const float* dl; const float* s; const int32_t* ls; };
+// hl and d hold the same numbers again for the x16 kernels: per group its hi then its lo bytes (one 64-byte
+// line), and dd once. Why: an x16 kernel reads a group's activations once per tile of 16 weight rows, and with
+// hi, lo and dl apart that is three lines per group, 17 KB of a 2816-value row, which with a 25 KB tile of
+// weights no longer fits the 32 KB L1: a 1024x2816 Q4_0 matrix read from DRAM took 77 us against 63 for
+// 2816x1024, the same bytes; with hl and d it took 65.
+struct Q16Row { const int8_t* hi; const int8_t* lo; const float* dl; const float* s; const int32_t* ls;
+                const int8_t* hl; const float* d; };
 
 #if KV_AVX2
 // One block of quantize16_rows in vector registers (the scalar loop below cost ~10 us per 1024 values, a fifth of
 // a small matrix's call). The same X (cvtps rounds to nearest even, as nearbyint; the same clamp and -128 fix-up);
 // the float sums per 16 values are added in another order (the minima's bound allows any: 15 roundings).
-inline void quantize16_block(const float* xb, int8_t* hi, int8_t* lo, float* dl, float* s, int32_t* ls) {
+inline void quantize16_block(const float* xb, int8_t* hi, int8_t* lo, float* dl, float* s, int32_t* ls, int8_t* hl,
+                             float* d) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 v[4];
   for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(xb + 8 * i);
@@ -225,8 +232,12 @@ inline void quantize16_block(const float* xb, int8_t* hi, int8_t* lo, float* dl,
     return _mm256_permutevar8x32_epi32(
         _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3])), order);
   };
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), pack(H));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), pack(L));
+  const __m256i ph = pack(H), pl = pack(L);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), ph);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), pl);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hl), ph);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hl + 32), pl);
+  *d = dd;
   const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(X[0], X[1]), _mm256_hadd_epi32(X[2], X[3]));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(ls), _mm256_permutevar8x32_epi32(sums, order));
   _mm256_storeu_ps(dl, _mm256_set1_ps(dd));
@@ -234,13 +245,13 @@ inline void quantize16_block(const float* xb, int8_t* hi, int8_t* lo, float* dl,
 #endif
 
 void quantize16_rows(const float* x, int64_t M, int64_t K, int8_t* hi, int8_t* lo, float* dl, float* s,
-                     int32_t* ls) {
+                     int32_t* ls, int8_t* hl, float* d) {
   const int64_t nb = K / 32;
   at::parallel_for(0, M * nb, 64, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* xb = x + b * 32;
 #if KV_AVX2
-      quantize16_block(xb, hi + b * 32, lo + b * 32, dl + b * 8, s + 2 * b, ls + b * 8);
+      quantize16_block(xb, hi + b * 32, lo + b * 32, dl + b * 8, s + 2 * b, ls + b * 8, hl + b * 64, d + b);
       continue;
 #endif
       float amax = 0.f, sum[2] = {0.f, 0.f};
@@ -258,6 +269,9 @@ void quantize16_rows(const float* x, int64_t M, int64_t K, int8_t* hi, int8_t* l
       for (int l = 0; l < 8; ++l) dl[b * 8 + l] = dd;
       s[2 * b] = sum[0];
       s[2 * b + 1] = sum[1];
+      std::memcpy(hl + b * 64, hi + b * 32, 32);
+      std::memcpy(hl + b * 64 + 32, lo + b * 32, 32);
+      d[b] = dd;
     }
   });
 }
@@ -924,8 +938,8 @@ void x16dot_t(const uint8_t* w, int64_t nblk, const Row* xr, const int32_t* cons
         __m512i dot = _mm512_setzero_si512();
         float dx;
         if constexpr (std::is_same_v<Row, Q16Row>) {
-          const int32_t* hi = reinterpret_cast<const int32_t*>(xr[m].hi + b * 32);
-          const int32_t* lo = reinterpret_cast<const int32_t*>(xr[m].lo + b * 32);
+          const int32_t* hi = reinterpret_cast<const int32_t*>(xr[m].hl + b * 64);
+          const int32_t* lo = hi + 8;
           // four chains of 4 dpbusd rather than two of 8: each dpbusd waits for its accumulator (weights in L3,
           // 2816x1024 Q4_0: 31.8 -> 27.6 us; from DRAM the memory bounds it either way)
           __m512i dh = _mm512_setzero_si512(), dh1 = _mm512_setzero_si512(), dot1 = _mm512_setzero_si512();
@@ -938,7 +952,7 @@ void x16dot_t(const uint8_t* w, int64_t nblk, const Row* xr, const int32_t* cons
           dh = _mm512_add_epi32(dh, dh1);  // integers: the sums are exact in any order
           dot = _mm512_add_epi32(dot, dot1);
           dot = _mm512_add_epi32(_mm512_slli_epi32(dh, 8), dot);
-          dx = xr[m].dl[b * 8];
+          dx = xr[m].d[b];
         } else {
           const int32_t* xq = reinterpret_cast<const int32_t*>(xr[m].q + b * 32);
           __m512i dot1 = _mm512_setzero_si512();
@@ -1023,9 +1037,9 @@ struct Acts {
       xs = xs_t.data_ptr<float>();
       return;
     }
-    // in int32 units: act 2: hi, lo (MK/4 each), dl (MK/4 floats), xs (MK/16), ls (MK/4), bsum (MK/32);
-    // act 1: q (MK/4), d (MK/32 floats), xs (MK/16), bsum (MK/32)
-    buf.resize(act == 2 ? MK / 4 * 4 + MK / 16 + MK / 32 : MK / 4 + MK / 32 + MK / 16 + MK / 32);
+    // in int32 units: act 2: hi, lo (MK/4 each), dl (MK/4 floats), xs (MK/16), ls (MK/4), bsum (MK/32), hl (MK/2),
+    // d (MK/32 floats); act 1: q (MK/4), d (MK/32 floats), xs (MK/16), bsum (MK/32)
+    buf.resize(act == 2 ? MK / 4 * 4 + MK / 16 + MK / 32 + MK / 2 + MK / 32 : MK / 4 + MK / 32 + MK / 16 + MK / 32);
     int32_t* p = buf.data();
     auto take = [&](int64_t n) { int32_t* r = p; p += n; return r; };
     if (act == 2) {
@@ -1035,9 +1049,12 @@ struct Acts {
       float* s = reinterpret_cast<float*>(take(MK / 16));
       int32_t* ls = take(MK / 4);
       int32_t* bs = take(MK / 32);
-      quantize16_rows(xp, M, K, hi, lo, dl, s, ls);
+      int8_t* hl = reinterpret_cast<int8_t*>(take(MK / 2));
+      float* d = reinterpret_cast<float*>(take(MK / 32));
+      quantize16_rows(xp, M, K, hi, lo, dl, s, ls, hl, d);
       for (int64_t m = 0; m < M; ++m)
-        r16[m] = {hi + m * K, lo + m * K, dl + m * (K / 4), s + m * (K / 16), ls + m * (K / 4)};
+        r16[m] = {hi + m * K, lo + m * K, dl + m * (K / 4), s + m * (K / 16), ls + m * (K / 4), hl + 2 * m * K,
+                  d + m * (K / 32)};
       block_sums(ls, M * (K / 32), 8, bs);  // ls holds sums of 4 values
       xs = s;
       for (int64_t m = 0; m < M; ++m) bsum[m] = bs + m * (K / 32);

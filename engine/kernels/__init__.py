@@ -192,25 +192,25 @@ def kv_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tenso
     return torch.ops.kvbench.kv_attend(q, k, v, kc, vc, slots, slot0, cells, n_kv, mask, scale)
 
 
-def decode_forward(token: torch.Tensor, pos: torch.Tensor, embd: tuple, inv_freq: torch.Tensor | None,
-                   ws: list[torch.Tensor], types: list[int], rows: list[int], nparts: list[int],
-                   norms: list[torch.Tensor], biases: list[torch.Tensor], kcs: list[torch.Tensor], vcs: list[torch.Tensor],
-                   places: tuple, neox: bool, n_head: int, n_head_kv: int, d_k: int, d_v: int,
-                   eps: float, scale: float, act: str, out_rows: torch.Tensor | None, head: tuple) -> torch.Tensor:
-    """A LLaMA forward pass over a decode-sized ubatch in one op: rows ``token`` of the embedding ``embd`` (bytes,
-    type, rows), rope angles of ``pos`` from ``inv_freq`` (float64; None: no rope), per layer attn_qkv,
-    kv_attend into that layer's storage (kcs, vcs) at ``places`` (KVStorage's slots, slot0, cells, n_kv, mask,
-    shared by every layer) and ffn_block; then rows ``out_rows`` (all where None) through the final norm and the
-    output matrix: -> logits (n_out, n_vocab). Per layer, ws holds nparts[l] q/k/v parts, then wo, w1, w3, w2
-    (types, rows alike: w1's rows are n_ff); norms the attention and feed-forward norm weights; biases one q/k/v bias per layer or
-    none. ``head``: (norm weight, eps, output matrix bytes, type, n_vocab). Equal bit for bit to the module
-    path's ops. Native only, as ``rope``."""
+def decode_stack(embd: tuple, inv_freq: torch.Tensor | None, ws: list[torch.Tensor], types: list[int], rows: list[int],
+                 nparts: list[int], norms: list[torch.Tensor], biases: list[torch.Tensor], neox: bool, n_head: int,
+                 n_head_kv: int, d_k: int, d_v: int, eps: float, scale: float, act: str, head: tuple):
+    """A LLaMA model as the one-op decode forward reads it, held natively: ``.forward(token, pos, kcs, vcs, slots,
+    slot0, cells, n_kv, mask, out_rows)`` -> logits (n_out, n_vocab) of a decode-sized ubatch. It runs rows ``token``
+    of the embedding ``embd`` (bytes, type, rows), rope angles of ``pos`` from ``inv_freq`` (float64; None: no rope),
+    per layer attn_qkv, kv_attend into that layer's storage (kcs, vcs) at the places (KVStorage's slots, slot0,
+    cells, n_kv, mask, shared by every layer) and ffn_block; then rows ``out_rows`` (all where None) through the
+    final norm and the output matrix. Per layer, ws holds nparts[l] q/k/v parts, then wo, w1, w3, w2 (types, rows
+    alike: w1's rows are n_ff); norms the attention and feed-forward norm weights; biases one q/k/v bias per layer
+    or none. ``head``: (norm weight, eps, output matrix bytes, type, n_vocab). Equal bit for bit to the module
+    path's ops. The model's part is passed once: per step only what changes crosses into the op (qmm.cpp,
+    DecodeStack). Native only, as ``rope``."""
     _load()
     ew, et, en = embd
     norm_w, out_eps, hw, ht, n_vocab = head
-    return torch.ops.kvbench.decode_forward(token, pos, ew, int(et), en, inv_freq, ws, types, rows, nparts, norms, biases,
-                                            kcs, vcs, *places, neox, n_head, n_head_kv, d_k, d_v, eps, scale,
-                                            ACTIVATIONS[act], out_rows, norm_w, out_eps, hw, int(ht), n_vocab)
+    return torch.classes.kvbench.DecodeStack(ew, int(et), en, inv_freq, ws, [int(t) for t in types], rows, nparts,
+                                             norms, biases, neox, n_head, n_head_kv, d_k, d_v, eps, scale,
+                                             ACTIVATIONS[act], norm_w, out_eps, hw, int(ht), n_vocab)
 
 
 def ssm_scan(dA: torch.Tensor, dBx: torch.Tensor, C: torch.Tensor, s0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1703,6 +1703,43 @@ at::Tensor decode_forward(const at::Tensor& token, const at::Tensor& pos, const 
   return qmm(rms_norm(x, out_norm, out_eps), head, head_type, n_vocab, x.size(1), act);
 }
 
+// decode_forward's arguments that belong to the model, held once (Transformer.fuse builds one): a step then
+// passes the few that change (tokens, positions, the memory's storage and places). Why: after the weights'
+// stream has evicted the caches, converting ~100 arguments of the plain op cost ~70 us of a ~2.1 ms
+// llama-small Q4_0 step (17 us warm); a method call with ten costs a fraction of that.
+struct DecodeStack : torch::CustomClassHolder {
+  at::Tensor embd, out_norm, head;
+  int64_t embd_type, embd_rows, n_head, n_head_kv, d_k, d_v, act, head_type, n_vocab;
+  c10::optional<at::Tensor> inv_freq;
+  std::vector<at::Tensor> ws, norms, biases;
+  std::vector<int64_t> types, rows, nparts;
+  bool neox;
+  double eps, scale, out_eps;
+
+  DecodeStack(at::Tensor embd_, int64_t embd_type_, int64_t embd_rows_, c10::optional<at::Tensor> inv_freq_,
+              std::vector<at::Tensor> ws_, std::vector<int64_t> types_, std::vector<int64_t> rows_,
+              std::vector<int64_t> nparts_, std::vector<at::Tensor> norms_, std::vector<at::Tensor> biases_,
+              bool neox_, int64_t n_head_, int64_t n_head_kv_, int64_t d_k_, int64_t d_v_, double eps_,
+              double scale_, int64_t act_, at::Tensor out_norm_, double out_eps_, at::Tensor head_,
+              int64_t head_type_, int64_t n_vocab_)
+      : embd(std::move(embd_)), out_norm(std::move(out_norm_)), head(std::move(head_)), embd_type(embd_type_),
+        embd_rows(embd_rows_), n_head(n_head_), n_head_kv(n_head_kv_), d_k(d_k_), d_v(d_v_), act(act_),
+        head_type(head_type_), n_vocab(n_vocab_), inv_freq(std::move(inv_freq_)), ws(std::move(ws_)),
+        norms(std::move(norms_)), biases(std::move(biases_)), types(std::move(types_)), rows(std::move(rows_)),
+        nparts(std::move(nparts_)), neox(neox_), eps(eps_), scale(scale_), out_eps(out_eps_) {
+    TORCH_CHECK(act >= 0 && act <= 2, "kvbench DecodeStack: act must be 0 (float32), 1 (int8) or 2 (q16)");
+  }
+
+  at::Tensor forward(const at::Tensor& token, const at::Tensor& pos, const std::vector<at::Tensor>& kcs,
+                     const std::vector<at::Tensor>& vcs, const c10::optional<at::Tensor>& slots, int64_t slot0,
+                     const c10::optional<at::Tensor>& cells, int64_t n_kv, const c10::optional<at::Tensor>& mask,
+                     const c10::optional<at::Tensor>& out_rows) {
+    return decode_forward(token, pos, embd, embd_type, embd_rows, inv_freq, ws, types, rows, nparts, norms, biases,
+                          kcs, vcs, slots, slot0, cells, n_kv, mask, neox, n_head, n_head_kv, d_k, d_v, eps, scale,
+                          act, out_rows, out_norm, out_eps, head, head_type, n_vocab);
+  }
+};
+
 // Mamba-1's selective scan over time for S sequences: s_t = dA_t * s_{t-1} + dBx_t (elementwise over (di, ds)),
 // y_t = sum_n s_t[:, n] C_t[n]. dA, dBx (S, T, di, ds), C (S, T, ds), s0 (S, di, ds), float32. The state update
 // is the same two roundings as the torch expression (a product, then a sum: -ffp-contract=off keeps them apart),
@@ -1805,12 +1842,12 @@ TORCH_LIBRARY(kvbench, m) {
   m.def("attend_small(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
   m.def("kv_attend(Tensor q, Tensor k, Tensor v, Tensor(a!) kc, Tensor(b!) vc, Tensor? slots, int slot0, Tensor? cells, "
         "int n_kv, Tensor? mask, float scale) -> Tensor");
-  m.def("decode_forward(Tensor token, Tensor pos, Tensor embd, int embd_type, int embd_rows, Tensor? inv_freq, "
-        "Tensor[] ws, int[] types, int[] rows, int[] nparts, Tensor[] norms, Tensor[] biases, "
-        "Tensor(a!)[] kcs, Tensor(b!)[] vcs, Tensor? slots, int slot0, Tensor? cells, int n_kv, "
-        "Tensor? mask, bool neox, int n_head, int n_head_kv, int d_k, int d_v, float eps, "
-        "float scale, int act, Tensor? out_rows, Tensor out_norm, float out_eps, Tensor head, int head_type, "
-        "int n_vocab) -> Tensor");
+  m.class_<DecodeStack>("DecodeStack")
+      .def(torch::init<at::Tensor, int64_t, int64_t, c10::optional<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, bool, int64_t, int64_t, int64_t, int64_t, double, double, int64_t,
+                       at::Tensor, double, at::Tensor, int64_t, int64_t>())
+      .def("forward", &DecodeStack::forward);
   m.def("attn_qkv(Tensor x, Tensor norm_w, float eps, Tensor[] ws, int[] types, int[] rows, Tensor? bias, Tensor? cos, "
         "Tensor? sin, "
         "bool neox, int n_head, int n_head_kv, int d_k, int d_v, int act) -> Tensor[]");
@@ -1832,7 +1869,6 @@ TORCH_LIBRARY_IMPL(kvbench, CPU, m) {
   m.impl("attend_small", attend_small);
   m.impl("attn_qkv", attn_qkv);
   m.impl("kv_attend", kv_attend);
-  m.impl("decode_forward", decode_forward);
   m.impl("repack_x16", repack_x16);
   m.impl("ffn_block", ffn_block);
   m.impl("ssm_scan", ssm_scan);

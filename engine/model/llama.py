@@ -90,22 +90,6 @@ class NativeBlock(NamedTuple):
     n_ff: int
 
 
-class NativeStack(NamedTuple):
-    """A model as engine.kernels.decode_forward reads it, flattened once at load: the embedding as (bytes, type,
-    rows); per layer the q/k/v parts, then wo, w1, w3, w2 (``ws`` with ``types``, ``rows``), the two norms, the
-    q/k/v bias if any; the head as (final norm weight, eps, output matrix bytes, type, n_vocab)."""
-
-    embd: tuple
-    ws: list[torch.Tensor]
-    types: list[int]
-    rows: list[int]
-    nparts: list[int]
-    norms: list[torch.Tensor]
-    biases: list[torch.Tensor]
-    eps: float
-    head: tuple
-
-
 class TransformerBlock(nn.Module):
     """Pre-norm attention and SwiGLU feed-forward.
 
@@ -157,7 +141,7 @@ class Transformer(nn.Module):
         if cfg.tied_output:  # one matrix, two uses (the file holds token_embd only)
             self.output.weight = self.tok_embeddings.weight
         self.rope = Rope(cfg)
-        self.native: NativeStack | None = None  # fast mode on the CPU: the stack as one op (fuse)
+        self.native = None  # fast mode on the CPU: the stack as one native op (fuse: engine.kernels.decode_stack)
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor, mctx, out_rows: torch.Tensor | None = None) -> torch.Tensor:
         """token, pos: (T,) -> logits (n_out, n_vocab) float32 for ``out_rows`` (default all)."""
@@ -187,16 +171,13 @@ class Transformer(nn.Module):
         kv = [mctx.kv_storage(il) for il in range(len(self.layers))]
         if any(s is None for s in kv) or not all(_same_places(kv[0], s) for s in kv[1:]):
             return None
-        a = self.layers[0].attention
-        return kernels.decode_forward(token, pos, st.embd, self.rope.inv_freq if self.rope.n_rot else None, st.ws,
-                                      st.types, st.rows, st.nparts, st.norms, st.biases, [s.k for s in kv],
-                                      [s.v for s in kv], kv[0][2:], self.rope.neox, a.n_head, a.n_head_kv, a.d_k,
-                                      a.d_v, st.eps, a.scale, DECODE_ACT, out_rows, st.head)
+        return st.forward(token, pos, [s.k for s in kv], [s.v for s in kv], *kv[0][2:], out_rows)
 
     def fuse(self) -> bool:
         """Fast mode on the CPU: fuse every block (TransformerBlock.fuse) and, where all of them fused with the
         same shapes and the embedding and output matrices are ones the kernels read as stored (and the embedding
-        is not scaled), flatten the model for the one-op forward (``native``). Says whether it is native."""
+        is not scaled), hand the flattened model to the one-op forward once (``native``: engine.kernels.decode_stack).
+        Says whether it is native."""
         blocks = [b for b in self.layers if isinstance(b, TransformerBlock)]
         fused = [b.fuse() for b in blocks]
         self.native = None
@@ -222,7 +203,10 @@ class Transformer(nn.Module):
         biases = [a.wqkv.bias for a in attn] if attn[0].wqkv.bias is not None else []
         head = (self.norm.weight, self.norm.eps, *head, self.output.weight.n)
         embd = (*embd, self.tok_embeddings.weight.n)
-        self.native = NativeStack(embd, ws, types, rows, nparts, norms, biases, eps.pop(), head)
+        a = attn[0]
+        self.native = kernels.decode_stack(embd, self.rope.inv_freq if self.rope.n_rot else None, ws, types, rows,
+                                           nparts, norms, biases, self.rope.neox, a.n_head, a.n_head_kv, a.d_k, a.d_v,
+                                           eps.pop(), a.scale, DECODE_ACT, head)
         return True
 
     @classmethod

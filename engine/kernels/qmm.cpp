@@ -1373,6 +1373,17 @@ std::vector<at::Tensor> attn_qkv(const at::Tensor& x, const at::Tensor& norm_w, 
   return {q, k, y.narrow(1, nq + nk, nv).view({M, n_head_kv, d_v})};
 }
 
+// y = x + y in place (y float32, contiguous, x's shape): torch's add rounds each sum once as this does, and its
+// dispatch cost more than 1024 additions (two a layer).
+inline at::Tensor add_into(const at::Tensor& x_in, at::Tensor y) {
+  const at::Tensor x = x_in.contiguous();
+  TORCH_CHECK(x.scalar_type() == at::kFloat && y.is_contiguous() && x.numel() == y.numel(), "kvbench ffn_block: shapes");
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t i = 0, n = y.numel(); i < n; ++i) yp[i] = xp[i] + yp[i];
+  return y;
+}
+
 // The rest of the block after attention: h = x + a Wo^T; out = h + W2 (silu(W1 n(h)) * W3 n(h)), with n the RMS
 // norm. Gate and up share one quantization of n(h) and one parallel pass.
 at::Tensor ffn_block(const at::Tensor& x, const at::Tensor& a, const at::Tensor& wo, int64_t to,
@@ -1380,7 +1391,7 @@ at::Tensor ffn_block(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
                      int64_t t3, const at::Tensor& w2, int64_t t2, int64_t n_ff, int64_t act) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "kvbench ffn_block: x (M, n_embd) float32");
   const int64_t M = x.size(0), E = x.size(1);
-  const at::Tensor h = at::add(x, mv(Acts(a, act, !is_float(to)), wo, to, E));
+  const at::Tensor h = add_into(x, mv(Acts(a, act, !is_float(to)), wo, to, E));
   const Acts hn(rms_norm(h, norm_w, eps), act, !is_float(t1) || !is_float(t3));
   check_weight(w1, t1, n_ff, E);
   check_weight(w3, t3, n_ff, E);
@@ -1388,7 +1399,7 @@ at::Tensor ffn_block(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
   mv_parts(hn, {{w1.data_ptr<uint8_t>(), t1, n_ff, g.data_ptr<float>(), n_ff},
                 {w3.data_ptr<uint8_t>(), t3, n_ff, u.data_ptr<float>(), n_ff}});
   g = at::silu(g).mul_(u);
-  return at::add(h, mv(Acts(g, act, !is_float(t2)), w2, t2, E));
+  return add_into(h, mv(Acts(g, act, !is_float(t2)), w2, t2, E));
 }
 
 at::Tensor dequant_all(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
@@ -1620,6 +1631,20 @@ at::Tensor attend_small(const at::Tensor& q_in, const at::Tensor& k_in, const at
   return y;
 }
 
+// n float32 values into row r of a float cache's storage (f32, f16, bf16; rows contiguous), as torch's copy_
+// rounds them.
+inline void put_row(const float* x, int64_t n, const at::Tensor& cache, int64_t r) {
+  char* row = static_cast<char*>(cache.data_ptr()) + r * cache.stride(0) * cache.element_size();
+  switch (cache.scalar_type()) {
+    case at::kFloat: std::memcpy(row, x, n * sizeof(float)); return;
+    case at::kHalf: for (int64_t i = 0; i < n; ++i) reinterpret_cast<c10::Half*>(row)[i] = c10::Half(x[i]); return;
+    case at::kBFloat16:
+      for (int64_t i = 0; i < n; ++i) reinterpret_cast<c10::BFloat16*>(row)[i] = c10::BFloat16(x[i]);
+      return;
+    default: TORCH_CHECK(false, "kvbench kv_attend: the cache must be float32, float16 or bfloat16");
+  }
+}
+
 // A decode layer's memory step in one op, for a float cache (f32, f16, bf16) on the CPU: store this ubatch's K/V
 // rows into the cache's storage, then attend_small over the cells attention reads. k (T, Hkv, d), v (T, Hkv, dv)
 // float32; kc (size, Hkv * d), vc (size, Hkv * dv) storage. Rows go to slots[t] (or slot0 + t); attention reads
@@ -1634,14 +1659,23 @@ at::Tensor kv_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const int64_t T = k.size(0), hkv = k.size(1), d = k.size(2), dv = v.size(2);
   TORCH_CHECK(kc.size(1) == hkv * d && vc.size(1) == hkv * dv && kc.size(0) == vc.size(0),
               "kvbench kv_attend: cache rows must hold n_head_kv * head_dim values");
-  const at::Tensor k2 = k.reshape({T, hkv * d}), v2 = v.reshape({T, hkv * dv});
+  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, "kvbench kv_attend: k, v float32");
+  TORCH_CHECK(kc.stride(1) == 1 && vc.stride(1) == 1, "kvbench kv_attend: cache rows must be contiguous");
+  const at::Tensor k2 = k.contiguous(), v2 = v.contiguous();
+  at::Tensor sl;
   if (slots.has_value()) {
-    kc.index_copy_(0, *slots, k2.to(kc.scalar_type()));
-    vc.index_copy_(0, *slots, v2.to(vc.scalar_type()));
+    sl = slots->to(at::kLong).contiguous();
+    TORCH_CHECK(sl.numel() == T, "kvbench kv_attend: one slot per row");
   } else {
     TORCH_CHECK(slot0 >= 0 && slot0 + T <= kc.size(0), "kvbench kv_attend: slots outside the cache");
-    kc.narrow(0, slot0, T).copy_(k2);
-    vc.narrow(0, slot0, T).copy_(v2);
+  }
+  // Row t into row slots[t] (or slot0 + t), rounded as torch's copy rounds (c10's conversions, to nearest even):
+  // two ATen copies a layer cost ~4 us at decode, the conversion of 2 x 256 values well under one.
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t r = sl.defined() ? sl.data_ptr<int64_t>()[t] : slot0 + t;
+    TORCH_CHECK(r >= 0 && r < kc.size(0), "kvbench kv_attend: slot ", r, " outside the cache");
+    put_row(k2.data_ptr<float>() + t * hkv * d, hkv * d, kc, r);
+    put_row(v2.data_ptr<float>() + t * hkv * dv, hkv * dv, vc, r);
   }
   at::Tensor kr, vr;
   if (cells.has_value()) {

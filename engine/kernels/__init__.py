@@ -154,11 +154,11 @@ def x16_available() -> bool:
     return _load() and bool(torch.ops.kvbench.x16())
 
 
-def repack_x16(data: torch.Tensor, ggml_type: T, n: int, k: int) -> torch.Tensor:
+def repack_x16(data: torch.Tensor, ggml_type: T, n: int, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The file's ``ggml_type`` blocks (a key of X16) of a (n, k) matrix, n % 16 == 0, interleaved 16 rows at a
-    time: a new uint8 tensor of the same size. Native only."""
+    time: into ``out`` (uint8, the same size, apart from data) or a new uint8 tensor. Native only."""
     _load()
-    return torch.ops.kvbench.repack_x16(data, X16[ggml_type], n, k)
+    return torch.ops.kvbench.repack_x16(data, X16[ggml_type], n, k, out)
 
 
 def fused_available() -> bool:

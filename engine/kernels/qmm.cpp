@@ -867,15 +867,18 @@ void x16_row(int64_t t, const uint8_t* w, int64_t nblk, int64_t n, uint8_t* out)
   }
 }
 
-// The file's Q4_0 / Q4_1 / Q8_0 blocks (n, k) interleaved as x16 (type: the x16 id), a new tensor of the same size.
-at::Tensor repack_x16(const at::Tensor& w, int64_t t, int64_t n, int64_t k) {
+// The file's Q4_0 / Q4_1 / Q8_0 blocks (n, k) interleaved as x16 (type: the x16 id), into out (uint8, the same
+// size, not overlapping w) or a new tensor.
+at::Tensor repack_x16(const at::Tensor& w, int64_t t, int64_t n, int64_t k, const c10::optional<at::Tensor>& out_in) {
   TORCH_CHECK(is_x16(t), "kvbench repack_x16: type must be an x16 id");
   const at::Tensor src = w.contiguous();
   const int64_t base = x16_base(t), nblk = k / 32, bb = layout(t).bytes, hdr = x16_hdr(t), nc = x16_chunks(t);
   const int64_t tb = hdr + 64 * nc, qs = x16_qs(t);
   TORCH_CHECK(k % 32 == 0 && n % 16 == 0 && src.numel() == n * nblk * bb && src.scalar_type() == at::kByte,
               "kvbench repack_x16: (", n, ", ", k, ") blocks of GGML type ", base, " with n % 16 == 0");
-  at::Tensor out = at::empty_like(src);
+  at::Tensor out = out_in.has_value() ? *out_in : at::empty_like(src);
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kByte && out.numel() == src.numel() && out.is_cpu(),
+              "kvbench repack_x16: out must be ", src.numel(), " contiguous bytes on the CPU");
   const uint8_t* sp = src.data_ptr<uint8_t>();
   uint8_t* op = out.data_ptr<uint8_t>();
   at::parallel_for(0, n / 16, 1, [&](int64_t t0, int64_t t1) {
@@ -1892,7 +1895,7 @@ TORCH_LIBRARY(kvbench, m) {
   m.def("simd", simd);  // was the AVX2 path compiled in
   m.def("simd512", simd512);  // and the AVX-512 one
   m.def("x16", x16);  // and the interleaved (x16) kernel (AVX-512 VNNI)
-  m.def("repack_x16(Tensor w, int type, int n, int k) -> Tensor");
+  m.def("repack_x16(Tensor w, int type, int n, int k, Tensor(a!)? out=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvbench, CPU, m) {

@@ -32,6 +32,7 @@ from engine.model.weights import (
     PackedWeight,
     Weight,
     cat_weights,
+    place_in_huge_pages,
 )
 
 
@@ -249,8 +250,9 @@ class Transformer(nn.Module):
             p.requires_grad_(False)
         model = model.to(device).eval()
         if compute == "fast" and torch.device(device).type == "cpu":
-            if fuse_copy:  # not over a mapped file, whose pages a copy would duplicate
-                for m in model.modules():
+            packed = [m for m in model.modules() if isinstance(m, PackedWeight)]
+            if fuse_copy and not place_in_huge_pages(packed):  # which interleaves them on the way
+                for m in model.modules():  # not over a mapped file, whose pages a copy would duplicate
                     if isinstance(m, PackedWeight):
                         m.interleave()
             model.fuse()

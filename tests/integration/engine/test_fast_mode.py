@@ -14,6 +14,7 @@ from engine import kernels
 from engine.batch import Batch
 from engine.gguf.presets import build_preset, get_preset
 from engine.loader import create_engine, create_memory, load_model
+from engine.model import llama, weights
 from engine.model.llama import TransformerBlock
 from engine.model.weights import PackedWeight
 
@@ -198,6 +199,25 @@ def test_fused_decode_equals_the_module_path(tiny_files, tmp_path, ft):
         other = _decode_run(load_model(path, compute="fast", mmap=mmap), level)
         for f, p in zip(stack, other, strict=True):
             assert torch.equal(f, p), level
+
+
+@pytest.mark.parametrize("ft", ["q4_0", "q8_0", "q4_0-mmap"])
+def test_packed_matrices_in_huge_pages(tiny_files, monkeypatch, ft):
+    """A fast-mode load moves every packed matrix into one buffer of huge pages (weights.place_in_huge_pages), not
+    over a mapped file; the logits equal a load that leaves them where the reader put them, bit for bit."""
+    mmap = ft.endswith("mmap")
+    lm = load_model(tiny_files[ft.removesuffix("-mmap")], compute="fast", mmap=mmap)
+    packed = [m for m in lm.model.modules() if isinstance(m, PackedWeight)]
+    bases = {m.data.untyped_storage().data_ptr() for m in packed}
+    if mmap:
+        assert len(bases) > 1  # views of the mapped file, left where they are
+    elif weights.HAS_HUGE_PAGES:
+        assert len(bases) == 1 and packed[0].data.data_ptr() % weights.HUGE_PAGE == 0
+    monkeypatch.setattr(llama, "place_in_huge_pages", lambda ws: 0)
+    plain = load_model(tiny_files[ft.removesuffix("-mmap")], compute="fast", mmap=mmap)
+    assert len({m.data.untyped_storage().data_ptr() for m in plain.model.modules() if isinstance(m, PackedWeight)}) > 1
+    for a, b in zip(_decode_run(lm, "stack"), _decode_run(plain, "stack"), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("memory", [dict(type_k="f16", type_v="f16"), dict(type_k="bf16", type_v="f32"),

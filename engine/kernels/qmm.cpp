@@ -1305,32 +1305,41 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) 
 }
 
 // Rotary embedding of x (T, H, D), any strides, by angles cos/sin (T, n_rot/2): NORM rotates adjacent
-// pairs (x[2i], x[2i+1]), NEOX halves (x[i], x[i + n_rot/2]); dims past n_rot pass through. One op in
-// place of the ~12 a tensor expression takes per call.
-at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor& sin_in, bool neox) {
-  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "kvbench rope: x (T, H, D) float32");
-  const at::Tensor c = cos_in.to(at::kFloat).contiguous(), s = sin_in.to(at::kFloat).contiguous();
-  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = c.numel() / std::max<int64_t>(T, 1);
-  TORCH_CHECK(c.numel() == T * half && s.numel() == T * half && 2 * half <= D, "kvbench rope: angles do not fit x");
-  at::Tensor y = at::empty({T, H, D}, x.options());
+// pairs (x[2i], x[2i+1]), NEOX halves (x[i], x[i + n_rot/2]); dims past n_rot pass through. Into y (T, H, D),
+// any strides: y may be x itself (each pair is read before it is written). One op in place of the ~12 a tensor
+// expression takes per call.
+void rope_into(const at::Tensor& x, const float* cp, const float* sp, int64_t half, bool neox, at::Tensor& y) {
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2);
+  TORCH_CHECK(2 * half <= D, "kvbench rope: angles do not fit x");
   const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
-  const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
+  const int64_t o0 = y.stride(0), o1 = y.stride(1), o2 = y.stride(2);
+  const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, T * H, std::max<int64_t>(1, 8192 / std::max<int64_t>(D, 1)), [&](int64_t a, int64_t b) {
     for (int64_t th = a; th < b; ++th) {
       const int64_t t = th / H, h = th % H;
       const float* xr = xp + t * s0 + h * s1;
-      float* yr = yp + th * D;
+      float* yr = yp + t * o0 + h * o1;
       const float *ct = cp + t * half, *st = sp + t * half;
       for (int64_t i = 0; i < half; ++i) {
         const int64_t i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
         const float x0 = xr[i0 * s2], x1 = xr[i1 * s2];
-        yr[i0] = x0 * ct[i] - x1 * st[i];
-        yr[i1] = x0 * st[i] + x1 * ct[i];
+        yr[i0 * o2] = x0 * ct[i] - x1 * st[i];
+        yr[i1 * o2] = x0 * st[i] + x1 * ct[i];
       }
-      for (int64_t i = 2 * half; i < D; ++i) yr[i] = xr[i * s2];
+      if (yr != xr)
+        for (int64_t i = 2 * half; i < D; ++i) yr[i * o2] = xr[i * s2];
     }
   });
+}
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor& sin_in, bool neox) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "kvbench rope: x (T, H, D) float32");
+  const at::Tensor c = cos_in.to(at::kFloat).contiguous(), s = sin_in.to(at::kFloat).contiguous();
+  const int64_t T = x.size(0), half = c.numel() / std::max<int64_t>(T, 1);
+  TORCH_CHECK(c.numel() == T * half && s.numel() == T * half, "kvbench rope: angles do not fit x");
+  at::Tensor y = at::empty({T, x.size(1), x.size(2)}, x.options());
+  rope_into(x, c.data_ptr<float>(), s.data_ptr<float>(), half, neox, y);
   return y;
 }
 
@@ -1368,10 +1377,13 @@ std::vector<at::Tensor> attn_qkv(const at::Tensor& x, const at::Tensor& norm_w, 
   if (bias.has_value()) y.add_(*bias);
   at::Tensor q = y.narrow(1, 0, nq).view({M, n_head, d_k});
   at::Tensor k = y.narrow(1, nq, nk).view({M, n_head_kv, d_k});
-  if (cos.has_value()) {
+  if (cos.has_value()) {  // in place, in y: the same products as rope(), without two tensors and their dispatch
     TORCH_CHECK(sin.has_value(), "kvbench attn_qkv: cos without sin");
-    q = rope(q, *cos, *sin, neox);
-    k = rope(k, *cos, *sin, neox);
+    const at::Tensor c = cos->to(at::kFloat).contiguous(), s = sin->to(at::kFloat).contiguous();
+    const int64_t half = c.numel() / std::max<int64_t>(M, 1);
+    TORCH_CHECK(c.numel() == M * half && s.numel() == M * half, "kvbench attn_qkv: angles do not fit the rows");
+    rope_into(q, c.data_ptr<float>(), s.data_ptr<float>(), half, neox, q);
+    rope_into(k, c.data_ptr<float>(), s.data_ptr<float>(), half, neox, k);
   }
   return {q, k, y.narrow(1, nq + nk, nv).view({M, n_head_kv, d_v})};
 }
@@ -1692,16 +1704,17 @@ at::Tensor kv_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return attend_small(q, kr.view({-1, hkv, d}), vr.view({-1, hkv, dv}), mask, scale);
 }
 
-// A LLaMA forward pass over a decode-sized ubatch in one op: the token rows of the embedding (dequant), rope's
-// angles (the same float64 torch ops as engine/model/layers.py Rope.angles), per layer attn_qkv, kv_attend and
+// A LLaMA forward pass over a decode-sized ubatch in one op: the token rows of the embedding (dequant), then with
+// rope's angles cos/sin (T, 1, n_rot/2; none: no rope) per layer attn_qkv, kv_attend and
 // ffn_block, then the output rows' final norm and the output matrix (qmm): the functions the per-layer path
 // calls, in its order, so the logits are equal to the module path's bit for bit. Why: with the weights at the
 // memory's rate, what separated a step from llama.cpp's was ~0.8 ms of Python between ~30 native calls.
 // Per layer l, ws holds nparts[l] q/k/v parts, then wo, w1, w3, w2 (types, rows alike: w1's rows are n_ff);
 // norms holds the attention and the feed-forward norm; biases is empty or one q/k/v bias per layer. Every layer's K/V storage (kcs, vcs)
 // is written and read at the same places (one ubatch: slots, cells, mask; kv_attend says which is which).
-at::Tensor decode_forward(const at::Tensor& token, const at::Tensor& pos, const at::Tensor& embd, int64_t embd_type,
-                          int64_t embd_rows, const c10::optional<at::Tensor>& inv_freq, at::TensorList ws,
+at::Tensor decode_forward(const at::Tensor& token, const c10::optional<at::Tensor>& cos,
+                          const c10::optional<at::Tensor>& sin, const at::Tensor& embd, int64_t embd_type,
+                          int64_t embd_rows, at::TensorList ws,
                           at::IntArrayRef types, at::IntArrayRef rows, at::IntArrayRef nparts, at::TensorList norms,
                           at::TensorList biases, at::TensorList kcs, at::TensorList vcs,
                           const c10::optional<at::Tensor>& slots, int64_t slot0, const c10::optional<at::Tensor>& cells,
@@ -1716,12 +1729,6 @@ at::Tensor decode_forward(const at::Tensor& token, const at::Tensor& pos, const 
   TORCH_CHECK(int64_t(types.size()) == int64_t(ws.size()) && int64_t(rows.size()) == int64_t(ws.size()),
               "kvbench decode_forward: one type and one row count per matrix");
   at::Tensor x = dequant(embd, embd_type, embd_rows, norms[0].size(0), token, false);  // (T, n_embd)
-  c10::optional<at::Tensor> cos, sin;
-  if (inv_freq.has_value()) {  // float64: theta reaches n_ctx radians
-    const at::Tensor theta = pos.to(at::kDouble).unsqueeze(1) * inv_freq->unsqueeze(0);
-    cos = theta.cos().to(at::kFloat).unsqueeze(1);
-    sin = theta.sin().to(at::kFloat).unsqueeze(1);
-  }
   int64_t w = 0;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t P = nparts[l];
@@ -1771,9 +1778,42 @@ struct DecodeStack : torch::CustomClassHolder {
                      const std::vector<at::Tensor>& vcs, const c10::optional<at::Tensor>& slots, int64_t slot0,
                      const c10::optional<at::Tensor>& cells, int64_t n_kv, const c10::optional<at::Tensor>& mask,
                      const c10::optional<at::Tensor>& out_rows) {
-    return decode_forward(token, pos, embd, embd_type, embd_rows, inv_freq, ws, types, rows, nparts, norms, biases,
+    c10::optional<at::Tensor> cos, sin;
+    if (inv_freq.has_value()) std::tie(cos, sin) = angles(pos);
+    return decode_forward(token, cos, sin, embd, embd_type, embd_rows, ws, types, rows, nparts, norms, biases,
                           kcs, vcs, slots, slot0, cells, n_kv, mask, neox, n_head, n_head_kv, d_k, d_v, eps, scale,
                           act, out_rows, out_norm, out_eps, head, head_type, n_vocab);
+  }
+
+  // cos and sin (T, 1, n_rot/2) of positions pos, from tables of every position so far, grown 256 positions at a
+  // time by the ops Rope.angles runs (float64 theta = pos * inv_freq, its cos and sin, then float32): the same
+  // values, element by element, as computing them each step (256 x n_rot/2 values a call, a multiple of the
+  // vector width, so no element takes the scalar tail), where eight torch ops at the start of a step cost
+  // ~40 us, the caches cold.
+  std::vector<float> cos_tab, sin_tab;
+  int64_t n_tab = 0;
+
+  std::pair<at::Tensor, at::Tensor> angles(const at::Tensor& pos_in) {
+    const at::Tensor pos = pos_in.to(at::kLong).contiguous();
+    const int64_t T = pos.numel(), half = inv_freq->numel();
+    const int64_t* pp = pos.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(pp[t] >= 0, "kvbench DecodeStack: position ", pp[t], " is negative");
+      while (pp[t] >= n_tab) {
+        const at::Tensor theta = at::arange(n_tab, n_tab + 256, at::kLong).to(at::kDouble).unsqueeze(1) *
+                                 inv_freq->unsqueeze(0);
+        const at::Tensor c = theta.cos().to(at::kFloat).contiguous(), s = theta.sin().to(at::kFloat).contiguous();
+        cos_tab.insert(cos_tab.end(), c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
+        sin_tab.insert(sin_tab.end(), s.data_ptr<float>(), s.data_ptr<float>() + s.numel());
+        n_tab += 256;
+      }
+    }
+    at::Tensor c = at::empty({T, 1, half}, at::kFloat), s = at::empty({T, 1, half}, at::kFloat);
+    for (int64_t t = 0; t < T; ++t) {
+      std::memcpy(c.data_ptr<float>() + t * half, cos_tab.data() + pp[t] * half, half * sizeof(float));
+      std::memcpy(s.data_ptr<float>() + t * half, sin_tab.data() + pp[t] * half, half * sizeof(float));
+    }
+    return {c, s};
   }
 };
 

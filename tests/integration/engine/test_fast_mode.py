@@ -201,6 +201,34 @@ def test_fused_decode_equals_the_module_path(tiny_files, tmp_path, ft):
             assert torch.equal(f, p), level
 
 
+def test_fused_decode_past_the_first_angle_table(tiny_files):
+    """The one-op forward takes rope's angles from tables grown 256 positions at a time (qmm.cpp, DecodeStack):
+    decode steps at positions 299-303 and, in a second sequence, 530-531 (two more growths, one of them a jump)
+    give the module path's logits bit for bit."""
+    runs = []
+    for level in ("stack", "modules"):
+        lm = load_model(tiny_files["q4_0"], compute="fast")
+        if level == "modules":
+            lm.model.native = None
+            for m in lm.model.modules():
+                if isinstance(m, TransformerBlock):
+                    m.native = None
+        eng = create_engine(lm, create_memory(lm, size=1024, n_seq_max=2))
+        rng = np.random.default_rng(5)
+        n_vocab = lm.config.n_vocab
+        out = [eng.prefill({0: rng.integers(3, n_vocab, 299).tolist(), 1: rng.integers(3, n_vocab, 530).tolist()})]
+        nxt = {s: int(t) for s, t in zip((0, 1), out[-1].argmax(-1), strict=True)}
+        for _ in range(2):
+            out.append(eng.decode_step(nxt))
+            nxt = {s: int(t) for s, t in zip(nxt, out[-1].argmax(-1), strict=True)}
+        for _ in range(3):
+            out.append(eng.decode_step({0: nxt[0]}))
+            nxt[0] = int(out[-1][0].argmax())
+        runs.append(out)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("ft", ["q4_0", "q8_0", "q4_0-mmap"])
 def test_packed_matrices_in_huge_pages(tiny_files, monkeypatch, ft):
     """A fast-mode load moves every packed matrix into one buffer of huge pages (weights.place_in_huge_pages), not

@@ -241,7 +241,10 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor | None:
     if advice is None or nbytes <= 0:
         return None
     # private and anonymous (a shared mapping is shmem, whose THP setting is another), untouched: no page exists yet
-    m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # no address space for it (a ulimit -v): the matrices stay where they are
+        return None
     try:
         m.madvise(advice)
     except OSError:  # a kernel built without THP

@@ -50,6 +50,16 @@ def test_huge_page_buffer_without_the_advice(monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_HUGE_PAGES, reason="no MADV_HUGEPAGE on this OS")
+def test_huge_page_buffer_without_address_space(monkeypatch):
+    """A mapping the OS refuses (ENOMEM under a ulimit -v) is no error: the matrices stay where they are."""
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    assert huge_page_buffer(HUGE_PAGE) is None
+
+
+@pytest.mark.skipif(not HAS_HUGE_PAGES, reason="no MADV_HUGEPAGE on this OS")
 def test_place_in_huge_pages_moves_interleaves_and_keeps_the_product():
     """Every matrix ends in one buffer, each on a 64-byte boundary, interleaved where interleave() would have
     interleaved it in place (the same bytes), the rest copied as they were; products equal bit for bit."""

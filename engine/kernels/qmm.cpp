@@ -1333,13 +1333,22 @@ void rope_into(const at::Tensor& x, const float* cp, const float* sp, int64_t ha
   });
 }
 
-at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor& sin_in, bool neox) {
+// cos/sin (T, [1,] n_rot/2) as contiguous float32 rows, and n_rot/2.
+struct Angles {
+  at::Tensor c, s;
+  int64_t half;
+  Angles(const at::Tensor& cos, const at::Tensor& sin, int64_t T)
+      : c(cos.to(at::kFloat).contiguous()), s(sin.to(at::kFloat).contiguous()),
+        half(c.numel() / std::max<int64_t>(T, 1)) {
+    TORCH_CHECK(c.numel() == T * half && s.numel() == T * half, "kvbench rope: angles do not fit the rows");
+  }
+};
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool neox) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "kvbench rope: x (T, H, D) float32");
-  const at::Tensor c = cos_in.to(at::kFloat).contiguous(), s = sin_in.to(at::kFloat).contiguous();
-  const int64_t T = x.size(0), half = c.numel() / std::max<int64_t>(T, 1);
-  TORCH_CHECK(c.numel() == T * half && s.numel() == T * half, "kvbench rope: angles do not fit x");
-  at::Tensor y = at::empty({T, x.size(1), x.size(2)}, x.options());
-  rope_into(x, c.data_ptr<float>(), s.data_ptr<float>(), half, neox, y);
+  const Angles a(cos, sin, x.size(0));
+  at::Tensor y = at::empty({x.size(0), x.size(1), x.size(2)}, x.options());
+  rope_into(x, a.c.data_ptr<float>(), a.s.data_ptr<float>(), a.half, neox, y);
   return y;
 }
 
@@ -1379,11 +1388,9 @@ std::vector<at::Tensor> attn_qkv(const at::Tensor& x, const at::Tensor& norm_w, 
   at::Tensor k = y.narrow(1, nq, nk).view({M, n_head_kv, d_k});
   if (cos.has_value()) {  // in place, in y: the same products as rope(), without two tensors and their dispatch
     TORCH_CHECK(sin.has_value(), "kvbench attn_qkv: cos without sin");
-    const at::Tensor c = cos->to(at::kFloat).contiguous(), s = sin->to(at::kFloat).contiguous();
-    const int64_t half = c.numel() / std::max<int64_t>(M, 1);
-    TORCH_CHECK(c.numel() == M * half && s.numel() == M * half, "kvbench attn_qkv: angles do not fit the rows");
-    rope_into(q, c.data_ptr<float>(), s.data_ptr<float>(), half, neox, q);
-    rope_into(k, c.data_ptr<float>(), s.data_ptr<float>(), half, neox, k);
+    const Angles a(*cos, *sin, M);
+    rope_into(q, a.c.data_ptr<float>(), a.s.data_ptr<float>(), a.half, neox, q);
+    rope_into(k, a.c.data_ptr<float>(), a.s.data_ptr<float>(), a.half, neox, k);
   }
   return {q, k, y.narrow(1, nq + nk, nv).view({M, n_head_kv, d_v})};
 }
@@ -1759,6 +1766,8 @@ struct DecodeStack : torch::CustomClassHolder {
   std::vector<int64_t> types, rows, nparts;
   bool neox;
   double eps, scale, out_eps;
+  std::vector<float> cos_tab, sin_tab;  // rope's angles of positions [0, n_tab): see angles()
+  int64_t n_tab = 0;
 
   DecodeStack(at::Tensor embd_, int64_t embd_type_, int64_t embd_rows_, c10::optional<at::Tensor> inv_freq_,
               std::vector<at::Tensor> ws_, std::vector<int64_t> types_, std::vector<int64_t> rows_,
@@ -1790,9 +1799,6 @@ struct DecodeStack : torch::CustomClassHolder {
   // values, element by element, as computing them each step (256 x n_rot/2 values a call, a multiple of the
   // vector width, so no element takes the scalar tail), where eight torch ops at the start of a step cost
   // ~40 us, the caches cold.
-  std::vector<float> cos_tab, sin_tab;
-  int64_t n_tab = 0;
-
   std::pair<at::Tensor, at::Tensor> angles(const at::Tensor& pos_in) {
     const at::Tensor pos = pos_in.to(at::kLong).contiguous();
     const int64_t T = pos.numel(), half = inv_freq->numel();

@@ -252,9 +252,8 @@ class Transformer(nn.Module):
         if compute == "fast" and torch.device(device).type == "cpu":
             packed = [m for m in model.modules() if isinstance(m, PackedWeight)]
             if fuse_copy and not place_in_huge_pages(packed):  # which interleaves them on the way
-                for m in model.modules():  # not over a mapped file, whose pages a copy would duplicate
-                    if isinstance(m, PackedWeight):
-                        m.interleave()
+                for m in packed:  # not over a mapped file, whose pages a copy would duplicate
+                    m.interleave()
             model.fuse()
         return model
 

@@ -109,7 +109,11 @@ class DenseWeight(Weight):
         # fast mode: f16/bf16 matrices, float32 activations
         if m <= kernels.MAX_QMM_ROWS:
             return kernels.qmm(x, w.view(-1).view(torch.uint8), _TYPES[w.dtype], self.n, self.k)
-        return F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)).to(x.dtype)
+        if w.dtype == torch.float16:  # bf16 for this call only: the kernel's conversion (the same rounding, to
+            # nearest even) took 0.16 ms for a 2816x1024 matrix where torch's .to(bfloat16) took 1.4, against 2.0 for
+            # the 128-row GEMM that follows
+            w = kernels.dequant(w.view(-1).view(torch.uint8), T.F16, self.n, self.k, bf16=True)
+        return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.w)

@@ -1226,40 +1226,45 @@ template <typename O>
 bool dequant_row_fast(int64_t, const uint8_t*, int64_t, O*) { return false; }
 #endif
 
+// One row of k values of a row-major type (the file's blocks) as float32 or bfloat16.
+template <typename T>
+void dequant_row(int64_t t, const uint8_t* row, int64_t k, T* o, Group& gr) {
+  if (dequant_row_fast(t, row, k, o)) return;
+  if (t == F16 || t == BF16) {
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(row);
+    for (int64_t i = 0; i < k; ++i) o[i] = T(t == F16 ? c10::detail::fp16_ieee_to_fp32_value(h[i]) : bf16f(h[i]));
+    return;
+  }
+  const Layout L = layout(t);
+  const int64_t nblk = k / L.block, ng = L.block / 32;
+  for (int64_t b = 0; b < nblk; ++b)
+    for (int g = 0; g < ng; ++g) {
+      unpack(t, row + b * L.bytes, g, gr);
+      T* ob = o + (b * ng + g) * 32;
+      for (int i = 0; i < 32; ++i) ob[i] = T(gr.s[i / 16] * float(gr.q[i]) + gr.mn);
+    }
+}
+
 // Rows idx of W (N, K) as float32 or bfloat16: the embedding lookup (get_rows) and the prefill path.
-const int64_t zero_index = 0;
 template <typename T>
 void dequant_rows(int64_t t, const uint8_t* w, int64_t k, const int64_t* idx, int64_t R, T* out) {
   const Layout L = layout(t);
-  const int64_t rb = (k / L.block) * L.bytes, nblk = k / L.block, ng = L.block / 32;
-  if (is_x16(t)) {  // each row as the file's blocks, then the row-major path
+  const int64_t rb = (k / L.block) * L.bytes, nblk = k / L.block;
+  if (is_x16(t)) {  // each row's blocks put back together from its tile, then the row-major path
+    const int64_t base = x16_base(t);
     at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
       std::vector<uint8_t> row(rb);
+      Group gr;
       for (int64_t r = r0; r < r1; ++r) {
         x16_row(t, w, nblk, idx[r], row.data());
-        dequant_rows(x16_base(t), row.data(), k, &zero_index, 1, out + r * k);
+        dequant_row(base, row.data(), k, out + r * k, gr);
       }
     });
     return;
   }
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
     Group gr;
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* row = w + idx[r] * rb;
-      T* o = out + r * k;
-      if (dequant_row_fast(t, row, k, o)) continue;
-      if (t == F16 || t == BF16) {
-        const uint16_t* h = reinterpret_cast<const uint16_t*>(row);
-        for (int64_t i = 0; i < k; ++i) o[i] = T(t == F16 ? c10::detail::fp16_ieee_to_fp32_value(h[i]) : bf16f(h[i]));
-        continue;
-      }
-      for (int64_t b = 0; b < nblk; ++b)
-        for (int g = 0; g < ng; ++g) {
-          unpack(t, row + b * L.bytes, g, gr);
-          T* ob = o + (b * ng + g) * 32;
-          for (int i = 0; i < 32; ++i) ob[i] = T(gr.s[i / 16] * float(gr.q[i]) + gr.mn);
-        }
-    }
+    for (int64_t r = r0; r < r1; ++r) dequant_row(t, w + idx[r] * rb, k, out + r * k, gr);
   });
 }
 

@@ -56,6 +56,19 @@ class KVStorage(NamedTuple):
     mask: torch.Tensor | None  # (T, n) bool, True = may attend (AttnInput.mask)
 
 
+class KVStack(NamedTuple):
+    """Every layer's float K/V storage (layers [0, n)) at one ubatch's places, the same for all of them: what the
+    model's one-op forward takes (engine.kernels.decode_stack). Fields after ``v`` as in KVStorage."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    slots: torch.Tensor | None
+    slot0: int
+    cells: torch.Tensor | None
+    n_kv: int
+    mask: torch.Tensor | None
+
+
 class Rotary(Protocol):
     """What a KV memory needs of the model's rotary embedding to shift cached keys (seq_add):
     angles for integer positions, and a rotation by them (engine/model/layers.Rope is one)."""
@@ -138,6 +151,7 @@ class MemoryContext(Protocol):
     def store(self, il: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
     def attn_inputs(self, il: int) -> list[AttnInput]: ...
     def kv_storage(self, il: int) -> KVStorage | None: ...  # instead of store + attn_inputs, where not None
+    def kv_stack(self, n_layer: int) -> KVStack | None: ...  # every layer's kv_storage at shared places, or None
 
 
 @runtime_checkable

@@ -168,6 +168,9 @@ class HybridContext:
     def kv_storage(self, il):
         return self.kv_ctx.kv_storage(il)
 
+    def kv_stack(self, n_layer):
+        return None  # the one-op forward is a pure attention stack's; a hybrid's layers alternate kinds
+
     def rs_get(self, il):
         return self.rs_ctx.rs_get(il)
 

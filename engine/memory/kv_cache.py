@@ -27,6 +27,7 @@ from engine.errors import ConfigError, MemoryFullError, StateFileError, Unsuppor
 from engine.memory.base import (
     AttnInput,
     BatchContext,
+    KVStack,
     KVStorage,
     MemoryStats,
     MemoryStatus,
@@ -195,6 +196,17 @@ class KVCache(LayeredMemory):
         """Slot il's storage with the view's places, where a native op may store and read it directly (base.py
         KVStorage); None by default: store and attn_inputs."""
         return None
+
+    def _kv_stack(self, n_layer: int, view) -> KVStack | None:
+        """Layers [0, n_layer)' storage at shared places (KVStack), where every one of them has a KVStorage and
+        all of those share the view's places; else None."""
+        kv = [self._kv_storage(self.slot[il], view) if il in self.slot else None for il in range(n_layer)]
+        if any(s is None for s in kv):
+            return None
+        first = kv[0]
+        if not all(_same_places(first, s) for s in kv[1:]):
+            return None
+        return KVStack([s.k for s in kv], [s.v for s in kv], *first[2:])
 
     # -- accounting ----------------------------------------------------------------------------
     def memory_breakdown(self) -> dict[str, int]:
@@ -367,6 +379,14 @@ class KVContext(BatchContext):
 
     def kv_storage(self, il: int) -> KVStorage | None:
         return self.cache._kv_storage(self.cache.slot[il], self.view)
+
+    def kv_stack(self, n_layer: int) -> KVStack | None:
+        return self.cache._kv_stack(n_layer, self.view)
+
+
+def _same_places(a: KVStorage, b: KVStorage) -> bool:
+    """Whether two layers' storage is written and read at the same places (one ubatch's view)."""
+    return a.slots is b.slots and a.cells is b.cells and a.mask is b.mask and a.slot0 == b.slot0 and a.n_kv == b.n_kv
 
 
 KVCache.context = KVContext  # the view a KV cache hands to the model (defined after both)

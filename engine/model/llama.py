@@ -15,7 +15,6 @@ from torch import nn
 
 from engine import kernels
 from engine.config import ModelConfig
-from engine.memory.base import KVStorage
 from engine.model.layers import (
     SMALL_T,
     Embedding,
@@ -164,15 +163,15 @@ class Transformer(nn.Module):
                         out_rows: torch.Tensor | None) -> torch.Tensor | None:
         """The whole forward pass in one native op, where the model has one (fast mode: every block fused, the
         embedding and the output matrix read as stored) and the memory hands out every layer's storage with shared
-        places (KVStorage): the logits, equal bit for bit to the module path's; else None. At decode the Python
+        places (mctx.kv_stack): the logits, equal bit for bit to the module path's; else None. At decode the Python
         around ~30 native calls a step was most of the gap to llama.cpp (~0.8 ms of a 2.8 ms llama-small Q4_0 step)."""
         st = self.native
         if st is None or token.shape[0] > min(kernels.MAX_QMM_ROWS, SMALL_T) or not token.is_cpu:
             return None
-        kv = [mctx.kv_storage(il) for il in range(len(self.layers))]
-        if any(s is None for s in kv) or not all(_same_places(kv[0], s) for s in kv[1:]):
+        kv = mctx.kv_stack(len(self.layers))
+        if kv is None:
             return None
-        return st.forward(token, pos, [s.k for s in kv], [s.v for s in kv], *kv[0][2:], out_rows)
+        return st.forward(token, pos, kv.k, kv.v, *kv[2:], out_rows)
 
     def fuse(self) -> bool:
         """Fast mode on the CPU: fuse every block (TransformerBlock.fuse) and, where all of them fused with the
@@ -256,11 +255,6 @@ class Transformer(nn.Module):
                     m.interleave()
             model.fuse()
         return model
-
-
-def _same_places(a: KVStorage, b: KVStorage) -> bool:
-    """Whether two layers' storage is written and read at the same places (one ubatch's view)."""
-    return a.slots is b.slots and a.cells is b.cells and a.mask is b.mask and a.slot0 == b.slot0 and a.n_kv == b.n_kv
 
 
 def _as_weight(w: torch.Tensor | Weight) -> Weight:

@@ -8,7 +8,7 @@ from engine.alloc.pooled import PooledKV
 from engine.batch import Batch
 from engine.config import ModelConfig
 from engine.memory.base import MemoryStatus
-from engine.memory.kv_cache import CacheSpec
+from engine.memory.kv_cache import CacheSpec, KVCache
 
 CFG = ModelConfig(arch="llama", n_vocab=10, n_embd=8, n_layer=1, n_head=2, n_head_kv=1, n_ff=8)
 
@@ -150,6 +150,7 @@ def test_kv_storage_only_for_float_rows_on_the_device():
         ctx = _commit(c, _batch((0, 0, 3)))
         st = ctx.kv_storage(0)
         assert (st is not None) == raw, t
+        assert (ctx.kv_stack(1) is not None) == raw and KVCache._kv_stack(c, 1, ctx.view) == ctx.kv_stack(1), t
         if raw:
             assert st.k is c.k[0] and st.v is c.v[0] and st.k.dtype == c.codec_k.storage_dtype
             assert (st.slots, st.slot0, st.cells, st.n_kv) == (None, 0, None, 3)

@@ -292,10 +292,14 @@ class Harness:
             assert inp.mask.shape == (T, len(pos)) and inp.v.shape[0] == len(pos)
             assert mem.stats().n_kv == len(pos)
             vids = inp.v[:, 0, 0].tolist()
+            stack = ctx.kv_stack(mem.n_layers)  # every layer at once (the one-op forward), asked first this ubatch
             st = ctx.kv_storage(il)  # float rows on the device: the same places as raw storage (KVStorage)
             read = torch.arange(st.n_kv) if st.cells is None else st.cells
             assert torch.equal(st.k[read].view_as(inp.k), inp.k) and torch.equal(st.v[read].view_as(inp.v), inp.v)
             assert st.mask is inp.mask and st.n_kv == len(pos)
+            assert stack.k[il] is st.k and stack.v[il] is st.v and len(stack.k) == len(stack.v) == mem.n_layers
+            assert stack.slots is st.slots and stack.cells is st.cells and stack.mask is st.mask
+            assert (stack.slot0, stack.n_kv) == (st.slot0, st.n_kv)
             wrote = torch.arange(st.slot0, st.slot0 + T) if st.slots is None else st.slots
             assert (mem.cells.pos[wrote.numpy()] == ctx.ubatch.pos_host).all()
             live = np.flatnonzero(pos >= 0)
@@ -305,6 +309,7 @@ class Harness:
                 seen[t] = sorted((int(pos[j]), int(vids[j])) for j in np.flatnonzero(mask[t]))
         else:
             assert ctx.kv_storage(il) is None  # per-sequence tensors: store and attn_inputs only
+            assert ctx.kv_stack(mem.n_layers) is None
             assert len(inps) == len(ctx.view)
             assert mem.stats().n_kv == sum(g.n for g in ctx.view)
             for inp, g in zip(inps, ctx.view):

@@ -82,6 +82,24 @@ def test_the_torch_expression_off_the_native_build_agrees(monkeypatch, masked):
     assert (got - want).abs().le(bound).all(), ((got - want).abs() / bound).max().item()
 
 
+@pytest.mark.parametrize("H, hkv", [(8, 2), (9, 3), (12, 2), (14, 2), (5, 1), (16, 4)])
+@pytest.mark.parametrize("n", [3, 37, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grouped_heads_equal_their_one_head_per_kv_head_expansion(H, hkv, n, dtype):
+    """Query heads that share a KV head are attended together (groups of 4, 3, 2 or 1: 4, 3, 6 = 3 + 3, 7 = 1 x 7
+    heads a KV head here) with the same chains, roundings and weights as one head at a time: equal bit for bit to the
+    same attention with K and V repeated per head (one head a KV head), masked or causal, past the prefetch distance."""
+    g = torch.Generator().manual_seed(H * 100 + n)
+    T, d = 2, 64
+    q = torch.randn(T, H, d, generator=g)
+    k, v = (torch.randn(n, hkv, d, generator=g).to(dtype) for _ in range(2))
+    mask = torch.rand(T, n, generator=g) < 0.6
+    mask[:, 0] = True
+    ke, ve = k.repeat_interleave(H // hkv, 1), v.repeat_interleave(H // hkv, 1)
+    for m in (None, mask):
+        assert torch.equal(kernels.attend_small(q, k, v, m, 0.125), kernels.attend_small(q, ke, ve, m, 0.125))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_cache_is_read_as_it_is(dtype):
     """f16 / bf16 K and V (a float cache's storage, AttnInput) widen exactly in registers: the result equals

@@ -62,6 +62,9 @@ def pytest_terminal_summary(terminalreporter):
             tr.write_line(f"{name}  ({r['file_mib']:.0f} MiB; held as {r['weights']})")
             for k in pp:
                 tr.write_line(f"  {k:<10} prefill {pp[k]:8.1f}   decode {tg[k]:7.1f}")
+            for key, v in r.items():  # decode after the long prompt
+                if key.startswith("decode_tps_at_"):
+                    tr.write_line(f"  decode at {key.rsplit('_', 1)[1]} cells: " + "   ".join(f"{k} {x:.1f}" for k, x in v.items()))
             tr.write_line("  peak RSS  " + "   ".join(f"{k} {v:.0f}" for k, v in rss.items()))
             for key in ("fast_vs_llamacpp", "fast_vs_hf"):
                 if key in r:

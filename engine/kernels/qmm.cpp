@@ -1494,9 +1494,10 @@ inline __m256 sum8(const __m256* a) {
 }
 
 // Grouped-query attention: the GB query heads that share a KV head (GB <= 4) read each of its K and V rows once,
-// where one head at a time read them GB times. Every score is still one 8-lane FMA chain over d reduced by sum8,
-// scaled, exp'd and normalized as the per-head loop does, and every output one FMA chain over the keys with the
-// same weights: equal to it bit for bit.
+// where one head at a time read them GB times. Every score is one 8-lane FMA chain over d reduced by sum8, then
+// scaled, exp'd and normalized, and every output one FMA chain over the keys, whatever GB: the result does not
+// depend on the grouping (equal bit for bit to the same attention with K and V repeated per query head, GB = 1;
+// tests/unit/engine/kernels/test_attend.py), and it is what the per-head AVX2 loop it replaced computed.
 
 // Keys ahead whose rows are prefetched: the hardware's prefetchers do not follow one KV head's slice of each cache
 // row (1/hkv of a row, a row apart). 16: 8 and 32 were no better at 1024 and 4096 cells.

@@ -1585,18 +1585,27 @@ void weighted_group(const char* v, int64_t vs, const float* w, int64_t pw, const
 
 // One token's attention for GB query heads sharing one KV head (q rows at qh, d apart; out rows dv apart). p:
 // scratch of GB rows of ps >= n + 8 floats, js of n indices. A head that may attend nothing gets zeros.
+// With part (a chunk of a longer cache, merged by merge_chunks): the weights stay exp(s - max), unnormalized, and
+// part[2 h], part[2 h + 1] get head h's max and sum of weights (-inf and 0 where it sees nothing here).
 template <int64_t ET_K, int64_t ET_V, int GB>
 void attend_group(const float* qh, const char* kh, int64_t ks, const char* vh, int64_t vs, int64_t d, int64_t dv,
-                  int64_t n, float sc, const bool* m, int64_t last, float* p, int64_t ps, int32_t* js, float* out) {
+                  int64_t n, float sc, const bool* m, int64_t last, float* p, int64_t ps, int32_t* js, float* out,
+                  float* part = nullptr) {
   float mx[GB];
   scores_group<ET_K, GB>(qh, kh, ks, d, n, sc, m, last, p, ps, mx);
   for (int h = 0; h < GB; ++h) {
     float* ph = p + h * ps;
     if (mx[h] == -INFINITY) {  // weights of 0: the pass below adds nothing for this head
       for (int64_t j = 0; j < n; ++j) ph[j] = 0.f;
+      if (part) part[2 * h] = -INFINITY, part[2 * h + 1] = 0.f;
       continue;
     }
-    const float inv = 1.f / exp_shifted(ph, n, mx[h]);
+    const float l = exp_shifted(ph, n, mx[h]);
+    if (part) {
+      part[2 * h] = mx[h], part[2 * h + 1] = l;
+      continue;
+    }
+    const float inv = 1.f / l;
     for (int64_t j = 0; j < n; ++j) ph[j] *= inv;  // the per-head loop's p[j] * inv, one rounding
   }
   int64_t nj = 0;  // keys with a weight for some head (a masked key has none)
@@ -1606,6 +1615,33 @@ void attend_group(const float* qh, const char* kh, int64_t ks, const char* vh, i
     if (any) js[nj++] = int32_t(j);
   }
   weighted_group<ET_V, GB>(vh, vs, p, ps, js, nj, dv, out);
+}
+
+// With fewer than ATT_SPLIT_BELOW work items (rows x KV heads x groups), a cache longer than ATT_CHUNK keys is
+// attended in chunks of that many (flash-decoding's split), each with its own max and sum, merged afterwards in
+// chunk order. Decided by the shapes alone, so the result never depends on the thread count. SmolLM2's 3 KV heads
+// were 3 items on 2 threads, one idle a third of the time: decode after 1024 tokens 1.04x, after 3000 1.12-1.14x
+// (in-process A/Bs). llama-small's 4 items keep one pass: split, it lost 1-3% (the merge, and the prefetch stops
+// at each chunk's end).
+constexpr int64_t ATT_CHUNK = 256, ATT_SPLIT_BELOW = 4;
+
+// out (dv) for one head from nc chunks' (max, sum) pairs and unnormalized sums o (dv each, os apart): every chunk
+// rescaled to the common max, m = max_c m_c, out = sum_c exp(m_c - m) o_c / sum_c exp(m_c - m) l_c.
+inline void merge_chunks(const float* mp, int64_t ms, const float* op, int64_t os, int64_t nc, int64_t dv, float* out) {
+  float mx = -INFINITY;
+  for (int64_t c = 0; c < nc; ++c) mx = std::max(mx, mp[c * ms]);
+  for (int64_t i = 0; i < dv; ++i) out[i] = 0.f;
+  if (mx == -INFINITY) return;  // sees nothing at all: zeros
+  float l = 0.f;
+  for (int64_t c = 0; c < nc; ++c)
+    if (mp[c * ms] != -INFINITY) l += std::exp(mp[c * ms] - mx) * mp[c * ms + 1];
+  const float inv = 1.f / l;
+  for (int64_t c = 0; c < nc; ++c) {
+    if (mp[c * ms] == -INFINITY) continue;
+    const float a = std::exp(mp[c * ms] - mx) * inv;
+    const float* o = op + c * os;
+    for (int64_t i = 0; i < dv; ++i) out[i] += a * o[i];
+  }
 }
 
 // f(std::integral_constant<int64_t, ET>{}) for a float element type (F32, F16, BF16): kernels see it at compile time.
@@ -1689,23 +1725,29 @@ at::Tensor attend_small(const at::Tensor& q_in, const at::Tensor& k_in, const at
 #if KV_AVX2
   if (vec) {  // heads that share a KV head in groups of gb: one work item per (row, KV head, group)
     const int64_t gb = g % 4 == 0 ? 4 : g % 3 == 0 ? 3 : g % 2 == 0 ? 2 : 1, ng = g / gb;
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, gb * n * (d + dv)));
-    at::parallel_for(0, T * hkv * ng, grain, [&](int64_t i0, int64_t i1) {
-      std::vector<float> p(gb * (n + 8));
-      std::vector<int32_t> js(n);
-      for (int64_t it = i0; it < i1; ++it) {
-        const int64_t t = it / (hkv * ng), hk = it / ng % hkv, h0 = hk * g + it % ng * gb;
+    const int64_t CH = T * hkv * ng < ATT_SPLIT_BELOW ? ATT_CHUNK : std::max<int64_t>(n, 1);
+    const int64_t nc = (n + CH - 1) / CH, cn = std::min(n, CH);  // chunks, keys a chunk
+    const int64_t ps = gb * (2 + dv);  // a split item's (max, sum) pairs, then its heads' unnormalized outputs
+    std::vector<float> parts(nc > 1 ? T * hkv * ng * nc * ps : 0);
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, gb * cn * (d + dv)));
+    at::parallel_for(0, T * hkv * ng * nc, grain, [&](int64_t i0, int64_t i1) {
+      std::vector<float> p(gb * (cn + 8));
+      std::vector<int32_t> js(cn);
+      for (int64_t it = i0; it < i1; ++it) {  // (row, KV head, group, chunk), the chunk fastest
+        const int64_t c = it % nc, r = it / nc, t = r / (hkv * ng), hk = r / ng % hkv, h0 = hk * g + r % ng * gb;
+        const int64_t j0 = c * CH, nj = std::min(n, j0 + CH) - j0;
         const float* qh = qp + (t * H + h0) * d;
-        const char* kh = kp + hk * ks1 * kb;
-        const char* vh = vp + hk * vs1 * vb;
-        const bool* mt = mp ? mp + t * n : nullptr;
-        float* out = yp + t * H * dv + h0 * dv;
+        const char* kh = kp + hk * ks1 * kb + j0 * ks0 * kb;
+        const char* vh = vp + hk * vs1 * vb + j0 * vs0 * vb;
+        const bool* mt = mp ? mp + t * n + j0 : nullptr;
+        float* part = nc > 1 ? parts.data() + it * ps : nullptr;
+        float* out = part ? part + 2 * gb : yp + t * H * dv + h0 * dv;
         by_elem(ek, [&](auto K) {
           by_elem(ev, [&](auto V) {
             constexpr int64_t EK = decltype(K)::value, EV = decltype(V)::value;
             auto run = [&](auto GB) {
-              attend_group<EK, EV, decltype(GB)::value>(qh, kh, ks0 * kb, vh, vs0 * vb, d, dv, n, sc, mt, n - T + t,
-                                                        p.data(), n + 8, js.data(), out);
+              attend_group<EK, EV, decltype(GB)::value>(qh, kh, ks0 * kb, vh, vs0 * vb, d, dv, nj, sc, mt,
+                                                        n - T + t - j0, p.data(), cn + 8, js.data(), out, part);
             };
             if (gb == 4) run(std::integral_constant<int, 4>{});
             else if (gb == 3) run(std::integral_constant<int, 3>{});
@@ -1715,6 +1757,13 @@ at::Tensor attend_small(const at::Tensor& q_in, const at::Tensor& k_in, const at
         });
       }
     });
+    if (nc > 1)  // per (row, head): the chunks of its item in order
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t hk = h / g, grp = h % g / gb, hh = h % gb;
+          const float* base = parts.data() + ((t * hkv + hk) * ng + grp) * nc * ps;
+          merge_chunks(base + 2 * hh, ps, base + 2 * gb + hh * dv, ps, nc, dv, yp + (t * H + h) * dv);
+        }
     return y;
   }
 #endif

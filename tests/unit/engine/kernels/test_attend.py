@@ -5,7 +5,11 @@ AVX2 path, d % 8 == 0: 8 keys' chains reduced together in 3 levels) or two (else
 scale applied: |ds| <= delta = (d/8 + 6) u scale sum_i |q_i k_i|. exp(s - max) is
 within 2 ulp and the subtraction adds 1; the sum of n weights and the normalisation add (n + 2) u relative;
 a score error delta moves a weight by at most 2 delta relative. The output accumulates n products w v with
-one FMA each: (n + 1) u. So |y - y*| <= sum_j p_j |v_j| (2 delta + (2 n + 8) u)."""
+one FMA each: (n + 1) u. So |y - y*| <= sum_j p_j |v_j| (2 delta + (2 n + 8) u).
+With fewer than 4 work items (rows x KV heads x head groups) a cache of n > 256 keys is attended in nc = ceil(n /
+256) chunks, merged: a weight is exp(s - m_c) (3 u), rescaled by exp(m_c - m) (3 u) over a sum of nc chunk sums
+((nc + 1) u beyond the chunk's own) and the reciprocal's product (2 u); each chunk's output is a chain of at most
+n FMAs, the merge one of nc: at most (2 n + 2 nc + 12) u. The bound below takes that for every n."""
 
 import pytest
 import torch
@@ -30,12 +34,13 @@ def reference(q, k, v, mask, scale, dot_roundings=None):
     p = torch.softmax(s, -1)
     y = torch.einsum("thn,nhd->thd", p, vd)
     delta = ((d / 8 + 6 if dot_roundings is None else dot_roundings) * U * sa.masked_fill(~mask[:, None, :], 0)).amax(-1, keepdim=True)
-    bound = torch.einsum("thn,nhd->thd", p, vd.abs()) * (2 * delta + (2 * n + 8) * U)
+    nc = -(-n // 256)
+    bound = torch.einsum("thn,nhd->thd", p, vd.abs()) * (2 * delta + (2 * n + 2 * nc + 12) * U)
     return y.reshape(T, -1), bound.reshape(T, -1)
 
 
 @pytest.mark.parametrize("T, H, hkv, d, n", [(1, 9, 3, 64, 140), (4, 16, 16, 128, 37), (16, 8, 2, 64, 300),
-                                             (2, 4, 1, 20, 5)])
+                                             (2, 4, 1, 20, 5), (1, 9, 3, 64, 700), (2, 8, 1, 64, 600)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_attend_small_equals_float64_attention(T, H, hkv, d, n, masked):
     gen = torch.Generator().manual_seed(T * 1000 + n)
@@ -49,6 +54,21 @@ def test_attend_small_equals_float64_attention(T, H, hkv, d, n, masked):
     want, bound = reference(q, k, v, mask, scale)
     assert got.shape == want.shape
     assert (got - want).abs().le(bound).all(), ((got - want).abs() / bound).max().item()
+
+
+def test_chunks_a_row_sees_nothing_of_or_one_key_in():
+    """Split attention (2 rows x 1 KV head, 600 keys: 3 chunks) where row 0 sees only the last chunk's keys and row
+    1 one key of the first chunk: chunks without a visible key add nothing to the merge, and a single visible key
+    is its V row exactly (weight exp(0) = 1, sums of 1)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 3, 64, generator=g), torch.randn(600, 1, 64, generator=g), torch.randn(600, 1, 64, generator=g)
+    mask = torch.zeros(2, 600, dtype=torch.bool)
+    mask[0, 530:] = True
+    mask[1, 5] = True
+    got = kernels.attend_small(q, k, v, mask, 0.125)
+    want, bound = reference(q[:1], k, v, mask[:1], 0.125)
+    assert (got[:1].double() - want).abs().le(bound).all()
+    assert torch.equal(got[1], v[5, 0].repeat(3))
 
 
 def test_strided_cache_views_and_a_row_that_sees_nothing():
@@ -88,7 +108,8 @@ def test_the_torch_expression_off_the_native_build_agrees(monkeypatch, masked):
 def test_grouped_heads_equal_their_one_head_per_kv_head_expansion(H, hkv, n, dtype):
     """Query heads that share a KV head are attended together (groups of 4, 3, 2 or 1: 4, 3, 6 = 3 + 3, 7 = 1 x 7
     heads a KV head here) with the same chains, roundings and weights as one head at a time: equal bit for bit to the
-    same attention with K and V repeated per head (one head a KV head), masked or causal, past the prefetch distance."""
+    same attention with K and V repeated per head (one head a KV head), masked or causal, past the prefetch distance.
+    Two rows keep every layout here at 4 work items or more: one pass, no split (test_chunks_* covers the split)."""
     g = torch.Generator().manual_seed(H * 100 + n)
     T, d = 2, 64
     q = torch.randn(T, H, d, generator=g)

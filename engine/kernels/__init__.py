@@ -231,6 +231,13 @@ def wkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: 
     return y, s
 
 
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u (float32, CPU): torch's formula g / (1 + exp(-g)) * u in one op, SLEEF's exp (qmm.cpp)."""
+    if _load():
+        return torch.ops.kvbench.silu_mul(g, u)
+    return torch.nn.functional.silu(g) * u
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
     """Rotate x (T, H, D) by cos/sin (T, n_rot/2): NEOX halves or NORM adjacent pairs; returns a new tensor."""
     return torch.ops.kvbench.rope(x, cos, sin, neox)

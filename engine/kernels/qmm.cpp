@@ -1361,7 +1361,7 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
 // matmuls, rope, adds, silu, mul), each a dispatch and a Python step that cost more than their arithmetic at
 // these sizes (llama-small Q4_0: ~1.8 ms of a 5.4 ms step outside the matmuls). These two ops run the block
 // around the memory: everything before K/V are stored, and everything after attention. Same operations in the
-// same order as the unfused path (this file's rms_norm, matmul and rope, torch's silu and mul, float adds),
+// same order as the unfused path (this file's rms_norm, matmul, rope and silu_mul, float adds),
 // so the results are equal to it bit for bit; tests/unit/engine/kernels/test_fused_block.py checks that.
 
 // RMS norm, q/k/v matmul (+ bias), rope on q and k: x (M, n_embd) -> q (M, H, dk), k (M, Hkv, dk), v (M, Hkv, dv).
@@ -1411,6 +1411,37 @@ inline at::Tensor add_into(const at::Tensor& x_in, at::Tensor y) {
   return y;
 }
 
+#if KV_AVX2
+// torch's own vector exp (SLEEF, max error 1.0 ulp), which libtorch_cpu exports: its softmax uses the same.
+extern "C" __m256 Sleef_expf8_u10avx2(__m256);
+#endif
+
+// g = silu(g) * u in place over n floats: g / (1 + exp(-g)) * u, torch's formula for SiLU, with SLEEF's exp 8 lanes
+// at a time (the scalar tail: std::exp). In fast mode both the fused block and the module path (FeedForward) take
+// it, so they stay equal bit for bit; exact mode keeps torch's. at::silu and mul_ cost ~5 us a layer at decode
+// (two dispatches and an allocation, the caches just flushed) for ~1 us of arithmetic.
+inline void silu_mul_into(float* g, const float* u, int64_t n) {
+  int64_t i = 0;
+#if KV_AVX2
+  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    const __m256 e = Sleef_expf8_u10avx2(_mm256_xor_ps(x, sign));
+    _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+at::Tensor silu_mul(const at::Tensor& g_in, const at::Tensor& u_in) {
+  TORCH_CHECK(g_in.scalar_type() == at::kFloat && u_in.scalar_type() == at::kFloat && g_in.sizes() == u_in.sizes() &&
+              g_in.device().is_cpu(), "kvbench silu_mul: two float32 CPU tensors of one shape");
+  at::Tensor g = g_in.contiguous().clone();
+  const at::Tensor u = u_in.contiguous();
+  silu_mul_into(g.data_ptr<float>(), u.data_ptr<float>(), g.numel());
+  return g;
+}
+
 // The rest of the block after attention: h = x + a Wo^T; out = h + W2 (silu(W1 n(h)) * W3 n(h)), with n the RMS
 // norm. Gate and up share one quantization of n(h) and one parallel pass.
 at::Tensor ffn_block(const at::Tensor& x, const at::Tensor& a, const at::Tensor& wo, int64_t to,
@@ -1425,7 +1456,7 @@ at::Tensor ffn_block(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
   at::Tensor g = at::empty({M, n_ff}, x.options()), u = at::empty({M, n_ff}, x.options());
   mv_parts(hn, {{w1.data_ptr<uint8_t>(), t1, n_ff, g.data_ptr<float>(), n_ff},
                 {w3.data_ptr<uint8_t>(), t3, n_ff, u.data_ptr<float>(), n_ff}});
-  g = at::silu(g).mul_(u);
+  silu_mul_into(g.data_ptr<float>(), u.data_ptr<float>(), g.numel());
   return add_into(h, mv(Acts(g, act, !is_float(t2)), w2, t2, E));
 }
 
@@ -1461,11 +1492,6 @@ inline __attribute__((always_inline)) void axpy_e(int64_t et, float a, const voi
 #endif
   for (; i < n; ++i) y[i] += a * wval(et, x, i);
 }
-
-#if KV_AVX2
-// torch's own vector exp (SLEEF, max error 1.0 ulp), which libtorch_cpu exports: its softmax uses the same.
-extern "C" __m256 Sleef_expf8_u10avx2(__m256);
-#endif
 
 // p[j] = exp(p[j] - mx) in place (-inf gives 0); returns the sum of the p[j].
 inline float exp_shifted(float* p, int64_t n, float mx) {
@@ -2053,6 +2079,7 @@ TORCH_LIBRARY(kvbench, m) {
   m.def("qmm(Tensor x, Tensor w, int type, int n, int k, int act) -> Tensor");
   m.def("dequant(Tensor w, int type, int n, int k, Tensor? rows, bool bf16) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("silu_mul(Tensor g, Tensor u) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin, bool neox) -> Tensor");
   m.def("attend_small(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
   m.def("kv_attend(Tensor q, Tensor k, Tensor v, Tensor(a!) kc, Tensor(b!) vc, Tensor? slots, int slot0, Tensor? cells, "
@@ -2080,6 +2107,7 @@ TORCH_LIBRARY_IMPL(kvbench, CPU, m) {
   m.impl("qmm", qmm);
   m.impl("dequant", dequant);
   m.impl("rms_norm", rms_norm);
+  m.impl("silu_mul", silu_mul);
   m.impl("rope", rope);
   m.impl("attend_small", attend_small);
   m.impl("attn_qkv", attn_qkv);

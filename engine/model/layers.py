@@ -156,6 +156,8 @@ class FeedForward(nn.Module):
     """SwiGLU. Gate and up stay separate: fused into one (2*n_ff, n_embd) matrix they were
     slower at prefill here (9.8 ms vs 2 x 4.1 ms at M=128 on llama-small shapes)."""
 
+    fused = False  # fast mode: silu(gate) * up as one native op (engine.kernels.silu_mul), the fused block's
+
     def __init__(self, cfg: ModelConfig, n_ff: int = 0) -> None:  # n_ff: another width (a shared expert's)
         super().__init__()
         n_ff = n_ff or cfg.n_ff
@@ -164,4 +166,6 @@ class FeedForward(nn.Module):
         self.w2 = Linear(n_ff, cfg.n_embd)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.dtype == torch.float32 and x.device.type == "cpu":
+            return self.w2(kernels.silu_mul(self.w1(x), self.w3(x)))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

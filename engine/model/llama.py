@@ -241,7 +241,7 @@ class Transformer(nn.Module):
         model.rope = Rope(cfg)
         if compute == "fast":  # exact mode keeps torch's own norm, rope and attention kernels
             for m in model.modules():
-                if isinstance(m, Attention) or (isinstance(m, (RMSNorm, Rope)) and kernels.fused_available()):
+                if isinstance(m, Attention) or (isinstance(m, (RMSNorm, Rope, FeedForward)) and kernels.fused_available()):
                     m.fused = True
         if freq_factors is not None:
             model.rope.set_freq_factors(freq_factors if isinstance(freq_factors, torch.Tensor) else freq_factors.dense())

@@ -1,7 +1,7 @@
 """engine.kernels' fused decode ops (attn_qkv, ffn_block) against the unfused ops they replace.
 
 No tolerance: the fused ops run the same operations in the same order as the module path (this file's
-rms_norm, qmm and rope ops, torch's silu and mul, float32 adds), and every matmul output row is computed by
+rms_norm, qmm, rope and silu_mul ops, float32 adds), and every matmul output row is computed by
 one thread whatever the split, so the results must be equal bit for bit. The interleaved (x16) layout is
 checked against the row-major kernels in test_qmm.py; here it is one more storage the ops must accept.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 
 from engine import kernels
@@ -110,7 +109,7 @@ def test_ffn_block_equals_the_unfused_ops(t, x16, m):
 
     h = x + mm(a, wo, E)
     hn = kernels.rms_norm(h, nw, 1e-5)
-    want = h + mm(F.silu(mm(hn, w1, NFF)) * mm(hn, w3, NFF), w2, E)
+    want = h + mm(kernels.silu_mul(mm(hn, w1, NFF), mm(hn, w3, NFF)), w2, E)
     got = kernels.ffn_block(x, a, wo, nw, 1e-5, w1, w3, w2, NFF, "q16")
     assert torch.equal(got, want)
 
@@ -123,8 +122,25 @@ def test_ffn_block_with_mixed_types():
     w3, w2 = weight(T.Q4_0, NFF, E, 3, x16=True), weight(T.Q6_K, E, NFF, 4)
     h = x + mm(a, wo, E)
     hn = kernels.rms_norm(h, nw, 1e-5)
-    want = h + mm(F.silu(mm(hn, w1, NFF)) * mm(hn, w3, NFF), w2, E)
+    want = h + mm(kernels.silu_mul(mm(hn, w1, NFF), mm(hn, w3, NFF)), w2, E)
     assert torch.equal(kernels.ffn_block(x, a, wo, nw, 1e-5, w1, w3, w2, NFF, "q16"), want)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 2816, 2821])
+def test_silu_mul_is_within_its_roundings_of_float64(n):
+    """silu(g) * u as g / (1 + exp(-g)) * u in float32 (u = 2**-24): exp within 1 ulp (2 u relative: SLEEF's u10 on
+    8-lane blocks, std::exp on the tail), the sum 1 + e, the division and the product one rounding each. 1 + e
+    carries e's error at most in full (e / (1 + e) <= 1), so the result is within 5 u of silu(g) u relative, to
+    first order; 6 u covers the second. Where exp(-g) overflows (g < -88) the float result is -0 against a true
+    value under 1e-36 in size: an absolute 1e-30 allows that."""
+    gen = torch.Generator().manual_seed(n)
+    g = torch.randn(n, generator=gen) * 8
+    g[: min(n, 3)] = torch.tensor([-100.0, 100.0, 0.0])[: min(n, 3)]
+    u = torch.randn(n, generator=gen)
+    got = kernels.silu_mul(g, u).double()
+    gd, ud = g.double(), u.double()
+    want = gd / (1 + torch.exp(-gd)) * ud
+    assert (got - want).abs().le(6 * 2.0**-24 * want.abs() + 1e-30).all()
 
 
 def test_interleaving_needs_whole_tiles():

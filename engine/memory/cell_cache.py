@@ -155,18 +155,20 @@ class CellKVCache(KVCache):
     def _kv_storage(self, il: int, view: CellView) -> KVStorage | None:
         if not self.raw[il]:
             return None
-        if self._places[0] is not view:  # once per ubatch, not per layer
-            self._places = (view, view.places())
-        return KVStorage(self.k[il], self.v[il], *self._places[1])
+        return KVStorage(self.k[il], self.v[il], *self._view_places(view))
 
     def _kv_stack(self, n_layer: int, view: CellView) -> KVStack | None:
         # the K and V lists as they are (every layer's storage, allocated once): a decode step of a 30-layer model
         # asked 30 layers one by one before, ~3 us each with the caches just flushed by the weights' stream
         if not self.stackable or n_layer != self.n_layers:
             return super()._kv_stack(n_layer, view)
+        return KVStack(self.k, self.v, *self._view_places(view))
+
+    def _view_places(self, view: CellView) -> tuple:
+        """view.places(), once per ubatch: every layer (and the stack) asks for the same view's."""
         if self._places[0] is not view:
             self._places = (view, view.places())
-        return KVStack(self.k, self.v, *self._places[1])
+        return self._places[1]
 
     # -- K-shift -------------------------------------------------------------------------------
     def update(self) -> None:

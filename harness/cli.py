@@ -370,10 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--no-plots", action="store_true")
     rp.add_argument("--json", action="store_true")
 
-    cp = sub.add_parser("compare", help="exit 1 when CURRENT regressed against BASELINE (benchmark JSON or sweep dirs)")
+    cp = sub.add_parser("compare", help="exit 1 when CURRENT regressed against BASELINE (benchmark JSON or sweep dirs), "
+                                        "3 when timings got worse only under contention (inconclusive)")
     cp.add_argument("baseline")
     cp.add_argument("current")
-    cp.add_argument("--rules", help="YAML rules: match, kind (relative|exact), direction, tolerance, gate")
+    cp.add_argument("--rules", help="YAML rules: match, kind (relative|exact), direction, tolerance, gate, timing")
     cp.add_argument("--all", action="store_true", help="show unchanged metrics too")
     cp.add_argument("--json", action="store_true")
 
@@ -426,7 +427,13 @@ def cmd_compare(args) -> dict:
     rows = compare(base, cur, load_rules(Path(args.rules) if args.rules else None))
     check_coverage(rows, args.baseline, args.current)
     regressed = [r.metric for r in rows if r.status == "regressed"]
-    return {"table": render(rows, args.all), "regressed": regressed,
+    table = render(rows, args.all)
+    base_noise = dict.fromkeys(v.noisy for v in base.values() if v.noisy)
+    if base_noise:  # inflated baseline times can hide a regression: say so, the verdict stands
+        table += (f"\nWARNING: the baseline was measured under contention ({'; '.join(base_noise)}); "
+                  "its times are inflated and can hide a regression. Regenerate it on a quiet machine.")
+    return {"table": table, "regressed": regressed,
+            "inconclusive": [r.metric for r in rows if r.status == "noisy"],
             "rows": [{"metric": r.metric, "baseline": r.base, "current": r.cur,
                       "change": r.change, "status": r.status} for r in rows]}
 
@@ -535,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         _print_human(args.cmd, result)
     if args.cmd == "compare" and result["regressed"]:
         return 1  # a regression (bad input exits 2)
+    if args.cmd == "compare" and result["inconclusive"]:
+        return 3  # timings worse under contention only: rerun on a quiet machine (harness/compare.py)
     return 0
 
 

@@ -18,9 +18,17 @@ factors when a neighbour is busy:
 
 Absolute speed is gated through normalised times (``norm.*``, docs/metrics.md): a time measured in
 units of the calibration probe run in the same process, taken as the fastest of many short steps. A
-machine that is uniformly faster or slower scales it away, a busy neighbour barely moves the fastest
-step (it only ever adds time), and an engine that does more work per step moves it in full. Default:
-gated at 50%.
+machine that is uniformly faster or slower scales it away, a busy neighbour usually barely moves the
+fastest step, and an engine that does more work per step moves it in full. Default: gated at 50%.
+
+Contention gives an honest verdict, not a guess. Each benchmark (sweep point) of the current run is
+judged for noise from its own ``noise.*`` metrics, with the thresholds sweeps use (``harness.noise.judge``,
+``NoiseConf``). A ``timing`` rule's metric (a time or a speed: contention only ever makes it worse) that
+stayed within tolerance under contention passes, because the engine's own time is no worse than what was
+measured. One that got worse beyond tolerance under contention is ``noisy``: contention alone can do
+that (on one CI VM a CPU burner moved the fastest decode step +52%), so neither pass nor fail can be
+claimed. The CLI exits 3 for it ("rerun on a quiet machine"; .ci/run measures again), 1 for a
+regression, which wins over an inconclusive metric.
 
 A sweep directory's points are matched by their overrides without the round; each metric is the
 median over the point's rounds, from runs that were ok and not flagged as noisy where there are any.
@@ -41,6 +49,8 @@ from pathlib import Path
 import yaml
 
 from engine.errors import ConfigError
+from harness.config import NoiseConf
+from harness.noise import judge as judge_noise
 from harness.noise import normalized
 from harness.records import load_records, point_id
 
@@ -52,17 +62,18 @@ class Rule:
     direction: str = "lower"  # lower | higher is better
     tolerance: float = 0.2
     gate: bool = True
+    timing: bool = False  # a time or speed that contention only ever makes worse (module docstring)
 
 
 DEFAULT_RULES = [
     Rule("*alloc*per*step*", kind="exact", direction="lower"),
     Rule("*ratio*", kind="relative", direction="lower", tolerance=0.25),
-    Rule("*norm.*min", kind="relative", direction="lower", tolerance=0.5),
-    Rule("*norm.*", kind="relative", direction="lower", tolerance=0.5, gate=False),
+    Rule("*norm.*min", kind="relative", direction="lower", tolerance=0.5, timing=True),
+    Rule("*norm.*", kind="relative", direction="lower", tolerance=0.5, gate=False, timing=True),
     Rule("*noise.*", kind="relative", direction="lower", tolerance=0.5, gate=False),
-    Rule("*tokens_per_s*", kind="relative", direction="higher", tolerance=0.5, gate=False),
-    Rule("time.*", kind="relative", direction="lower", tolerance=0.5, gate=False),
-    Rule("*latency*", kind="relative", direction="lower", tolerance=0.5, gate=False),
+    Rule("*tokens_per_s*", kind="relative", direction="higher", tolerance=0.5, gate=False, timing=True),
+    Rule("time.*", kind="relative", direction="lower", tolerance=0.5, gate=False, timing=True),
+    Rule("*latency*", kind="relative", direction="lower", tolerance=0.5, gate=False, timing=True),
     Rule("*", kind="relative", direction="lower", tolerance=0.5, gate=False),
 ]
 
@@ -71,6 +82,7 @@ DEFAULT_RULES = [
 class Value:
     value: float
     iqr: float | None = None
+    noisy: str = ""  # why the benchmark (point) it belongs to counts as measured under contention; "" if not
 
 
 def load_rules(path: Path | None) -> list[Rule]:
@@ -81,7 +93,7 @@ def load_rules(path: Path | None) -> list[Rule]:
         rules = [Rule(**r) for r in doc["rules"]]
     except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
         raise ConfigError(f"{path}: not a rules file ({e}); expected 'rules: [{{match, kind, direction, "
-                          "tolerance, gate}}, ...]'") from None
+                          "tolerance, gate, timing}}, ...]'") from None
     for r in rules:
         if r.kind not in ("relative", "exact") or r.direction not in ("lower", "higher") or r.tolerance < 0:
             raise ConfigError(f"{path}: bad rule {r}: kind relative|exact, direction lower|higher, tolerance >= 0")
@@ -112,13 +124,23 @@ def _sweep_metrics(path: Path) -> dict[str, Value]:
             points.setdefault(_point_name(rec.overrides, point_id(rec.config)), []).append(rec)
     out = {}
     for point, group in points.items():
-        clean = [r for r in group if not r.metrics.get("noise.flagged")] or group
+        clean = [r for r in group if not r.metrics.get("noise.flagged")]
+        # every round flagged: the point's medians come from noisy runs, and say so
+        noisy = "" if clean else str(group[0].metrics.get("noise.reason") or "every round was flagged as noisy")
+        clean = clean or group
         names = dict.fromkeys(k for r in clean for k, v in r.metrics.items() if _numeric(v))
         for k in names:
             xs = np.asarray([r.metrics[k] for r in clean if _numeric(r.metrics.get(k))], dtype=float)
             iqr = float(np.subtract(*np.percentile(xs, [75, 25]))) if xs.size >= 3 else None
-            out[f"{point}/{k}"] = Value(float(np.median(xs)), iqr)
+            out[f"{point}/{k}"] = Value(float(np.median(xs)), iqr, noisy)
     return out
+
+
+def _bench_noise(info: dict) -> str:
+    """Why a benchmark's own ``noise.*`` extras say it ran under contention ("" if quiet or not measured)."""
+    m = {k: float(v) for k, v in info.items() if k.startswith("noise.") and _numeric(v)}
+    flagged, reason = judge_noise(m, NoiseConf())
+    return reason if flagged else ""
 
 
 def load_metrics(path: Path) -> dict[str, Value]:
@@ -143,11 +165,13 @@ def load_metrics(path: Path) -> dict[str, Value]:
                               "'stats' and 'extra_info' dicts); regenerate it with --benchmark-json")
         name = b.get("name", "?")
         st = b.get("stats", {})
+        noisy = _bench_noise(b.get("extra_info") or {})
         if _numeric(st.get("median")):
-            out[f"time.{name}"] = Value(float(st["median"]), float(st["iqr"]) if _numeric(st.get("iqr")) else None)
+            out[f"time.{name}"] = Value(float(st["median"]), float(st["iqr"]) if _numeric(st.get("iqr")) else None,
+                                        noisy)
         for k, v in (b.get("extra_info") or {}).items():
             if _numeric(v):
-                out[f"{name}.{k}"] = Value(float(v))
+                out[f"{name}.{k}"] = Value(float(v), noisy=noisy)
     if not out:
         raise ConfigError(f"{path}: no benchmark metrics in it; is it the output of --benchmark-json?")
     return out
@@ -164,12 +188,13 @@ class Row:
     cur: float | None
     change: float | None
     rule: Rule
-    status: str  # ok | regressed | improved | new | missing | moved (not gated)
+    status: str  # ok | regressed | noisy (inconclusive) | improved | new | missing | moved (not gated)
+    noisy: str = ""  # why the current side counts as measured under contention
 
 
 def judge(name: str, b: Value | None, c: Value | None, rule: Rule) -> Row:
     if b is None:
-        return Row(name, None, c.value, None, rule, "new")
+        return Row(name, None, c.value, None, rule, "new", c.noisy)
     if c is None:
         return Row(name, b.value, None, None, rule, "missing")
     sign = 1.0 if rule.direction == "lower" else -1.0
@@ -182,11 +207,13 @@ def judge(name: str, b: Value | None, c: Value | None, rule: Rule) -> Row:
         rel = abs(change) if math.isfinite(change) else math.inf
         worse = diff > 0 and rel > rule.tolerance and abs(c.value - b.value) > noise
         better = diff < 0 and rel > rule.tolerance and abs(c.value - b.value) > noise
-    if worse:
-        status = "regressed" if rule.gate else "moved"
+    if worse and not rule.gate:
+        status = "moved"
+    elif worse:  # a time that got worse under contention: contention alone could have done it
+        status = "noisy" if rule.timing and c.noisy else "regressed"
     else:
         status = "improved" if better else "ok"
-    return Row(name, b.value, c.value, change, rule, status)
+    return Row(name, b.value, c.value, change, rule, status, c.noisy)
 
 
 def compare(base: dict[str, Value], cur: dict[str, Value], rules: list[Rule]) -> list[Row]:
@@ -219,16 +246,23 @@ def render(rows: list[Row], show_all: bool = False) -> str:
         return "" if x is None else f"{x:.4g}"
 
     shown = [r for r in rows if show_all or r.status != "ok" or (r.change is not None and abs(r.change) > 0.05)]
-    table = [[r.status.upper() if r.status == "regressed" else r.status, r.metric, f(r.base), f(r.cur),
+    table = [[r.status.upper() if r.status in ("regressed", "noisy") else r.status, r.metric, f(r.base), f(r.cur),
               "" if r.change is None else f"{r.change:+.1%}",
               f"{r.rule.kind} {r.rule.direction}" + (f" tol {r.rule.tolerance:.0%}" if r.rule.kind == "relative" else "")
               + ("" if r.rule.gate else " (not gated)")] for r in shown]
     n_reg = sum(r.status == "regressed" for r in rows)
+    n_noisy = sum(r.status == "noisy" for r in rows)
     both = [r for r in rows if r.base is not None and r.cur is not None]
     n_gated = sum(r.rule.gate for r in both)
     n_new, n_missing = sum(r.status == "new" for r in rows), sum(r.status == "missing" for r in rows)
-    head = (f"{len(both)} metrics compared ({n_gated} gated), {n_reg} regressed; {n_missing} missing, {n_new} new; "
-            f"{len(rows) - len(shown)} unchanged (within 5%) not shown")
-    if not table:
-        return head
-    return head + "\n" + tabulate(table, headers=["status", "metric", "baseline", "current", "change", "rule"])
+    head = (f"{len(both)} metrics compared ({n_gated} gated), {n_reg} regressed, {n_noisy} inconclusive; "
+            f"{n_missing} missing, {n_new} new; {len(rows) - len(shown)} unchanged (within 5%) not shown")
+    out = [head]
+    if table:
+        out.append(tabulate(table, headers=["status", "metric", "baseline", "current", "change", "rule"]))
+    if n_noisy:
+        reasons = dict.fromkeys(r.noisy for r in rows if r.status == "noisy")
+        out.append(f"NOISY: {n_noisy} timing metric(s) got worse while the current run was measured under "
+                   f"contention ({'; '.join(reasons)}). Contention alone can do that: inconclusive, "
+                   "rerun on a quiet machine.")
+    return "\n".join(out)

@@ -1,11 +1,15 @@
 """The CI gate (tests/bench/test_ci_gate.py + kvbench compare + results/baselines/gates.yaml) catches a
-uniform 2x slowdown and passes an unchanged engine measured beside a CPU burner.
+uniform 2x slowdown and never calls an unchanged engine measured beside a CPU burner regressed.
 
 A uniform slowdown leaves every same-run ratio where it was, so only the normalised times
 (``norm.*``: the fastest step time over the calibration probe's unit, docs/metrics.md) can catch
 it. The slowdown is a test-only fault (KVBENCH_FAULT_INJECT=slow:2: each forward pass spins as long
 again as it took). The baseline is measured here, in the same session, so the test does not depend
 on which machine wrote results/baselines/ci-bench.json.
+
+Beside a burner, the fastest decode step usually stays within a few percent (docs/ci.md), but on one CI
+VM it moved +52%. So the noisy run must either pass or be called inconclusive (exit 3, only normalised
+times marked NOISY), and its own noise metrics must show the burner.
 """
 
 import os
@@ -14,6 +18,7 @@ import sys
 from pathlib import Path
 
 from harness.cli import main
+from harness.compare import load_metrics
 from tests.integration.harness.test_noise import burner
 
 REPO = Path(__file__).resolve().parents[3]
@@ -39,4 +44,10 @@ def test_the_gate_fails_a_2x_slower_engine_and_passes_a_noisy_unchanged_one(tmp_
     regressed = [line.split()[1] for line in out.splitlines() if line.startswith("REGRESSED")]
     assert regressed and all(".norm.decode_step." in m for m in regressed), out  # ratios cannot see it
 
-    assert main(["compare", str(base), str(noisy), "--rules", str(RULES)]) == 0, capsys.readouterr().out
+    assert all(v.noisy for k, v in load_metrics(noisy).items() if k.startswith("test_ci_decode_step."))
+    rc = main(["compare", str(base), str(noisy), "--rules", str(RULES)])
+    out = capsys.readouterr().out
+    assert rc in (0, 3), out
+    assert "REGRESSED" not in out
+    inconclusive = [line.split()[1] for line in out.splitlines() if line.startswith("NOISY ")]
+    assert (rc == 3) == bool(inconclusive) and all(".norm.decode_step." in m for m in inconclusive), out

@@ -145,3 +145,56 @@ def test_a_gate_that_would_pass_vacuously_is_bad_input(tmp_path, capsys, case):
     assert main(["compare", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kvbench compare: error:") and err.count("\n") == 1
+
+
+def test_a_timing_metric_worse_under_contention_is_inconclusive_not_regressed():
+    t = C.Rule("*norm*", tolerance=0.5, timing=True)
+    busy = "other processes used 0.72 CPUs"
+    assert C.judge("norm.x", C.Value(1.0), C.Value(1.6, noisy=busy), t).status == "noisy"
+    assert C.judge("norm.x", C.Value(1.0), C.Value(1.6), t).status == "regressed"  # quiet: a regression
+    assert C.judge("norm.x", C.Value(1.0), C.Value(1.3, noisy=busy), t).status == "ok"  # within, despite noise
+    # not a timing rule (a same-run ratio, a count): contention does not excuse it
+    r = C.Rule("*ratio*", tolerance=0.35)
+    assert C.judge("ratio.x", C.Value(1.0), C.Value(1.6, noisy=busy), r).status == "regressed"
+
+
+_QUIET = {"noise.other_cpu": 0.01, "noise.steal": 0.0, "noise.probe_slowdown": 1.1}
+_BUSY = {"noise.other_cpu": 0.72, "noise.steal": 0.0, "noise.probe_slowdown": 2.8}
+
+
+def test_cli_exits_3_when_only_timings_got_worse_under_contention(tmp_path, capsys):
+    def info(norm, allocs, noise):
+        return {"norm.decode_step.pooled.min": norm, "alloc.pooled.per_decode_step": allocs,
+                "ratio.paged_over_pooled.decode_step": 1.0} | noise
+
+    base = bench_json(tmp_path / "b.json", t1=(1.0, 0.01, info(1.7, 0, _QUIET)))
+    busy = bench_json(tmp_path / "n.json", t1=(3.0, 0.01, info(2.6, 0, _BUSY)))
+    m = C.load_metrics(busy)
+    assert all("0.72 CPUs" in v.noisy for v in m.values()) and not any(v.noisy for v in C.load_metrics(base).values())
+    assert main(["compare", str(base), str(busy)]) == 3
+    out = capsys.readouterr().out
+    assert "NOISY" in out and "t1.norm.decode_step.pooled.min" in out and "REGRESSED" not in out
+    assert "1 inconclusive" in out and "0.72 CPUs" in out and "quiet machine" in out
+
+    both = bench_json(tmp_path / "r.json", t1=(3.0, 0.01, info(2.6, 2, _BUSY)))  # and an exact count regressed
+    assert main(["compare", str(base), str(both)]) == 1
+    quiet_slow = bench_json(tmp_path / "q.json", t1=(2.0, 0.01, info(2.6, 0, _QUIET)))
+    assert main(["compare", str(base), str(quiet_slow)]) == 1
+    capsys.readouterr()
+
+    assert main(["compare", str(busy), str(base)]) == 0  # a noisy baseline: the verdict stands, with a warning
+    assert "WARNING: the baseline was measured under contention" in capsys.readouterr().out
+    r = main(["compare", str(base), str(busy), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert r == 3 and doc["inconclusive"] == ["t1.norm.decode_step.pooled.min"] and doc["regressed"] == []
+
+
+def test_a_sweep_point_with_every_round_noisy_is_inconclusive(tmp_path, capsys):
+    base = _sweep(tmp_path / "b", 3)
+    slow_some = _sweep(tmp_path / "s", 3, noisy_round=0, scale=2.0)  # clean rounds remain: judged from them
+    assert main(["compare", str(base), str(slow_some)]) == 1
+    capsys.readouterr()
+    slow_all = _sweep(tmp_path / "a", 1, noisy_round=0, scale=2.0)
+    assert all(v.noisy for v in C.load_metrics(slow_all).values())
+    assert main(["compare", str(_sweep(tmp_path / "b1", 1)), str(slow_all)]) == 3
+    assert "NOISY" in capsys.readouterr().out

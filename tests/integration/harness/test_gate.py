@@ -25,19 +25,24 @@ REPO = Path(__file__).resolve().parents[3]
 RULES = REPO / "results" / "baselines" / "gates.yaml"
 
 
-def bench(out: Path, **env) -> Path:
-    r = subprocess.run([sys.executable, "-m", "pytest", "tests/bench/test_ci_gate.py", "-k", "decode_step",
-                        "--benchmark-only", f"--benchmark-json={out}", "-q", "-p", "no:cacheprovider"],
-                       cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, **env))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return out
+def bench(out: Path, quiet: bool = True, **env) -> Path:
+    """Run the CI benchmark into ``out``. ``quiet``: measure again (up to 3 times in all) while the run's own
+    noise metrics flag it, as .ci/run does: the baseline and the 2x case must be measured on a quiet machine."""
+    for _ in range(3):
+        r = subprocess.run([sys.executable, "-m", "pytest", "tests/bench/test_ci_gate.py", "-k", "decode_step",
+                            "--benchmark-only", f"--benchmark-json={out}", "-q", "-p", "no:cacheprovider"],
+                           cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, **env))
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        if not quiet or not any(v.noisy for v in load_metrics(out).values()):
+            return out
+    raise AssertionError(f"{out.name}: flagged as noisy 3 times without a burner; the machine is busy")
 
 
 def test_the_gate_fails_a_2x_slower_engine_and_passes_a_noisy_unchanged_one(tmp_path, capsys):
     base = bench(tmp_path / "base.json")
     slow = bench(tmp_path / "slow.json", KVBENCH_FAULT_INJECT="slow:2")
     with burner():
-        noisy = bench(tmp_path / "noisy.json")
+        noisy = bench(tmp_path / "noisy.json", quiet=False)
 
     assert main(["compare", str(base), str(slow), "--rules", str(RULES)]) == 1
     out = capsys.readouterr().out

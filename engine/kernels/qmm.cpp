@@ -1530,9 +1530,11 @@ inline __m256 sum8(const __m256* a) {
 constexpr int64_t PF_K = 16;
 // Scores of GB query rows (q + h d) against n keys: KB = 8 / GB keys at a time, the GB x KB chains reduced
 // together. p[h ps + j] = (q_h . k_j) * sc, -inf where masked; mx[h] = max over j of p[h ps + j].
+// row > 0: k is the start of each cache row, row bytes long; the rest of the rows (the other KV heads' slices) is
+// prefetched into L2, 2 PF_K keys ahead, for the items of the same chunk that read them next (attend_small).
 template <int64_t ET, int GB>
 void scores_group(const float* q, const char* k, int64_t ks, int64_t d, int64_t n, float sc, const bool* m,
-                  int64_t last, float* p, int64_t ps, float* mx) {
+                  int64_t last, float* p, int64_t ps, float* mx, int64_t row = 0) {
   constexpr int64_t et = ET;
   constexpr int KB = 8 / GB;
   const __m256 scv = _mm256_set1_ps(sc);
@@ -1543,6 +1545,10 @@ void scores_group(const float* q, const char* k, int64_t ks, int64_t d, int64_t 
       for (int kk = 0; kk < KB; ++kk)
         for (int64_t b = 0; b < d * (ET == F32 ? 4 : 2); b += 64)
           _mm_prefetch(k + (j0 + PF_K + kk) * ks + b, _MM_HINT_T0);
+    if (row && j0 + 2 * PF_K < n)
+      for (int kk = 0; kk < KB; ++kk)
+        for (int64_t b = d * (ET == F32 ? 4 : 2); b < row; b += 64)
+          _mm_prefetch(k + (j0 + 2 * PF_K + kk) * ks + b, _MM_HINT_T1);
     __m256 acc[8];
     for (int a = 0; a < 8; ++a) acc[a] = _mm256_setzero_ps();
     for (int64_t i = 0; i < d; i += 8) {
@@ -1570,10 +1576,10 @@ void scores_group(const float* q, const char* k, int64_t ks, int64_t d, int64_t 
 
 // out_h[0, dv) = sum_j w[h pw + j] v_j for GB heads, w already normalized, over the keys in js (those some head
 // may see: every weight 0 elsewhere). CP 8-lane chunks of dv per pass over the keys, GB x CP accumulators in
-// registers: 16 with AVX-512's 32 vector registers, 8 with AVX2's 16.
+// registers: 16 with AVX-512's 32 vector registers, 8 with AVX2's 16. row: as for scores_group, on the first pass.
 template <int64_t ET, int GB>
 void weighted_group(const char* v, int64_t vs, const float* w, int64_t pw, const int32_t* js, int64_t nj, int64_t dv,
-                    float* out) {
+                    float* out, int64_t row = 0) {
   constexpr int64_t et = ET;
   constexpr int CP = KV_AVX512 ? 4 : 2;
   int64_t c0 = 0;
@@ -1586,6 +1592,9 @@ void weighted_group(const char* v, int64_t vs, const float* w, int64_t pw, const
       if (jj + PF_K < nj)
         for (int64_t b = 0; b < 8 * CP * (ET == F32 ? 4 : 2); b += 64)
           _mm_prefetch(v + js[jj + PF_K] * vs + c0 * (ET == F32 ? 4 : 2) + b, _MM_HINT_T0);
+      if (row && c0 == 0 && jj + 2 * PF_K < nj)
+        for (int64_t b = 8 * CP * (ET == F32 ? 4 : 2); b < row; b += 64)
+          _mm_prefetch(v + js[jj + 2 * PF_K] * vs + b, _MM_HINT_T1);
       const uint16_t* row = reinterpret_cast<const uint16_t*>(v + j * vs);
       __m256 vv[CP];
       for (int c = 0; c < CP; ++c) vv[c] = load8(et, row, c0 + 8 * c);
@@ -1613,12 +1622,13 @@ void weighted_group(const char* v, int64_t vs, const float* w, int64_t pw, const
 // scratch of GB rows of ps >= n + 8 floats, js of n indices. A head that may attend nothing gets zeros.
 // With part (a chunk of a longer cache, merged by merge_chunks): the weights stay exp(s - max), unnormalized, and
 // part[2 h], part[2 h + 1] get head h's max and sum of weights (-inf and 0 where it sees nothing here).
+// krow, vrow > 0: kh, vh start their cache rows; the whole rows are prefetched into L2 (scores_group).
 template <int64_t ET_K, int64_t ET_V, int GB>
 void attend_group(const float* qh, const char* kh, int64_t ks, const char* vh, int64_t vs, int64_t d, int64_t dv,
                   int64_t n, float sc, const bool* m, int64_t last, float* p, int64_t ps, int32_t* js, float* out,
-                  float* part = nullptr) {
+                  float* part = nullptr, int64_t krow = 0, int64_t vrow = 0) {
   float mx[GB];
-  scores_group<ET_K, GB>(qh, kh, ks, d, n, sc, m, last, p, ps, mx);
+  scores_group<ET_K, GB>(qh, kh, ks, d, n, sc, m, last, p, ps, mx, krow);
   for (int h = 0; h < GB; ++h) {
     float* ph = p + h * ps;
     if (mx[h] == -INFINITY) {  // weights of 0: the pass below adds nothing for this head
@@ -1640,16 +1650,21 @@ void attend_group(const float* qh, const char* kh, int64_t ks, const char* vh, i
     for (int h = 0; h < GB; ++h) any |= p[h * ps + j] != 0.f;
     if (any) js[nj++] = int32_t(j);
   }
-  weighted_group<ET_V, GB>(vh, vs, p, ps, js, nj, dv, out);
+  weighted_group<ET_V, GB>(vh, vs, p, ps, js, nj, dv, out, vrow);
 }
 
-// With fewer than ATT_SPLIT_BELOW work items (rows x KV heads x groups), a cache longer than ATT_CHUNK keys is
-// attended in chunks of that many (flash-decoding's split), each with its own max and sum, merged afterwards in
-// chunk order. Decided by the shapes alone, so the result never depends on the thread count. SmolLM2's 3 KV heads
-// were 3 items on 2 threads, one idle a third of the time: decode after 1024 tokens 1.04x, after 3000 1.12-1.14x
-// (in-process A/Bs). llama-small's 4 items keep one pass: split, it lost 1-3% (the merge, and the prefetch stops
-// at each chunk's end).
-constexpr int64_t ATT_CHUNK = 256, ATT_SPLIT_BELOW = 4;
+// With fewer than ATT_SPLIT_BELOW work items (rows x KV heads x groups), or a cache of ATT_SPLIT_KEYS keys or
+// more, a cache longer than ATT_CHUNK keys is attended in chunks of that many (flash-decoding's split), each with
+// its own max and sum, merged afterwards in chunk order. Decided by the shapes alone, so the result never depends
+// on the thread count. The items run chunk by chunk (every head of chunk 0, then of chunk 1, ...), so each thread
+// takes a run of whole chunks: 256 cache rows (256 KB of f32 K and V at llama-small's width) read by every KV head
+// in turn, the first of which prefetches the whole rows into L2 for the others. Head by head over the whole cache,
+// each thread read a quarter of every row from DRAM, a row apart. Old and new builds in alternating processes
+// (median of 3 x 64 steps each): llama-small Q4_0 after 4000 tokens 1.08-1.35x (5 rounds), after 2048 1.06-1.12x,
+// after 128 (not split) 1.01-1.03x; SmolLM2 (3 KV heads: 3 items on 2 threads, split from 257 keys already)
+// 1.23-1.24x after 4000 tokens, 1.00-1.07x after 1024. Same tokens in every case. Split from 1024 keys,
+// llama-small gained nothing there either way, so it is split from 2048.
+constexpr int64_t ATT_CHUNK = 256, ATT_SPLIT_BELOW = 4, ATT_SPLIT_KEYS = 2048;
 
 // out (dv) for one head from nc chunks' (max, sum) pairs and unnormalized sums o (dv each, os apart): every chunk
 // rescaled to the common max, m = max_c m_c, out = sum_c exp(m_c - m) o_c / sum_c exp(m_c - m) l_c.
@@ -1751,29 +1766,34 @@ at::Tensor attend_small(const at::Tensor& q_in, const at::Tensor& k_in, const at
 #if KV_AVX2
   if (vec) {  // heads that share a KV head in groups of gb: one work item per (row, KV head, group)
     const int64_t gb = g % 4 == 0 ? 4 : g % 3 == 0 ? 3 : g % 2 == 0 ? 2 : 1, ng = g / gb;
-    const int64_t CH = T * hkv * ng < ATT_SPLIT_BELOW ? ATT_CHUNK : std::max<int64_t>(n, 1);
+    const int64_t CH = T * hkv * ng < ATT_SPLIT_BELOW || n >= ATT_SPLIT_KEYS ? ATT_CHUNK : std::max<int64_t>(n, 1);
     const int64_t nc = (n + CH - 1) / CH, cn = std::min(n, CH);  // chunks, keys a chunk
     const int64_t ps = gb * (2 + dv);  // a split item's (max, sum) pairs, then its heads' unnormalized outputs
+    const int64_t NR = T * hkv * ng;  // items a chunk
+    // bytes from a row's first KV head to the end of its last one's slice: what the chunk's first item prefetches
+    const int64_t krow = nc > 1 ? ((hkv - 1) * ks1 + d) * kb : 0, vrow = nc > 1 ? ((hkv - 1) * vs1 + dv) * vb : 0;
     std::vector<float> parts(nc > 1 ? T * hkv * ng * nc * ps : 0);
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, gb * cn * (d + dv)));
     at::parallel_for(0, T * hkv * ng * nc, grain, [&](int64_t i0, int64_t i1) {
       std::vector<float> p(gb * (cn + 8));
       std::vector<int32_t> js(cn);
-      for (int64_t it = i0; it < i1; ++it) {  // (row, KV head, group, chunk), the chunk fastest
-        const int64_t c = it % nc, r = it / nc, t = r / (hkv * ng), hk = r / ng % hkv, h0 = hk * g + r % ng * gb;
+      for (int64_t it = i0; it < i1; ++it) {  // (chunk, row, KV head, group), the group fastest
+        const int64_t c = it / NR, r = it % NR, t = r / (hkv * ng), hk = r / ng % hkv, h0 = hk * g + r % ng * gb;
+        const bool first = r % (hkv * ng) == 0;  // a row's first KV head and group: it prefetches the whole rows
         const int64_t j0 = c * CH, nj = std::min(n, j0 + CH) - j0;
         const float* qh = qp + (t * H + h0) * d;
         const char* kh = kp + hk * ks1 * kb + j0 * ks0 * kb;
         const char* vh = vp + hk * vs1 * vb + j0 * vs0 * vb;
         const bool* mt = mp ? mp + t * n + j0 : nullptr;
-        float* part = nc > 1 ? parts.data() + it * ps : nullptr;
+        float* part = nc > 1 ? parts.data() + (r * nc + c) * ps : nullptr;  // merged per r, in chunk order
         float* out = part ? part + 2 * gb : yp + t * H * dv + h0 * dv;
         by_elem(ek, [&](auto K) {
           by_elem(ev, [&](auto V) {
             constexpr int64_t EK = decltype(K)::value, EV = decltype(V)::value;
             auto run = [&](auto GB) {
               attend_group<EK, EV, decltype(GB)::value>(qh, kh, ks0 * kb, vh, vs0 * vb, d, dv, nj, sc, mt,
-                                                        n - T + t - j0, p.data(), cn + 8, js.data(), out, part);
+                                                        n - T + t - j0, p.data(), cn + 8, js.data(), out, part,
+                                                        first ? krow : 0, first ? vrow : 0);
             };
             if (gb == 4) run(std::integral_constant<int, 4>{});
             else if (gb == 3) run(std::integral_constant<int, 3>{});

@@ -6,8 +6,8 @@ scale applied: |ds| <= delta = (d/8 + 6) u scale sum_i |q_i k_i|. exp(s - max) i
 within 2 ulp and the subtraction adds 1; the sum of n weights and the normalisation add (n + 2) u relative;
 a score error delta moves a weight by at most 2 delta relative. The output accumulates n products w v with
 one FMA each: (n + 1) u. So |y - y*| <= sum_j p_j |v_j| (2 delta + (2 n + 8) u).
-With fewer than 4 work items (rows x KV heads x head groups) a cache of n > 256 keys is attended in nc = ceil(n /
-256) chunks, merged: a weight is exp(s - m_c) (3 u), rescaled by exp(m_c - m) (3 u) over a sum of nc chunk sums
+With fewer than 4 work items (rows x KV heads x head groups), or n >= 2048 keys, a cache of n > 256 keys is attended
+in nc = ceil(n / 256) chunks, merged: a weight is exp(s - m_c) (3 u), rescaled by exp(m_c - m) (3 u) over a sum of nc chunk sums
 ((nc + 1) u beyond the chunk's own) and the reciprocal's product (2 u); each chunk's output is a chain of at most
 n FMAs, the merge one of nc: at most (2 n + 2 nc + 12) u. The bound below takes that for every n."""
 
@@ -40,7 +40,9 @@ def reference(q, k, v, mask, scale, dot_roundings=None):
 
 
 @pytest.mark.parametrize("T, H, hkv, d, n", [(1, 9, 3, 64, 140), (4, 16, 16, 128, 37), (16, 8, 2, 64, 300),
-                                             (2, 4, 1, 20, 5), (1, 9, 3, 64, 700), (2, 8, 1, 64, 600)])
+                                             (2, 4, 1, 20, 5), (1, 9, 3, 64, 700), (2, 8, 1, 64, 600),
+                                             # split by length (4 items or more): 9 and 8 chunks, a row's heads per chunk
+                                             (1, 16, 4, 64, 2100), (3, 8, 2, 64, 2048), (1, 16, 4, 64, 2047)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_attend_small_equals_float64_attention(T, H, hkv, d, n, masked):
     gen = torch.Generator().manual_seed(T * 1000 + n)

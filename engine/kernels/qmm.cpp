@@ -1436,7 +1436,7 @@ inline void silu_mul_into(float* g, const float* u, int64_t n) {
 at::Tensor silu_mul(const at::Tensor& g_in, const at::Tensor& u_in) {
   TORCH_CHECK(g_in.scalar_type() == at::kFloat && u_in.scalar_type() == at::kFloat && g_in.sizes() == u_in.sizes() &&
               g_in.device().is_cpu(), "kvbench silu_mul: two float32 CPU tensors of one shape");
-  at::Tensor g = g_in.contiguous().clone();
+  at::Tensor g = g_in.clone(at::MemoryFormat::Contiguous);  // the output: one copy, whatever g_in's layout
   const at::Tensor u = u_in.contiguous();
   silu_mul_into(g.data_ptr<float>(), u.data_ptr<float>(), g.numel());
   return g;
@@ -1530,11 +1530,11 @@ inline __m256 sum8(const __m256* a) {
 constexpr int64_t PF_K = 16;
 // Scores of GB query rows (q + h d) against n keys: KB = 8 / GB keys at a time, the GB x KB chains reduced
 // together. p[h ps + j] = (q_h . k_j) * sc, -inf where masked; mx[h] = max over j of p[h ps + j].
-// row > 0: k is the start of each cache row, row bytes long; the rest of the rows (the other KV heads' slices) is
-// prefetched into L2, 2 PF_K keys ahead, for the items of the same chunk that read them next (attend_small).
+// row_bytes > 0: k is the start of each cache row, row_bytes long; the rest of the rows (the other KV heads' slices)
+// is prefetched into L2, 2 PF_K keys ahead, for the items of the same chunk that read them next (attend_small).
 template <int64_t ET, int GB>
 void scores_group(const float* q, const char* k, int64_t ks, int64_t d, int64_t n, float sc, const bool* m,
-                  int64_t last, float* p, int64_t ps, float* mx, int64_t row = 0) {
+                  int64_t last, float* p, int64_t ps, float* mx, int64_t row_bytes = 0) {
   constexpr int64_t et = ET;
   constexpr int KB = 8 / GB;
   const __m256 scv = _mm256_set1_ps(sc);
@@ -1545,9 +1545,9 @@ void scores_group(const float* q, const char* k, int64_t ks, int64_t d, int64_t 
       for (int kk = 0; kk < KB; ++kk)
         for (int64_t b = 0; b < d * (ET == F32 ? 4 : 2); b += 64)
           _mm_prefetch(k + (j0 + PF_K + kk) * ks + b, _MM_HINT_T0);
-    if (row && j0 + 2 * PF_K < n)
+    if (row_bytes && j0 + 2 * PF_K < n)
       for (int kk = 0; kk < KB; ++kk)
-        for (int64_t b = d * (ET == F32 ? 4 : 2); b < row; b += 64)
+        for (int64_t b = d * (ET == F32 ? 4 : 2); b < row_bytes; b += 64)
           _mm_prefetch(k + (j0 + 2 * PF_K + kk) * ks + b, _MM_HINT_T1);
     __m256 acc[8];
     for (int a = 0; a < 8; ++a) acc[a] = _mm256_setzero_ps();
@@ -1576,10 +1576,11 @@ void scores_group(const float* q, const char* k, int64_t ks, int64_t d, int64_t 
 
 // out_h[0, dv) = sum_j w[h pw + j] v_j for GB heads, w already normalized, over the keys in js (those some head
 // may see: every weight 0 elsewhere). CP 8-lane chunks of dv per pass over the keys, GB x CP accumulators in
-// registers: 16 with AVX-512's 32 vector registers, 8 with AVX2's 16. row: as for scores_group, on the first pass.
+// registers: 16 with AVX-512's 32 vector registers, 8 with AVX2's 16. row_bytes: as for scores_group, on the first
+// pass.
 template <int64_t ET, int GB>
 void weighted_group(const char* v, int64_t vs, const float* w, int64_t pw, const int32_t* js, int64_t nj, int64_t dv,
-                    float* out, int64_t row = 0) {
+                    float* out, int64_t row_bytes = 0) {
   constexpr int64_t et = ET;
   constexpr int CP = KV_AVX512 ? 4 : 2;
   int64_t c0 = 0;
@@ -1592,8 +1593,8 @@ void weighted_group(const char* v, int64_t vs, const float* w, int64_t pw, const
       if (jj + PF_K < nj)
         for (int64_t b = 0; b < 8 * CP * (ET == F32 ? 4 : 2); b += 64)
           _mm_prefetch(v + js[jj + PF_K] * vs + c0 * (ET == F32 ? 4 : 2) + b, _MM_HINT_T0);
-      if (row && c0 == 0 && jj + 2 * PF_K < nj)
-        for (int64_t b = 8 * CP * (ET == F32 ? 4 : 2); b < row; b += 64)
+      if (row_bytes && c0 == 0 && jj + 2 * PF_K < nj)
+        for (int64_t b = 8 * CP * (ET == F32 ? 4 : 2); b < row_bytes; b += 64)
           _mm_prefetch(v + js[jj + 2 * PF_K] * vs + b, _MM_HINT_T1);
       const uint16_t* row = reinterpret_cast<const uint16_t*>(v + j * vs);
       __m256 vv[CP];
